@@ -1,0 +1,1 @@
+"""Exporters from a captured program to deployable artifacts (installed as ``peftc.exporters``)."""

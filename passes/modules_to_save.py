@@ -1,0 +1,90 @@
+"""Trainable copies of base parameters: ``modules_to_save`` (e.g. the classifier head) and biases.
+
+HF PEFT trains whole modules listed in ``modules_to_save`` and, with ``bias="all"``/``"lora_only"``,
+biases. peftc gives the adapter its own copy of each such parameter and rebinds the graph's
+``get_attr`` to it: the base model stays untouched and the adapter file holds the copies under
+HF PEFT's keys (``base_model.model.classifier.weight``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
+from peftc.adapters import AdapterState, graph_path
+from peftc.errors import AdapterMismatchError, TargetNotFoundError
+from peftc.program import MODEL_PREFIX, Program
+
+__all__ = ["ModulesToSavePass", "trainable_base_params"]
+
+#: Name fragments that mark a method's own tensors (not copies of base parameters).
+ADAPTER_MARKERS = ("lora_", "ia3_", "prompt_embeddings", "adaption_", "prefix_", "ranknum")
+
+
+def trainable_base_params(program: Program, modules_to_save: list[str] | None, bias: str = "none") -> list[str]:
+    """HF module-relative names of the base parameters the adapter trains in full."""
+    names = []
+    lora_modules = {s for s in program.sites}
+    for path, _ in program.graph_module.named_parameters():
+        if not path.startswith(MODEL_PREFIX) or any(m in path for m in ADAPTER_MARKERS):
+            continue
+        name = path.removeprefix(MODEL_PREFIX)
+        module = name.rpartition(".")[0]
+        saved = modules_to_save and any(
+            module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in modules_to_save
+        )
+        is_bias = name.endswith("bias") and (bias == "all" or (bias == "lora_only" and module in lora_modules))
+        if saved or is_bias:
+            names.append(name)
+    return names
+
+
+class ModulesToSavePass(InPlacePass):
+    """Rebinds modules_to_save and trained biases to the adapter's own trainable copies."""
+
+    def __init__(self, modules_to_save: list[str] | None, bias: str = "none"):
+        self.modules_to_save = modules_to_save
+        self.bias = bias
+
+    def plan(self, program: Program) -> list[SiteDecision]:
+        return [
+            SiteDecision(n.rpartition(".")[0], "parameter", "rewrite", details={"param": n})
+            for n in trainable_base_params(program, self.modules_to_save, self.bias)
+        ]
+
+    def run(self, program: Program) -> PassResult:
+        state = program.adapter
+        if state is None:
+            raise ValueError("ModulesToSavePass runs after a method pass has bound an adapter")
+        names = trainable_base_params(program, self.modules_to_save, self.bias)
+        if self.modules_to_save and not names:
+            # seq-cls heads are named `classifier` or `score`; HF PEFT lists both and needs one.
+            raise TargetNotFoundError(
+                f"modules_to_save={self.modules_to_save!r} matched no module of this model"
+            )
+        gm, used = program.graph_module, set()
+        for name in names:
+            key = "base_model." + MODEL_PREFIX + name
+            base = gm.get_parameter(MODEL_PREFIX + name)
+            if key not in state.tensors:
+                if state.loaded:
+                    raise AdapterMismatchError(f"adapter has no tensor {key}; was it made for another model?")
+                state.tensors[key] = nn.Parameter(base.detach().clone())
+            copy = state.tensors[key]
+            if copy.shape != base.shape:
+                raise AdapterMismatchError(
+                    f"adapter tensor {key} has shape {list(copy.shape)} but the model's {name} is "
+                    f"{list(base.shape)}; the adapter was made for another base model (e.g. other num_labels)"
+                )
+            set_attr(gm, graph_path(key), copy)
+            used.add(key)
+        unused = sorted(k for k in state.tensors if k not in used and not any(m in k for m in ADAPTER_MARKERS))
+        if unused:
+            raise AdapterMismatchError(
+                f"adapter tensor {unused[0]} matches no parameter this adapter trains here; "
+                "the adapter was made for another base model"
+            )
+        if not used:
+            return PassResult(program, False)
+        finish(program)
+        return PassResult(program, True)

@@ -1,0 +1,254 @@
+"""Typed method configurations that read and write HF PEFT's ``adapter_config.json``.
+
+Each method config is a dataclass whose field names, defaults and JSON match HF PEFT (0.21), so a
+file written by one loads in the other. Every field carries a ``help`` text; the CLI builds its
+options and ``--help`` from it. Unknown keys from a newer HF PEFT are kept and written back;
+HF PEFT features peftc does not implement are refused when they are switched on, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from peftc.errors import ConfigError
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "TASK_TYPES",
+    "LoraConfig",
+    "MethodConfig",
+    "config_from_dict",
+    "load_config",
+]
+
+logger = logging.getLogger(__name__)
+
+#: peftc task name -> HF PEFT ``task_type``.
+TASK_TYPES = {
+    "causal-lm": "CAUSAL_LM",
+    "seq-cls": "SEQ_CLS",
+    "token-cls": "TOKEN_CLS",
+    "seq2seq-lm": "SEQ_2_SEQ_LM",
+    "feature-extraction": "FEATURE_EXTRACTION",
+}
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class MethodConfig:
+    """Fields every HF PEFT config has; subclasses add the method's own."""
+
+    peft_type: ClassVar[str] = ""
+    #: HF PEFT fields this class does not implement, with the value that means "off".
+    unsupported: ClassVar[dict[str, Any]] = {}
+
+    task_type: str | None = _help("HF PEFT task type, e.g. CAUSAL_LM or SEQ_CLS.", default=None)
+    base_model_name_or_path: str | None = _help("Base model the adapter was made for.", default=None)
+    revision: str | None = _help("Hub revision of the base model (recorded only).", default=None)
+    inference_mode: bool = _help("True when saved for inference.", default=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, metadata={"help": "", "internal": True})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when a field has the wrong type or an impossible value."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(self, f.name)
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(
+                    f"{self.peft_type} config field {f.name!r} must be {_type_name(hints[f.name])}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object HF PEFT writes as ``adapter_config.json``."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = sorted(value) if isinstance(value, set) else value
+        out["peft_type"] = self.peft_type
+        for key, off in self.unsupported.items():
+            out.setdefault(key, off)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """Build from an HF PEFT config object, refusing features peftc does not implement."""
+        data = dict(data)
+        data.pop("peft_type", None)
+        names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        kwargs, extra = {}, {}
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in cls.unsupported:
+                if value not in (cls.unsupported[key], None, False, {}, [], ""):
+                    raise ConfigError(
+                        f"{cls.peft_type} option {key}={value!r} is not supported by peftc; "
+                        f"remove it or set it to {cls.unsupported[key]!r}"
+                    )
+            else:
+                extra[key] = value
+        if extra:
+            logger.debug("keeping unknown %s config keys: %s", cls.peft_type, sorted(extra))
+        return cls(**kwargs, extra=extra)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "adapter_config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, set, tuple):
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, set, tuple)) and all(_matches(v, inner) for v in value)
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_matches(k, key_t) and _matches(v, val_t) for k, v in value.items())
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """LoRA: ``h = base(x) + s·B(A(dropout(x)))`` with ``s = lora_alpha / r`` (rsLoRA: ``/√r``)."""
+
+    peft_type: ClassVar[str] = "LORA"
+    unsupported: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "lora_bias": False,
+        "use_qalora": False,
+        "layer_replication": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "megatron_config": None,
+        "trainable_token_indices": None,
+        "target_parameters": None,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+    }
+
+    r: int = _help("LoRA rank.", default=8)
+    lora_alpha: float = _help("LoRA scaling numerator: s = lora_alpha / r.", default=8)
+    lora_dropout: float = _help("Dropout on the LoRA branch input while training.", default=0.0)
+    target_modules: list[str] | str | None = _help(
+        "Modules to adapt: a list matches a whole name or a '.name' suffix, a string is a full regex. "
+        "Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    exclude_modules: list[str] | str | None = _help("Modules never to adapt (same matching rules).", default=None)
+    fan_in_fan_out: bool = _help("Weights stored as [in, out] (GPT-2 Conv1D); set automatically.", default=False)
+    bias: str = _help("Which biases train: none, all or lora_only.", default="none")
+    use_rslora: bool = _help("Rank-stabilised scaling s = lora_alpha / sqrt(r).", default=False)
+    modules_to_save: list[str] | None = _help(
+        "Modules trained in full and saved with the adapter (the head, for seq-cls).", default=None
+    )
+    init_lora_weights: bool | str = _help("True: A kaiming-uniform, B zero. False: both random.", default=True)
+    layers_to_transform: list[int] | int | None = _help("Only adapt these layer indices.", default=None)
+    layers_pattern: list[str] | str | None = _help("Name of the layer list, e.g. 'h' or 'layers'.", default=None)
+    rank_pattern: dict[str, int] = _help("Per-module rank overrides: {name or regex: r}.", default_factory=dict)
+    alpha_pattern: dict[str, float] = _help("Per-module alpha overrides: {name or regex: alpha}.", default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r <= 0:
+            raise ConfigError(f"LoRA r must be a positive integer, got r={self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use true, false or 'gaussian'"
+            )
+        for key, rank in self.rank_pattern.items():
+            if rank <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank}")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    def rank_for(self, name: str) -> int:
+        return int(_pattern_value(name, self.rank_pattern, self.r))
+
+    def alpha_for(self, name: str) -> float:
+        return float(_pattern_value(name, self.alpha_pattern, self.lora_alpha))
+
+    def scale_for(self, name: str) -> float:
+        r, alpha = self.rank_for(name), self.alpha_for(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_value(name: str, pattern: dict[str, Any], default: Any) -> Any:
+    """HF PEFT's rule: the first key that matches the end of the module name, else the default."""
+    import re
+
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+#: HF PEFT ``peft_type`` -> config class. Other method modules register themselves here.
+CONFIG_CLASSES: dict[str, type[MethodConfig]] = {"LORA": LoraConfig}
+
+
+def config_from_dict(data: Any, source: str = "adapter config") -> MethodConfig:
+    """Pick the config class by ``peft_type`` and build it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type not in CONFIG_CLASSES:
+        raise ConfigError(
+            f"{source} names peft_type={peft_type!r}, which peftc does not know; "
+            f"supported: {', '.join(sorted(CONFIG_CLASSES))}"
+        )
+    return CONFIG_CLASSES[peft_type].from_dict(data)
+
+
+def load_config(path: str | Path) -> MethodConfig:
+    """Read an ``adapter_config.json`` (or any HF PEFT config JSON file)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+    return config_from_dict(data, source=str(path))

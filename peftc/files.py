@@ -1,0 +1,57 @@
+"""Atomic directory output and file hashing.
+
+Every directory peftc writes (adapters, run dirs, artifacts) is built in a temporary sibling and
+renamed into place at the end, so a crash or a failed verification never leaves half an output,
+and an existing non-empty directory is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from peftc.errors import OutputExistsError
+
+__all__ = ["atomic_dir", "check_output_dir", "sha256_file"]
+
+
+def check_output_dir(path: str | Path, force: bool) -> Path:
+    """Refuse a non-empty existing ``path`` unless ``force``; a file in the way is always refused."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a directory; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise OutputExistsError(f"output directory {path} is not empty; pass --force to replace it or choose another --out")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``path`` when the block succeeds."""
+    path = check_output_dir(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{tmp.name[-8:]}")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

