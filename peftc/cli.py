@@ -1,0 +1,184 @@
+"""The ``peftc`` command line: a thin layer over the Python API.
+
+Each command maps its options 1:1 onto an API call (``peftc.train.train``, ``peftc.export.export``,
+``peftc.inspect.inspect_path``). Errors a user can cause are printed as one line on stderr with a
+non-zero exit; the traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from peftc import __version__
+from peftc.errors import PeftcError
+
+__all__ = ["main"]
+
+_EXIT_INTERNAL = 2
+
+
+def _quiet_libraries() -> None:
+    """transformers/torch.export/onnx print pages of warnings that are not the user's business."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("torch", "torch.export", "torch.onnx", "torch._dynamo", "transformers", "onnxscript", "optimum"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - a dependency of peftc
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="peftc")
+@click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """peftc: capture a Hugging Face model, train PEFT adapters on the graph, export verified artifacts."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if not debug:
+        _quiet_libraries()
+
+
+@cli.command()
+@click.option("--model", default="minilm", show_default=True, help="Local HF model directory or preset (minilm, tiny-gpt2).")
+@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task; default: the preset's task, else seq-cls.")
+@click.option("--method", default="lora", show_default=True, help="PEFT method.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="HF PEFT config JSON; flags override it.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Training data (JSON lines); default: the preset's embedded set.")
+@click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation data (JSON lines).")
+@click.option("--out", default="peftc-run", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--epochs", type=int, help="Training epochs.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", type=int, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
+@click.option("--warmup-ratio", type=float, help="Fraction of steps with linear warm-up.")
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm.")
+@click.option("--weight-decay", type=float, help="AdamW weight decay.")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--max-length", type=int, help="Truncate examples to this many tokens.")
+@click.option("--r", type=int, help="LoRA rank.")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (scale = alpha / r).")
+@click.option("--lora-dropout", type=float, help="Dropout on the LoRA branch.")
+@click.option("--target-modules", help="Comma-separated module names, or a regex; default: HF PEFT's table.")
+@click.option("--save-every", type=int, help="Checkpoint every N optimizer steps.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(**options: Any) -> None:
+    """Fine-tune an adapter on the captured graph; writes adapter/ (HF PEFT format), metrics.jsonl, checkpoints/.
+
+    With no options it fine-tunes the real pretrained MiniLM for sentiment classification on the
+    embedded data set.
+    """
+    from peftc.train import TrainConfig, train as run_train
+
+    options["progress"] = not options.pop("no_progress")
+    targets = options.pop("target_modules")
+    if targets is not None:
+        options["target_modules"] = _parse_targets(targets)
+    cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    result = run_train(cfg)
+    click.echo(f"run directory: {result.run_dir}")
+    metrics = getattr(result, "metrics", None) or {}
+    if metrics:
+        click.echo("final eval: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+
+def _parse_targets(text: str) -> list[str] | str:
+    """``a,b`` is a list of names; anything with regex characters is a full regex."""
+    if any(c in text for c in "*()[]|^$\\?+"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@cli.command()
+@click.argument("src", default="peftc-run", type=click.Path())
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]), help="Artifact format.")
+@click.option("--merge", is_flag=True, help="Fold the adapter into the base weights (graph = base graph, op for op).")
+@click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
+@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task, when the adapter config has no task_type.")
+@click.option("--out", type=click.Path(file_okay=False), help="Artifact directory (default: SRC/export-onnx).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="Verification tolerance (max abs diff).")
+def export(src: str, fmt: str, merge: bool, model: str | None, task: str | None, out: str | None, force: bool,
+           opset: int, atol: float) -> None:
+    """Export a run dir or an HF PEFT adapter dir to a verified artifact directory."""
+    from peftc.export import export as run_export
+
+    path = run_export(src, format=fmt, merge=merge, model=model, out=out, force=force, task=task, opset=opset, atol=atol)
+    report_path = os.path.join(path, "report.json")
+    if os.path.isfile(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        click.echo(f"verified: max abs diff {_fmt(report.get('max_abs_diff'))} (atol {_fmt(report.get('atol', atol))})")
+    click.echo(f"artifact directory: {path}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plan", is_flag=True, help="For a model dir or preset: list the sites a method would adapt, changing nothing.")
+@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task for --plan on a model.")
+@click.option("--target-modules", help="Targets for --plan (default: HF PEFT's table).")
+@click.option("--r", type=int, default=8, show_default=True, help="Rank for --plan.")
+def inspect(path: str, as_json: bool, plan: bool, task: str | None, target_modules: str | None, r: int) -> None:
+    """Show a run dir, an artifact dir, an .onnx file, or (with --plan) a model's adapter sites."""
+    from peftc.inspect import inspect_path, plan_model, render
+
+    if plan:
+        targets = _parse_targets(target_modules) if target_modules else None
+        info = plan_model(path, task=task, target_modules=targets, r=r)
+    else:
+        info = inspect_path(path)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else render(info))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning peftc errors into one line and an exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="peftc", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except PeftcError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        sys.exit(_EXIT_INTERNAL)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
