@@ -10,21 +10,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from peftc.adapters import AdapterState
-from peftc.config import LoraConfig, MethodConfig
+from peftc.config import IA3Config, LoraConfig, MethodConfig
 from peftc.errors import ConfigError
 
 from .base import FunctionalPass, InPlacePass, Pass, PassManager, PassResult, SiteDecision
 from .eval_mode import EvalModePass
+from .ia3 import IA3Pass
 from .lora import LoraPass
 from .merge import MergeLoraPass
+from .merge_ia3 import MergeIA3Pass
 from .modules_to_save import ModulesToSavePass
 
 __all__ = [
     "PIPELINES",
     "EvalModePass",
     "FunctionalPass",
+    "IA3Pass",
     "InPlacePass",
     "LoraPass",
+    "MergeIA3Pass",
     "MergeLoraPass",
     "ModulesToSavePass",
     "Pass",
@@ -46,6 +50,13 @@ def _lora_pipeline(config: LoraConfig, state: AdapterState | None) -> PassManage
 PIPELINES: dict[str, Callable[[MethodConfig, AdapterState | None], PassManager]] = {"LORA": _lora_pipeline}
 
 
+def _ia3_pipeline(config: IA3Config, state: AdapterState | None) -> PassManager:
+    return PassManager("ia3-insert", [IA3Pass(config, state), ModulesToSavePass(config.modules_to_save)])
+
+
+PIPELINES["IA3"] = _ia3_pipeline
+
+
 def insertion_pipeline(config: MethodConfig, state: AdapterState | None = None) -> PassManager:
     """The passes that insert (fresh) or bind (``state``) an adapter of ``config``'s method."""
     if config.peft_type not in PIPELINES:
@@ -55,4 +66,4 @@ def insertion_pipeline(config: MethodConfig, state: AdapterState | None = None) 
 
 def merge_pipeline() -> PassManager:
     """Folds every mergeable adapter into the base weights."""
-    return PassManager("merge", [EvalModePass(), MergeLoraPass()])
+    return PassManager("merge", [EvalModePass(), MergeLoraPass(), MergeIA3Pass()])

@@ -98,7 +98,8 @@ class LoraPass(InPlacePass):
         return ""
 
     # -- changing ----------------------------------------------------------------------------
-    def run(self, program: Program) -> PassResult:
+    def sites_or_raise(self, program: Program) -> list[SiteDecision]:
+        """The sites to rewrite; :class:`TargetNotFoundError` listing what could be targeted when none."""
         decisions = self.plan(program)
         chosen = [d for d in decisions if d.action == "rewrite"]
         if not chosen:
@@ -109,6 +110,10 @@ class LoraPass(InPlacePass):
                 + (f" ({skipped})" if skipped else "")
                 + f"; linear modules here: {', '.join(linear)}"
             )
+        return chosen
+
+    def run(self, program: Program) -> PassResult:
+        chosen = self.sites_or_raise(program)
         state = self.state or AdapterState(self.config)
         fresh = self.state is None
         used: set[str] = set()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr, set_attr
 from peftc.adapters import graph_path, peft_key
 from peftc.program import MODEL_PREFIX, Program
+
+from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr, set_attr
 
 __all__ = ["MergeLoraPass"]
 
@@ -41,10 +42,12 @@ class MergeLoraPass(InPlacePass):
             b = gm.get_parameter(graph_path(peft_key(site.name, "lora_B.weight")))
             with torch.no_grad():
                 delta = (b.float() @ a.float()) * site.scale
+            bases: list[fx.Node] = []
             for out in outs:
-                base: fx.Node = out.args[0]
-                out.replace_all_uses_with(base)
-                self._fold(program, site.name, base, delta.T if site.fan_in_fan_out else delta)
+                bases.append(out.args[0])
+                out.replace_all_uses_with(out.args[0])
+            if bases:
+                self._fold(program, site.name, bases, delta.T if site.fan_in_fan_out else delta)
             for node in reversed(tagged):
                 graph.erase_node(node)
             remove_attr(gm, graph_path(peft_key(site.name, "lora_A")))
@@ -54,18 +57,50 @@ class MergeLoraPass(InPlacePass):
         return PassResult(program, True)
 
     @staticmethod
-    def _fold(program: Program, name: str, base: fx.Node, delta: torch.Tensor) -> None:
-        index = 1 if base.target == aten.linear.default else 2
-        weight_node: fx.Node = base.args[index]
+    def _fold(program: Program, name: str, bases: list[fx.Node], delta: torch.Tensor) -> None:
+        """Bind ``W + delta`` at ``<name>.weight`` and make every call of module ``name`` read it.
+
+        A tied weight (GPT-2's lm_head and wte) can reach the graph as *one* get_attr named after
+        either module; its other users are moved to another name of the same tensor
+        (``transformer.wte.weight``), so they keep reading the base value.
+        """
+        graph, gm = program.graph, program.graph_module
         own_path = f"{MODEL_PREFIX}{name}.weight"
-        owner, _, attr = weight_node.target.rpartition(".")
-        w = getattr(program.graph_module.get_submodule(owner), attr)
-        if weight_node.target == own_path and getattr(w, "_peftc_merged", False):
-            return  # a module called twice: its weight is already folded
+        weight_nodes = {b.args[1 if b.target == aten.linear.default else 2] for b in bases}
+        (w,) = {id(_tensor(gm, n.target)): _tensor(gm, n.target) for n in weight_nodes}.values()
         merged = nn.Parameter((w.detach().float() + delta).to(w.dtype), requires_grad=False)
-        merged._peftc_merged = True
-        set_attr(program.graph_module, own_path, merged)
-        if weight_node.target != own_path:  # tied weight: give this site its own tensor
-            with program.graph.inserting_before(base):
-                new_node = program.graph.get_attr(own_path)
-            base.replace_input_with(weight_node, new_node)
+        for node in weight_nodes:
+            others = [u for u in node.users if u not in bases]
+            if others and node.target == own_path:
+                alias = _other_name(gm, w, own_path)
+                with graph.inserting_before(node):
+                    alias_node = graph.get_attr(alias)
+                alias_node.meta.update(node.meta)
+                for user in others:
+                    user.replace_input_with(node, alias_node)
+        set_attr(gm, own_path, merged)
+        own_node = None
+        for base in bases:
+            index = 1 if base.target == aten.linear.default else 2
+            node = base.args[index]
+            if node.target != own_path:  # tied weight named after the other module: this site gets its own
+                if own_node is None:
+                    with graph.inserting_before(bases[0]):
+                        own_node = graph.get_attr(own_path)
+                    own_node.meta.update(node.meta)
+                base.replace_input_with(node, own_node)
+
+
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _other_name(gm: fx.GraphModule, tensor: torch.Tensor, own_path: str) -> str:
+    """Another registered name of ``tensor`` (its tied twin), or a new one holding it."""
+    for path, t in gm.named_parameters(remove_duplicate=False):
+        if t is tensor and path != own_path:
+            return path
+    path = f"{own_path}_unmerged"
+    set_attr(gm, path, tensor)
+    return path

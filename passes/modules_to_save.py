@@ -3,22 +3,46 @@
 HF PEFT trains whole modules listed in ``modules_to_save`` and, with ``bias="all"``/``"lora_only"``,
 biases. peftc gives the adapter its own copy of each such parameter and rebinds the graph's
 ``get_attr`` to it: the base model stays untouched and the adapter file holds the copies under
-HF PEFT's keys (``base_model.model.classifier.weight``).
+HF PEFT's keys (``base_model.model.classifier.weight``). A bias of a module that a method wraps
+(a LoRA site) is saved by HF PEFT under the wrapper's ``base_layer``
+(``base_model.model.transformer.h.0.attn.c_attn.base_layer.bias``); HF PEFT silently ignores the
+key without it, so peftc writes and reads exactly that name. With ``bias="all"`` HF PEFT also saves a
+head's bias as ``<head>.modules_to_save.bias`` and ``<head>.original_module.bias``: duplicates of
+``<head>.bias`` and of the base value, accepted on load and not written back.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
-from peftc.adapters import AdapterState, graph_path
 from peftc.errors import AdapterMismatchError, TargetNotFoundError
 from peftc.program import MODEL_PREFIX, Program
 
-__all__ = ["ModulesToSavePass", "trainable_base_params"]
+from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
+
+__all__ = ["ModulesToSavePass", "base_param_key", "trainable_base_params"]
 
 #: Name fragments that mark a method's own tensors (not copies of base parameters).
 ADAPTER_MARKERS = ("lora_", "ia3_", "prompt_embeddings", "adaption_", "prefix_", "ranknum")
+
+
+#: Sub-module names of HF PEFT's ModulesToSaveWrapper that appear in keys it saves with bias="all".
+_WRAPPER_ALIASES = ("modules_to_save", "original_module")
+
+
+def base_param_key(program: Program, name: str) -> str:
+    """HF PEFT's saved key for base parameter ``name``: ``base_layer.`` inside a wrapped (site) module."""
+    module, _, param = name.rpartition(".")
+    if module in program.sites:
+        return f"base_model.{MODEL_PREFIX}{module}.base_layer.{param}"
+    return f"base_model.{MODEL_PREFIX}{name}"
+
+
+def _wrapper_alias(key: str, used: set[str]) -> bool:
+    """True for HF PEFT's duplicate ``<head>.modules_to_save.<p>`` / ``<head>.original_module.<p>`` keys."""
+    head, _, param = key.rpartition(".")
+    head, _, wrapper = head.rpartition(".")
+    return wrapper in _WRAPPER_ALIASES and f"{head}.{param}" in used
 
 
 def trainable_base_params(program: Program, modules_to_save: list[str] | None, bias: str = "none") -> list[str]:
@@ -59,12 +83,10 @@ class ModulesToSavePass(InPlacePass):
         names = trainable_base_params(program, self.modules_to_save, self.bias)
         if self.modules_to_save and not names:
             # seq-cls heads are named `classifier` or `score`; HF PEFT lists both and needs one.
-            raise TargetNotFoundError(
-                f"modules_to_save={self.modules_to_save!r} matched no module of this model"
-            )
+            raise TargetNotFoundError(f"modules_to_save={self.modules_to_save!r} matched no module of this model")
         gm, used = program.graph_module, set()
         for name in names:
-            key = "base_model." + MODEL_PREFIX + name
+            key = base_param_key(program, name)
             base = gm.get_parameter(MODEL_PREFIX + name)
             if key not in state.tensors:
                 if state.loaded:
@@ -76,8 +98,10 @@ class ModulesToSavePass(InPlacePass):
                     f"adapter tensor {key} has shape {list(copy.shape)} but the model's {name} is "
                     f"{list(base.shape)}; the adapter was made for another base model (e.g. other num_labels)"
                 )
-            set_attr(gm, graph_path(key), copy)
+            set_attr(gm, MODEL_PREFIX + name, copy)
             used.add(key)
+        for key in [k for k in state.tensors if k not in used and _wrapper_alias(k, used)]:
+            del state.tensors[key]  # HF PEFT's duplicates of a head's bias (bias="all"); not written back
         unused = sorted(k for k in state.tensors if k not in used and not any(m in k for m in ADAPTER_MARKERS))
         if unused:
             raise AdapterMismatchError(

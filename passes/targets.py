@@ -144,8 +144,8 @@ def find_linear_sites(program: Program) -> Iterator[LinearSite]:
 
 
 def suffix_names(names: list[str]) -> list[str]:
-    """Short names users type in ``target_modules`` (``c_attn``, ``q_proj``), in first-seen order."""
+    """Short names users type in ``target_modules`` (``c_attn``, ``q_proj``): last name parts, first-seen order."""
     seen: dict[str, None] = {}
     for name in names:
-        seen.setdefault(re.sub(r"^.*\.\d+\.", "", name), None)
+        seen.setdefault(name.rsplit(".", 1)[-1], None)
     return list(seen)

@@ -23,6 +23,7 @@ from peftc.errors import ConfigError
 __all__ = [
     "CONFIG_CLASSES",
     "TASK_TYPES",
+    "IA3Config",
     "LoraConfig",
     "MethodConfig",
     "config_from_dict",
@@ -140,7 +141,7 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 @dataclass
@@ -161,6 +162,11 @@ class LoraConfig(MethodConfig):
         "target_parameters": None,
         "alora_invocation_tokens": None,
         "arrow_config": None,
+        # LoRA variants HF PEFT 0.21 adds (each changes the forward or the tensor shapes)
+        "velora_config": None,
+        "monteclora_config": None,
+        "use_bdlora": None,
+        "kasa_config": None,
     }
 
     r: int = _help("LoRA rank.", default=8)
@@ -223,8 +229,48 @@ def _pattern_value(name: str, pattern: dict[str, Any], default: Any) -> Any:
     return default
 
 
+@dataclass
+class IA3Config(MethodConfig):
+    """(IA)³: attention targets ``y = (Wx + b) ⊙ l`` (l ``[out, 1]``), feed-forward targets ``y = W(x ⊙ l) + b``."""
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = _help(
+        "Modules to adapt: a list matches a whole name or a '.name' suffix, a string is a full regex. "
+        "Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    exclude_modules: list[str] | str | None = _help("Modules never to adapt (same matching rules).", default=None)
+    feedforward_modules: list[str] | str | None = _help(
+        "Targets treated as feed-forward, whose input (not output) is scaled, e.g. ['output.dense']: a list entry "
+        "matches a name ending with it, a string is a full regex; must be a subset of target_modules. "
+        "Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    fan_in_fan_out: bool = _help("Weights stored as [in, out] (GPT-2 Conv1D); set automatically.", default=False)
+    modules_to_save: list[str] | None = _help(
+        "Modules trained in full and saved with the adapter (the head, for seq-cls).", default=None
+    )
+    init_ia3_weights: bool = _help("True: the (IA)³ vectors start at 1 (the base model). False: random.", default=True)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            missing = sorted(set(feedforward) - set(targets))
+            raise ConfigError(
+                f"feedforward_modules must be a subset of target_modules (as in HF PEFT): {missing} not in "
+                f"target_modules={targets}; add them to target_modules or remove them from feedforward_modules"
+            )
+
+
 #: HF PEFT ``peft_type`` -> config class. Other method modules register themselves here.
 CONFIG_CLASSES: dict[str, type[MethodConfig]] = {"LORA": LoraConfig}
+CONFIG_CLASSES["IA3"] = IA3Config
 
 
 def config_from_dict(data: Any, source: str = "adapter config") -> MethodConfig:
@@ -247,6 +293,8 @@ def load_config(path: str | Path) -> MethodConfig:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON file") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -188,7 +188,9 @@ def plan_model(
         task_type=TASK_TYPES[task],
         modules_to_save=["classifier", "score"] if task == "seq-cls" else None,
     )
-    decisions = LoraPass(cfg).plan(program)
+    lora = LoraPass(cfg)
+    lora.sites_or_raise(program)
+    decisions = lora.plan(program)
     return {
         "kind": "plan",
         "model": spec,

@@ -10,8 +10,11 @@ export always starts from a separate eval-mode capture of the same model.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,12 +144,21 @@ def _use_export_attention(model: nn.Module) -> None:
             cfg._attn_implementation = _MASK_IMPL
 
 
+#: Source folders whose frames are never "the model's line": torch itself and the peftc package.
+_INTERNAL_DIRS = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (torch, sys.modules[__package__]))
+
+
 def _failing_frame(exc: BaseException) -> str:
-    """The innermost frame outside torch: the model source line that could not be captured."""
+    """The innermost frame outside torch and peftc: the model source line that could not be captured.
+
+    Code that torch generates at run time (``<string>``, ``<eval_with_key>``) is skipped too; files are
+    matched by package folder, so a user model in a folder that merely contains ``peftc`` still counts.
+    """
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
-        if "/torch/" not in frame.filename and "/peftc/" not in frame.filename:
-            return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+        if frame.filename.startswith("<") or str(Path(frame.filename).resolve()).startswith(_INTERNAL_DIRS):
+            continue
+        return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
     return "unknown location"
 
 
@@ -220,4 +232,3 @@ def _max_positions(cfg: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-

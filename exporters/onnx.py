@@ -1,0 +1,169 @@
+"""ONNX exporter: a captured program to ``model.onnx`` with named dynamic batch and sequence dims.
+
+The program's graph module is re-exported with PyTorch's dynamo-based ONNX exporter
+(``torch.onnx.export(..., dynamo=True)``), which runs ``torch.export`` on the ATen graph again and
+translates it with onnxscript. Every graph input shares the same two symbolic dims, named
+``batch`` and ``sequence`` in the ONNX file, so ONNX Runtime (and optimum) see one batch size and
+one sequence length for ``input_ids``, ``attention_mask`` and the rest.
+
+What is exported is exactly the program: an unmerged LoRA program keeps its branch as ops
+(``MatMul`` beside the base ``Gemm``/``MatMul``), a merged one is the base graph op for op with
+folded weights. Weights go to ``model.onnx.data`` (external data) when they exceed
+:data:`EXTERNAL_DATA_THRESHOLD` — protobuf cannot hold a file over 2 GiB — or when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from peftc.errors import CaptureError, ConfigError
+from peftc.program import Program
+
+__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "MODEL_FILE", "export_program_onnx"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DEFAULT_OPSET = 18
+#: Initializer bytes above which weights are written to ``<model>.data`` (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_MIN_OPSET = 18  # the dynamo exporter emits opset 18 ops (LayerNormalization, Split with inputs…)
+_MAX_BATCH = 1 << 16
+
+
+def export_program_onnx(
+    program: Program,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """Export ``program`` to an ONNX file with dynamic ``batch`` and ``sequence`` dims.
+
+    Args:
+        program: an eval-mode :class:`~peftc.program.Program` (merged or not).
+        path: the ``.onnx`` file to write; its parent directory must exist.
+        opset: ONNX opset (18 or later).
+        external_data: ``True`` writes weights to ``<path>.data``; ``False`` keeps them inline
+            (refused above 2 GiB); ``None`` decides by size (:data:`EXTERNAL_DATA_THRESHOLD`).
+        metadata: extra ``metadata_props`` stored in the model (``peftc.*`` keys by convention).
+
+    Returns:
+        The model as written (without loading external data).
+
+    Raises:
+        ConfigError: a train-mode program, or an opset below 18.
+        CaptureError: the exporter could not trace or translate the graph.
+    """
+    path = Path(path)
+    if program.mode != "eval":
+        raise ConfigError(
+            f"cannot export a {program.mode}-mode program (it bakes in dropout); capture the model with mode='eval'"
+        )
+    if not isinstance(opset, int) or opset < _MIN_OPSET:
+        raise ConfigError(f"opset={opset!r} is not supported; use an ONNX opset >= {_MIN_OPSET}")
+
+    onnx_program = _run_exporter(program, opset)
+    model = onnx_program.model
+    _name_dims(model, program)
+    model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if external_data is None:
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    elif not external_data and size >= 2**31:
+        raise ConfigError(f"the model's weights take {size / 2**30:.2f} GiB; ONNX needs external data above 2 GiB")
+    import onnx_ir as ir
+
+    if external_data:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
+    onnx.checker.check_model(str(path))  # a path, so files with external data are checked too
+    logger.info("wrote %s (%.1f MB of weights%s)", path, size / 1e6, ", external data" if external_data else "")
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _run_exporter(program: Program, opset: int):
+    """``torch.onnx.export`` with named dims; min size 1 first, then 2 as capture does."""
+    names = program.input_names
+    max_seq = program.max_positions() or _MAX_BATCH
+    errors: list[BaseException] = []
+    for min_dim in (1, 2):
+        batch = Dim("batch", min=min_dim, max=_MAX_BATCH)
+        seq = Dim("sequence", min=min_dim, max=max_seq)
+        # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input.
+        shapes = tuple({0: batch, 1: seq} for _ in names)
+        try:
+            with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
+                # The unlifted graph module reports training=True and refuses .eval(); the graph
+                # itself is an eval capture (checked above), so the exporter's warning is noise.
+                warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                return torch.onnx.export(
+                    program.graph_module,
+                    tuple(program.example_inputs),
+                    dynamic_shapes=shapes,
+                    dynamo=True,
+                    input_names=list(names),
+                    output_names=list(program.output_names),
+                    opset_version=opset,
+                    verbose=False,
+                )
+        except Exception as e:  # the exporter raises torch, onnxscript and plain errors alike
+            errors.append(e)
+            logger.debug("ONNX export with min dim %d failed: %s", min_dim, e)
+    e = errors[-1]
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CaptureError(
+        f"torch.onnx.export failed for the {program.task.name} program: {type(e).__name__}: {first}"
+    ) from e
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a chatty logger (the exporter warns that torchvision's ops are not registered)."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _name_dims(model, program: Program) -> None:
+    """Give the dynamic dims of inputs and outputs the program's names (``batch``, ``sequence``).
+
+    The exporter names them after the ``Dim`` objects already; this maps any other symbol it
+    chose (``s0``…) through the inputs, so a renamed exporter never changes the ONNX interface.
+    """
+    import onnx_ir as ir
+
+    mapping: dict[str, str] = {}
+    for value in model.graph.inputs:
+        wanted = program.dynamic_dims.get(value.name, {})
+        if value.shape is None:
+            continue
+        for axis, name in wanted.items():
+            dim = value.shape[axis]
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None and dim.value != name:
+                mapping.setdefault(dim.value, name)
+    if not mapping:
+        return
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is None:
+            continue
+        dims = [
+            ir.SymbolicDim(mapping.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)

@@ -1,0 +1,279 @@
+"""(IA)³ insertion: a learned vector ``l`` rescales each targeted linear layer.
+
+Attention targets scale the output, ``y = (W x + b) ⊙ l`` with ``l`` stored ``[out, 1]``;
+feed-forward targets (``feedforward_modules``) scale the input, ``y = W (x ⊙ l) + b`` with ``l``
+stored ``[1, in]``. As in HF PEFT (0.21) the product uses ``flatten(l)``, so the bias is scaled for
+attention targets and untouched for feed-forward ones. ``nn.Linear`` is ``aten.linear(x, W, b)`` in
+the graph and GPT-2's ``Conv1D`` is ``aten.addmm(b, x2d, W)`` (W ``[in, out]``): the output mul goes
+right after that node (before Conv1D's reshape), the input mul right before it. The tensor is saved
+as ``base_model.model.<module>.ia3_l``; fresh ones start at 1 (``init_ia3_weights=True``) or
+``randn`` (``False``), in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import fx, nn
+
+from peftc.adapters import AdapterState, graph_path, peft_key
+from peftc.config import IA3Config
+from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
+from peftc.program import Program, Site
+
+from .base import InPlacePass, PassResult, SiteDecision, add_call, add_param, finish
+from .lora import resolve_targets
+from .targets import LINEAR_TYPES, LinearSite, find_linear_sites, matches, suffix_names
+
+__all__ = [
+    "IA3_DEFAULT_FEEDFORWARD",
+    "IA3_DEFAULT_TARGETS",
+    "IA3Pass",
+    "IA3_MARKER",
+    "is_feedforward",
+    "is_ia3_node",
+    "resolve_feedforward",
+]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+#: Suffix of the (IA)³ vector in HF PEFT's saved keys.
+IA3_MARKER = "ia3_l"
+
+#: HF PEFT 0.21 ``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING``.
+IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+
+#: HF PEFT 0.21 ``TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING``.
+IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "llama4": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+}
+
+
+def resolve_feedforward(config: IA3Config, program: Program) -> list[str] | str:
+    """``feedforward_modules`` as given, else HF PEFT's default for the model type."""
+    if config.feedforward_modules is not None:
+        return config.feedforward_modules
+    model_type = getattr(program.model_config, "model_type", None)
+    if model_type not in IA3_DEFAULT_FEEDFORWARD:
+        raise ConfigError(
+            f"no default feedforward_modules for model type {model_type!r}; pass feedforward_modules "
+            "(the targets whose input is scaled; an empty list when every target is scaled at its output)"
+        )
+    return IA3_DEFAULT_FEEDFORWARD[model_type]
+
+
+def is_feedforward(name: str, feedforward: list[str] | str) -> bool:
+    """HF PEFT's rule (``IA3Model._check_target_module_feedforward``): regex fullmatch, or plain ``endswith``."""
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, name) is not None
+    return any(name.endswith(key) for key in feedforward)
+
+
+def _linear_names(program: Program) -> list[str]:
+    return [name for name, cls in program.module_types.items() if cls in LINEAR_TYPES]
+
+
+class IA3Pass(InPlacePass):
+    """Multiplies the output (attention) or input (feed-forward) of every targeted linear by l."""
+
+    def __init__(self, config: IA3Config, state: AdapterState | None = None):
+        self.config = config
+        self.state = state
+
+    # -- finding -----------------------------------------------------------------------------
+    def plan(self, program: Program) -> list[SiteDecision]:
+        cfg = self.config
+        targets = resolve_targets(cfg, program, IA3_DEFAULT_TARGETS)
+        feedforward = resolve_feedforward(cfg, program)
+        saved = cfg.modules_to_save or []
+        calls: dict[str, list[LinearSite]] = {}
+        for site in find_linear_sites(program):
+            calls.setdefault(site.name, []).append(site)
+        decisions = []
+        for name, cls in program.module_types.items():
+            if not matches(name, targets):
+                continue
+            reason = self._check(name, cls, calls.get(name), saved)
+            details = None
+            if not reason:
+                fin, fout = calls[name][0].features(program.graph_module)
+                ff = is_feedforward(name, feedforward)
+                details = {"in": fin, "out": fout, "feedforward": ff, "shape": [1, fin] if ff else [fout, 1]}
+            decisions.append(SiteDecision(name, cls, "skip" if reason else "rewrite", reason, details))
+        return decisions
+
+    def _check(self, name: str, cls: str, calls: list[LinearSite] | None, saved: list[str]) -> str:
+        if cls not in LINEAR_TYPES:
+            return f"{cls} is not a Linear or Conv1D layer"
+        if matches(name, self.config.exclude_modules):
+            return "listed in exclude_modules"
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in saved):
+            return "in modules_to_save (trained in full instead)"
+        if not calls:
+            return "not called in the captured graph for this task"
+        return ""
+
+    # -- changing ----------------------------------------------------------------------------
+    def run(self, program: Program) -> PassResult:
+        decisions = self.plan(program)
+        chosen = {d.name: d for d in decisions if d.action == "rewrite"}
+        if not chosen:
+            skipped = "; ".join(f"{d.name}: {d.reason}" for d in decisions[:3])
+            raise TargetNotFoundError(
+                f"target_modules={resolve_targets(self.config, program, IA3_DEFAULT_TARGETS)!r} matched no "
+                "adaptable module"
+                + (f" ({skipped})" if skipped else "")
+                + f"; linear modules here: {', '.join(suffix_names(_linear_names(program)))}"
+            )
+        state = self.state or AdapterState(self.config)
+        fresh = self.state is None
+        used: set[str] = set()
+        for site in list(find_linear_sites(program)):
+            decision = chosen.get(site.name)
+            if decision is None:
+                continue
+            ff = decision.details["feedforward"]
+            key = peft_key(site.name, IA3_MARKER)
+            used.add(key)
+            l_vec = self._tensor(program, site, state, fresh, ff)
+            self._insert(program, site, l_vec, ff)
+        if not fresh:
+            _check_all_used(state, used)
+        program.adapter = state
+        finish(program)
+        n_ff = sum(d.details["feedforward"] for d in chosen.values())
+        logger.info("IA3: %d sites (%d feed-forward), %d adapter parameters", len(chosen), n_ff, state.num_parameters())
+        return PassResult(program, True)
+
+    def _tensor(self, program: Program, site: LinearSite, state: AdapterState, fresh: bool, ff: bool) -> nn.Parameter:
+        fin, fout = site.features(program.graph_module)
+        shape = (1, fin) if ff else (fout, 1)
+        key = peft_key(site.name, IA3_MARKER)
+        if fresh and key not in state.tensors:
+            dtype = site.weight_tensor(program.graph_module).dtype
+            init = torch.ones(shape) if self.config.init_ia3_weights else torch.randn(shape)
+            state.tensors[key] = nn.Parameter(init.to(dtype))
+        if key not in state.tensors:
+            raise AdapterMismatchError(
+                f"adapter has no tensor {key} for targeted module {site.name}; was it made for another model "
+                "or with other target_modules?"
+            )
+        got = tuple(state.tensors[key].shape)
+        if got != shape:
+            kind = f"feed-forward, in={fin}" if ff else f"attention, out={fout}"
+            raise AdapterMismatchError(
+                f"adapter tensor {key} has shape {list(got)} but module {site.name} needs {list(shape)} ({kind}); "
+                "the adapter was made for another base model or with other feedforward_modules"
+            )
+        program.sites[site.name] = Site(site.name, "IA3", site.module_type, fin, fout, None, None, site.fan_in_fan_out)
+        return state.tensors[key]
+
+    def _insert(self, program: Program, site: LinearSite, l_vec: nn.Parameter, ff: bool) -> None:
+        graph, base, tag = program.graph, site.node, site.name
+        path = graph_path(peft_key(site.name, IA3_MARKER))
+        if ff:
+            # y = W (x ⊙ l) + b: l [1, in] broadcasts over the last dim of x (2-D for Conv1D, 3-D for Linear).
+            x = site.x
+            with graph.inserting_before(base):
+                l_node = _param(program, path, l_vec, like=x, site=tag)
+                out = add_call(program, aten.mul.Tensor, (x, l_node), base, tag, "ia3_in")
+                out = _cast_like(program, out, x, base, tag)
+            base.replace_input_with(x, out)
+        else:
+            # y = (W x + b) ⊙ flatten(l): scales the bias too, exactly as HF PEFT does.
+            with graph.inserting_before(base.next):
+                l_node = _param(program, path, l_vec, like=base, site=tag)
+                flat = add_call(program, aten.reshape.default, (l_node, [-1]), base, tag, "ia3_flat")
+                mul = add_call(program, aten.mul.Tensor, (base, flat), base, tag, "ia3_out")
+                out = _cast_like(program, mul, base, base, tag)
+            base.replace_all_uses_with(out, delete_user_cb=lambda user: user is not mul)
+
+
+def _param(program: Program, path: str, tensor: nn.Parameter, like: fx.Node, site: str) -> fx.Node:
+    """A get_attr for ``tensor`` carrying a fake ``meta["val"]`` so the nodes built on it get one too."""
+    from torch._guards import detect_fake_mode
+
+    node = add_param(program, path, tensor, site)
+    mode = detect_fake_mode([like.meta.get("val")]) if isinstance(like.meta.get("val"), torch.Tensor) else None
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
+    return node
+
+
+def _cast_like(program: Program, node: fx.Node, ref: fx.Node, like: fx.Node, site: str) -> fx.Node:
+    """HF PEFT casts the product back to the activation's dtype; only needed when l's dtype differs."""
+    want, got = ref.meta.get("val"), node.meta.get("val")
+    if want is None or got is None or want.dtype == got.dtype:
+        return node
+    return add_call(program, aten._to_copy.default, (node,), like, site, "ia3_cast", kwargs={"dtype": want.dtype})
+
+
+def _check_all_used(state: AdapterState, used: set[str]) -> None:
+    unused = sorted(k for k in state.tensors if IA3_MARKER in k and k not in used)
+    if unused:
+        raise AdapterMismatchError(
+            f"adapter tensor {unused[0]} (and {len(unused) - 1} more) matches no targeted module of this model; "
+            "the adapter was made for another base model or with other target_modules"
+        )
+
+
+def is_ia3_node(node: fx.Node) -> bool:
+    """True for nodes the IA3 pass inserted (its mul, reshape, cast)."""
+    return str(node.meta.get("peftc_role", "")).startswith("ia3_")

@@ -1,0 +1,345 @@
+"""Training data: JSON-lines files, tokenised and batched for a captured program.
+
+A data file holds one JSON object per line: ``{"text": "..."}`` for ``causal-lm``, and
+``{"text": "...", "label": 1}`` or ``{"text": "...", "label": "positive"}`` for ``seq-cls``.
+Reading is strict: a line that is not a JSON object with the right fields is a
+:class:`~peftc.errors.DataError` naming ``file:line`` (a silently skipped line would train a
+different model than the user thinks). String labels get a label map (sorted names → ids) that the
+run saves, so export can name the classes; integer labels must be ``0..n-1``.
+
+Batches are padded per batch (right padding) and hold every graph input the program takes
+(``input_ids``, ``attention_mask``, ``token_type_ids`` for BERT-like models, ``position_ids`` for
+decoders, computed from the mask as optimum exports them) plus ``labels``. The order is a seeded
+permutation per epoch, so a run resumed at (epoch, batch) sees exactly the batches an
+uninterrupted run would.
+
+This module is ``peftc.dataset`` because ``peftc.data`` is the package of shipped data files
+(``examples/data``, see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc.errors import DataError
+
+__all__ = [
+    "Dataset",
+    "Encoded",
+    "batch_order",
+    "collate",
+    "count_targets",
+    "default_data",
+    "encode",
+    "iter_batches",
+    "read_jsonl",
+    "shipped_file",
+]
+
+logger = logging.getLogger(__name__)
+
+_EXAMPLE = {
+    "causal-lm": '{"text": "Once upon a time..."}',
+    "seq-cls": '{"text": "Great film!", "label": "positive"}',
+}
+
+#: (model preset, task) -> (train file, eval file) shipped in ``peftc.data``.
+DEFAULT_DATA = {
+    ("minilm", "seq-cls"): ("sentiment_train.jsonl", "sentiment_eval.jsonl"),
+    ("tiny-gpt2", "causal-lm"): ("tiny_corpus.jsonl", "tiny_corpus_eval.jsonl"),
+}
+
+
+@dataclass
+class Dataset:
+    """Examples read from one JSON-lines file.
+
+    Attributes:
+        path: the file read.
+        texts: one text per example.
+        labels: class ids for ``seq-cls`` (``None`` for ``causal-lm``).
+        id2label: class id -> name (string labels keep their names; integer labels get ``LABEL_i``).
+        lines: the 1-based line number of each example, for messages.
+        string_labels: whether the file's labels were names (else integers).
+    """
+
+    path: Path
+    texts: list[str]
+    labels: list[int] | None = None
+    id2label: dict[int, str] | None = None
+    lines: list[int] = field(default_factory=list)
+    string_labels: bool = False
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def label2id(self) -> dict[str, int] | None:
+        return {v: k for k, v in self.id2label.items()} if self.id2label else None
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        """What :func:`read_jsonl` needs to check evaluation data against these (training) labels."""
+        if self.labels is None:
+            return {}
+        return {"label2id": self.label2id} if self.string_labels else {"num_labels": len(self.id2label or {})}
+
+
+def shipped_file(name: str) -> Path:
+    """Path of a data file shipped in the ``peftc.data`` package (``examples/data`` in the repo)."""
+    try:
+        root = importlib.resources.files("peftc.data")
+        path = Path(str(root / name))
+    except (ModuleNotFoundError, TypeError):  # running from a checkout without the package installed
+        path = Path(__file__).resolve().parent.parent / "examples" / "data" / name
+    if not path.is_file():
+        raise DataError(f"shipped data file {name} is missing from {path.parent}; reinstall peftc")
+    return path
+
+
+def default_data(model: str, task: str) -> tuple[Path, Path] | None:
+    """The shipped (train, eval) files for a preset and task, or ``None`` when there are none."""
+    names = DEFAULT_DATA.get((model, task))
+    return (shipped_file(names[0]), shipped_file(names[1])) if names else None
+
+
+def _fail(path: Path, lineno: int, what: str, task: str) -> DataError:
+    return DataError(f"{path}:{lineno}: {what}; each line must be a JSON object like {_EXAMPLE[task]}")
+
+
+def read_jsonl(
+    path: str | Path, task: str, label2id: dict[str, int] | None = None, num_labels: int | None = None
+) -> Dataset:
+    """Read and check a JSON-lines data file.
+
+    Args:
+        path: the file.
+        task: ``causal-lm`` (lines need ``text``) or ``seq-cls`` (``text`` and ``label``).
+        label2id: for evaluation data whose training data had string labels: the training label
+            map; every label must be in it.
+        num_labels: for evaluation data whose training data had integer labels: labels must be
+            below it.
+
+    Returns:
+        A :class:`Dataset`; for ``seq-cls`` with its ``labels`` and ``id2label``.
+
+    Raises:
+        DataError: the file is unreadable or empty, or a line is not a JSON object with the right
+            fields (the message names ``file:line`` and says what a line must look like).
+    """
+    path = Path(path).expanduser()
+    if task not in _EXAMPLE:
+        raise DataError(f"task {task!r} has no data format; supported: {', '.join(_EXAMPLE)}")
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError as e:
+        raise DataError(f"data path {path} is a directory; pass a JSON-lines file") from e
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}; pass an existing JSON-lines file") from e
+    texts: list[str] = []
+    raw_labels: list[Any] = []
+    lines: list[int] = []
+    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+        if not line.strip():
+            continue  # blank lines (a trailing newline, a separator) carry no example
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})", task) from e
+        if not isinstance(obj, dict):
+            raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}", task)
+        if "text" not in obj:
+            raise _fail(path, lineno, f"missing field 'text' (fields: {', '.join(sorted(obj)) or 'none'})", task)
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise _fail(path, lineno, f"field 'text' must be a string, got {type(text).__name__}", task)
+        if not text.strip():
+            raise _fail(path, lineno, "field 'text' is empty", task)
+        if task == "seq-cls":
+            if "label" not in obj:
+                raise _fail(path, lineno, "missing field 'label'", task)
+            label = obj["label"]
+            if isinstance(label, bool) or not isinstance(label, (int, str)):
+                raise _fail(path, lineno, f"field 'label' must be an integer or a string, got {label!r}", task)
+            if isinstance(label, str) and not label.strip():
+                raise _fail(path, lineno, "field 'label' is an empty string", task)
+            if raw_labels and type(label) is not type(raw_labels[0]):
+                raise DataError(
+                    f"{path}:{lineno}: label {label!r} is a {type(label).__name__} but line {lines[0]} has "
+                    f"{raw_labels[0]!r}; use integer labels or string labels throughout the file"
+                )
+            raw_labels.append(label)
+        texts.append(text)
+        lines.append(lineno)
+    if not texts:
+        raise DataError(f"data file {path} holds no examples; add JSON lines like {_EXAMPLE[task]}")
+    data = Dataset(path=path, texts=texts, lines=lines)
+    if task == "seq-cls":
+        data.labels, data.id2label = _label_ids(path, raw_labels, lines, label2id, num_labels)
+        data.string_labels = isinstance(raw_labels[0], str)
+    return data
+
+
+def _label_ids(
+    path: Path, raw: list[Any], lines: list[int], label2id: dict[str, int] | None, num_labels: int | None
+) -> tuple[list[int], dict[int, str]]:
+    """Class ids and id2label; ``label2id``/``num_labels`` come from the training data when checking eval data."""
+    if isinstance(raw[0], str):
+        if label2id is None and num_labels is not None:
+            raise DataError(
+                f"{path}:{lines[0]}: label {raw[0]!r} is a string but the training data has integer labels; "
+                "use the same kind of label in both files"
+            )
+        if label2id is None:
+            names = sorted(set(raw))
+            if len(names) < 2:
+                raise DataError(
+                    f"{path}: every example has label {names[0]!r}; classification needs two classes or more"
+                )
+            label2id = {name: i for i, name in enumerate(names)}
+        for label, lineno in zip(raw, lines, strict=True):
+            if label not in label2id:
+                raise DataError(
+                    f"{path}:{lineno}: label {label!r} does not occur in the training data "
+                    f"(labels: {', '.join(sorted(label2id))}); fix the label or add examples of it to the training data"
+                )
+        return [label2id[x] for x in raw], {i: name for name, i in label2id.items()}
+    if label2id is not None:
+        raise DataError(
+            f"{path}:{lines[0]}: label {raw[0]!r} is an integer but the training data has string labels "
+            f"({', '.join(sorted(label2id))}); use the same kind of label in both files"
+        )
+    limit = num_labels if num_labels is not None else max(raw) + 1
+    for label, lineno in zip(raw, lines, strict=True):
+        if not 0 <= label < limit:
+            raise DataError(
+                f"{path}:{lineno}: label {label} is out of range; integer labels must be 0..{limit - 1}"
+                + (" (the classes of the training data)" if num_labels is not None else "")
+            )
+    if num_labels is None:
+        if limit < 2:
+            raise DataError(f"{path}: every example has label 0; classification needs two classes or more")
+        missing = sorted(set(range(limit)) - set(raw))
+        if missing:
+            raise DataError(
+                f"{path}: integer labels must be 0..n-1 with every class present; label {missing[0]} never occurs "
+                f"(max label {limit - 1}); renumber the classes"
+            )
+    return list(raw), {i: f"LABEL_{i}" for i in range(limit)}
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples: per-example token lists (unpadded) and labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int] | None
+    pad_id: int
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_id: int | None = None) -> Encoded:
+    """Tokenise ``data`` with the model's tokenizer, truncating each text to ``max_length`` tokens.
+
+    Args:
+        data: what :func:`read_jsonl` returned.
+        tokenizer: a transformers tokenizer.
+        task: ``causal-lm`` or ``seq-cls``.
+        max_length: the longest sequence kept (tokens beyond it are cut).
+        pad_id: the id written into padding positions; default the tokenizer's pad token (else 0).
+            Decoder classifiers find the last real token by this id, so pass the model's
+            ``config.pad_token_id`` for them.
+    """
+    if max_length < 2:
+        raise DataError(f"max_length={max_length} is too short; use at least 2 tokens")
+    enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
+    ids = [list(x) for x in enc["input_ids"]]
+    for i, row in enumerate(ids):
+        if not row:
+            raise DataError(
+                f"{data.path}:{data.lines[i]}: the text tokenises to no tokens; use text the tokenizer can read"
+            )
+    types = [list(x) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Encoded(ids, types, list(data.labels) if data.labels is not None else None, int(pad_id), task)
+
+
+def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Pad the examples at ``indices`` into one batch (right padding) holding ``input_names`` + ``labels``.
+
+    ``causal-lm`` labels are the input ids with ``-100`` on padding (the task's loss shifts them);
+    ``seq-cls`` labels are class ids. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``.
+    """
+    rows = [enc.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    types = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, (i, row) in enumerate(zip(indices, rows, strict=True)):
+        ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[j, : len(row)] = 1
+        if enc.token_type_ids is not None:
+            types[j, : len(row)] = torch.tensor(enc.token_type_ids[i], dtype=torch.long)
+    batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    for name in input_names:
+        if name == "token_type_ids":
+            batch[name] = types
+        elif name == "position_ids":
+            batch[name] = (mask.cumsum(-1) - 1).clamp(min=0)
+        elif name not in batch:
+            raise DataError(f"the program takes input {name!r}, which peftc's data pipeline cannot build")
+    if enc.task == "causal-lm":
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    else:
+        batch["labels"] = torch.tensor([enc.labels[i] for i in indices], dtype=torch.long)
+    return batch
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Example indices of every batch of ``epoch``: a permutation seeded by (seed, epoch), cut in batches.
+
+    The order depends only on its arguments (not on any global RNG), so a resumed run reproduces it.
+    """
+    if shuffle:
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(n, generator=gen).tolist()
+    else:
+        order = list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def iter_batches(
+    enc: Encoded,
+    input_names: Sequence[str],
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    start: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the padded batches of one epoch, from batch ``start`` on (deterministic; see :func:`batch_order`)."""
+    for indices in batch_order(len(enc), batch_size, seed, epoch, shuffle)[start:]:
+        yield collate(enc, indices, input_names)
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    """How many predictions a batch's mean loss averages over (examples, or next-token targets)."""
+    if task == "causal-lm":
+        return int((batch["labels"][:, 1:] != -100).sum())
+    return int(batch["labels"].shape[0])
