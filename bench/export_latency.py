@@ -13,7 +13,7 @@ alternate, so that other load on a shared machine slows both alike.
 The last line printed is ``ort_latency_ratio_vs_eager=<x>``: the geometric mean over the batch
 sizes of ORT median / eager median (below 1: ONNX Runtime is faster).
 
-    python bench/export_latency.py --layers 4 --runs 20
+    python bench/export_latency.py --layers 4 --runs 10 --levels basic all
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, both runtimes")
     parser.add_argument("--levels", nargs="+", default=["all"], choices=["basic", "extended", "all"])
     args = parser.parse_args()
@@ -116,6 +116,8 @@ def main() -> None:
     program, eager = _models(args.layers, args.rank)
     print(f"model: GPT-2 shape, {args.layers} layers, hidden 768, vocab 50257, LoRA r={args.rank} on c_attn, merged")
     print(f"threads: {args.threads} (torch {torch.__version__}, onnxruntime {ort.__version__})")
+    if hasattr(os, "getloadavg"):  # other load on the machine skews absolute figures (ratios less so)
+        print(f"load average before timing: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_program_onnx(program, path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads fight torch's for 2 cores
 
 _EXAMPLE = {
     "causal-lm": '{"text": "Once upon a time..."}',

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterState
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, OutputExistsError
 from peftc.files import atomic_dir, check_output_dir
 
 __all__ = ["ADAPTER_SUBDIR", "SUPPORTED_FORMATS", "export", "default_out"]
@@ -55,6 +55,7 @@ def export(
     task: str | None = None,
     opset: int = 18,
     atol: float = 1e-4,
+    external_data: bool | None = None,
 ) -> Path:
     """Export the adapted model of SRC to a verified artifact directory.
 
@@ -71,10 +72,12 @@ def export(
         task: ``causal-lm`` or ``seq-cls``; overrides what SRC records.
         opset: ONNX opset (18 or later).
         atol: absolute tolerance on fp32 logits for every verification (default 1e-4).
+        external_data: weights in ``model.onnx.data`` (``True``), inline (``False``), or by size
+            (``None``: external above ~1.8 GB).
 
     Returns:
-        The artifact directory: ``model.onnx``, ``config.json``, tokenizer files, ``adapter/``,
-        ``report.json``, ``manifest.json``.
+        The artifact directory: ``model.onnx`` (+ ``model.onnx.data``), ``config.json``, tokenizer
+        files, ``adapter/``, ``report.json``, ``manifest.json``.
 
     Raises:
         ConfigError: an unsupported format, opset or tolerance, or ``merge`` with a method that
@@ -104,6 +107,7 @@ def export(
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     source = resolve_source(src, model, task)
+    _refuse_out_over_inputs(out, [Path(src), Path(source.adapter_dir), Path(source.base)])
     state = AdapterState.load(source.adapter_dir)
     num_labels = _head_classes(state) if source.task == "seq-cls" and not source.id2label else None
     loaded = load_model(source.base, source.task, num_labels=num_labels, id2label=source.id2label)
@@ -142,6 +146,7 @@ def export(
             program,
             tmp / MODEL_FILE,
             opset=opset,
+            external_data=external_data,
             metadata={
                 "peftc.task": source.task,
                 "peftc.peft_type": state.config.peft_type,
@@ -176,6 +181,7 @@ def export(
             {
                 "verified": True,
                 "atol": float(atol),
+                "max_abs_diff": report.max_abs_diff,  # ONNX Runtime vs the unmerged torch program, worst case
                 "cases": [
                     {"name": c.name, "shape": c.shape, "padded": c.padded, "description": c.description} for c in cases
                 ],
@@ -202,6 +208,14 @@ def export(
         write_json(tmp / MANIFEST_FILE, manifest)
     logger.info("exported %s (%s, merged=%s) to %s: %s", src, format, merge, out, report.summary())
     return out
+
+
+def _refuse_out_over_inputs(out: Path, inputs: list[Path]) -> None:
+    """``force`` replaces ``out`` wholesale: never let that delete the run, adapter or base model."""
+    target = out.resolve()
+    for path in inputs:
+        if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise OutputExistsError(f"--out {out} would replace {path}, which this export reads; choose another --out")
 
 
 def _head_classes(state: AdapterState) -> int | None:

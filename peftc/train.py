@@ -131,7 +131,7 @@ class TrainConfig:
         default=None,
     )
     out: str = _help("Run directory to write.", default="peftc-run")
-    epochs: int = _help("Passes over the training data (ignored when --max-steps is given).", default=2)
+    epochs: int = _help("Passes over the training data (ignored when --max-steps is given).", default=3)
     max_steps: int | None = _help("Stop after this many optimizer steps (cycling the data as needed).", default=None)
     lr: float = _help("Peak learning rate of AdamW (linear warmup, then linear decay to 0).", default=2e-3)
     batch_size: int = _help("Examples per micro-batch.", default=16)
@@ -279,8 +279,13 @@ def _method_config(cfg: TrainConfig, task: str) -> MethodConfig:
             f"--config-file {cfg.config_file} holds peft_type={data.get('peft_type')!r} but --method is "
             f"{cfg.method!r}; pass the matching --method or another config file"
         )
-    if peft_type not in CONFIG_CLASSES:
-        raise ConfigError(f"method {method or peft_type!r} is not available in this peftc; available: lora")
+    from peftc.passes import PIPELINES  # importing the passes registers every method they implement
+
+    if peft_type not in CONFIG_CLASSES or peft_type not in PIPELINES:
+        available = [m for m, t in METHODS.items() if t in CONFIG_CLASSES and t in PIPELINES]
+        raise ConfigError(
+            f"method {method or peft_type!r} cannot be trained by this peftc; available: {', '.join(available)}"
+        )
     data["peft_type"] = peft_type
     fields = {f.name for f in dataclasses.fields(CONFIG_CLASSES[peft_type])}
     for name in _OVERRIDES:

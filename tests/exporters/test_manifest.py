@@ -99,6 +99,7 @@ def test_manifest_interface_matches_the_onnx_file():
 def test_report_holds_the_verification_figures(merge):
     report = json.loads((build("gpt2").export(merge) / "report.json").read_text())
     assert report["verified"] is True and report["atol"] == ATOL
+    assert report["max_abs_diff"] == max(c["max_abs_diff"] for c in report["onnx_vs_torch"]["cases"])
     onnx_vs_torch = report["onnx_vs_torch"]
     assert onnx_vs_torch["reference"] == "the unmerged adapted torch program"
     assert onnx_vs_torch["compared_at"] == "real (unpadded) positions"

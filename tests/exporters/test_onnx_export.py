@@ -151,6 +151,16 @@ def test_non_empty_out_is_refused_without_force_and_untouched():
     assert {"model.onnx", "manifest.json", "report.json", "config.json"} <= {p.name for p in out.iterdir()}
 
 
+def test_out_over_the_source_is_refused_even_with_force():
+    built = build("gpt2")
+    for out in (built.run_dir, built.run_dir.parent, built.adapter_dir):
+        with pytest.raises(OutputExistsError, match="which this export reads"):
+            export(built.run_dir, out=out, force=True)
+    with pytest.raises(OutputExistsError, match="which this export reads"):
+        export(built.run_dir, out=built.base_dir, force=True)
+    assert (built.adapter_dir / "adapter_model.safetensors").is_file() and (built.base_dir / "config.json").is_file()
+
+
 def test_default_out_is_inside_the_run_dir():
     from peftc.export import default_out
 
@@ -215,3 +225,30 @@ def test_merged_and_unmerged_exports_agree():
     inputs = make_inputs(built.task, onnx_input_names(merged), 3, 9, [3, 0, 1])
     assert max_diff(built.task, ort_logits(merged, inputs), ort_logits(unmerged, inputs), inputs) <= ATOL
     assert np.isfinite(ort_logits(merged, inputs)).all()
+
+
+def test_large_models_get_external_data(monkeypatch):
+    import peftc.exporters.onnx as onnx_exporter
+
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # every model counts as large
+    built = build("gpt2")
+    out = export(built.run_dir, merge=True, out=scratch("external") / "out")
+    data = out / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > (out / "model.onnx").stat().st_size
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "model.onnx.data" in manifest["files"]
+    inputs = make_inputs(built.task, onnx_input_names(out / "model.onnx"), 3, 9, [3, 0, 1])
+    got = ort_logits(out / "model.onnx", inputs)
+    assert max_diff(built.task, got, hf_logits(built.hf_peft(), inputs), inputs) <= ATOL
+
+
+def test_train_mode_programs_are_not_exported(tmp_path):
+    from conftest import tiny_gpt2
+    from peftc.exporters.onnx import export_program_onnx
+
+    from peftc.program import capture
+
+    program = capture(tiny_gpt2(), "causal-lm", mode="train")
+    with pytest.raises(ConfigError, match="mode='eval'"):
+        export_program_onnx(program, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

@@ -139,4 +139,13 @@ def test_hf_peft_adapter_binds_in_peftc(tmp_path, case, kind):
     n_sites = sum(1 for n, _ in hf.named_modules() if n.endswith(".lora_A.default"))
     assert len(program.sites) == n_sites
     inputs = batch_for(program)
-    _assert_close(program, inputs, _ours(program, inputs), _hf_logits(hf, program, inputs))
+    theirs = _hf_logits(hf, program, inputs)
+    _assert_close(program, inputs, _ours(program, inputs), theirs)
+
+    # and back: peftc re-saves it (HF PEFT's duplicate head-bias keys dropped), HF PEFT loads the same adapter
+    state.save(tmp_path / "again")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = peft.PeftModel.from_pretrained(FAMILIES[case](), str(tmp_path / "again"))
+    assert _key_warnings(caught) == []
+    _assert_close(program, inputs, _hf_logits(again, program, inputs), theirs)

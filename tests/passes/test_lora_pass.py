@@ -145,6 +145,10 @@ def test_default_sites_per_family(case):
         ]
     )
     assert program.history == (["LoraPass"] if case[1] == "causal-lm" else ["LoraPass", "ModulesToSavePass"])
+    if case[1] == "causal-lm":
+        before = graph_fingerprint(program.graph)
+        assert ModulesToSavePass(None, "none")(program).modified is False  # nothing to copy: no change
+        assert graph_fingerprint(program.graph) == before
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -240,6 +240,7 @@ def test_resume_reaches_the_uninterrupted_adapter(tmp_path, bert_dir, cls_data, 
     # ...without --resume the directory is refused; with it, it reaches the same adapter
     with pytest.raises(OutputExistsError):
         train(TrainConfig(**common, out=str(out)))
+    torch.manual_seed(1234)  # a new process: the global RNG (dropout) must come from the checkpoint
     resumed = train(TrainConfig(**common, out=str(out), resume=True))
     assert resumed.resumed_from == 3 and resumed.step == 6
     a, b = _adapter(full.run_dir), _adapter(out)
@@ -329,16 +330,16 @@ def test_minilm_short_run_learns_and_matches_peft(tmp_path):
         path = preset_path("minilm")
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"MiniLM unavailable: {e}")
-    # 64 shipped training sentences, seen 5 times over 20 steps: the loss must fall well below ln 2
+    # 64 shipped training sentences, seen 5 times over 20 steps: the loss must fall well below ln 2 (the start)
     train_file, _ = default_data("minilm", "seq-cls")
     subset = tmp_path / "subset.jsonl"
     subset.write_text("".join(train_file.read_text().splitlines(keepends=True)[:64]))
     out = tmp_path / "run"
-    res = train(TrainConfig(data=str(subset), eval_data=str(subset), out=str(out), max_steps=20, lr=3e-3, log_every=1,
+    res = train(TrainConfig(data=str(subset), eval_data=str(subset), out=str(out), max_steps=20, lr=1e-2, log_every=1,
                             progress=False))  # fmt: skip
     losses = [r["loss"] for r in _records(out) if r["type"] == "train"]
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
-    assert res.eval_metrics["loss"] < 0.6 and res.eval_metrics["accuracy"] > 0.75, res.eval_metrics
+    assert sum(losses[:4]) / 4 > 0.6 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses
+    assert res.eval_metrics["loss"] < 0.4 and res.eval_metrics["accuracy"] > 0.8, res.eval_metrics
 
     run = json.loads((out / "run.json").read_text())
     id2label = {int(k): v for k, v in run["id2label"].items()}
