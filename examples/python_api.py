@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
+from peftc.passes import LoraPass, insertion_pipeline, merge_pipeline
 
 import peftc
 from peftc.config import LoraConfig
 from peftc.inspect import render
-from peftc.passes import LoraPass, insertion_pipeline, merge_pipeline
 
 
 def main(workdir: str) -> None:
@@ -40,7 +40,9 @@ def main(workdir: str) -> None:
     print(f"merged vs adapted: max abs diff {(adapted - merged).abs().max().item():.2e}")
 
     # 3. High level: the same calls the CLI makes.
-    run = peftc.train(peftc.TrainConfig(model="tiny-gpt2", max_steps=30, out=str(work / "run"), force=True, progress=False))
+    run = peftc.train(
+        peftc.TrainConfig(model="tiny-gpt2", max_steps=30, out=str(work / "run"), force=True, progress=False)
+    )
     artifact = peftc.export(str(run.run_dir), format="onnx", merge=True, force=True)
     print(render(peftc.inspect_path(artifact)))
 

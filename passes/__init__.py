@@ -41,9 +41,7 @@ __all__ = [
 
 
 def _lora_pipeline(config: LoraConfig, state: AdapterState | None) -> PassManager:
-    return PassManager(
-        "lora-insert", [LoraPass(config, state), ModulesToSavePass(config.modules_to_save, config.bias)]
-    )
+    return PassManager("lora-insert", [LoraPass(config, state), ModulesToSavePass(config.modules_to_save, config.bias)])
 
 
 #: peft_type -> builder of the insertion pipeline for that method.

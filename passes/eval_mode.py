@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import InPlacePass, PassResult, finish
 from peftc.program import Program
+
+from .base import InPlacePass, PassResult, finish
 
 __all__ = ["EvalModePass"]
 

@@ -20,12 +20,11 @@ from torch import fx, nn
 
 from peftc.adapters import AdapterState, graph_path, peft_key
 from peftc.config import IA3Config
-from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
+from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.program import Program, Site
 
-from .base import InPlacePass, PassResult, SiteDecision, add_call, add_param, finish
-from .lora import resolve_targets
-from .targets import LINEAR_TYPES, LinearSite, find_linear_sites, matches, suffix_names
+from .base import PassResult, add_call, add_param, finish
+from .targets import LinearAdapterPass, LinearSite, check_all_used, find_linear_sites
 
 __all__ = [
     "IA3_DEFAULT_FEEDFORWARD",
@@ -126,62 +125,22 @@ def is_feedforward(name: str, feedforward: list[str] | str) -> bool:
     return any(name.endswith(key) for key in feedforward)
 
 
-def _linear_names(program: Program) -> list[str]:
-    return [name for name, cls in program.module_types.items() if cls in LINEAR_TYPES]
-
-
-class IA3Pass(InPlacePass):
+class IA3Pass(LinearAdapterPass):
     """Multiplies the output (attention) or input (feed-forward) of every targeted linear by l."""
 
+    default_targets = IA3_DEFAULT_TARGETS
+
     def __init__(self, config: IA3Config, state: AdapterState | None = None):
-        self.config = config
-        self.state = state
+        super().__init__(config, state)
 
-    # -- finding -----------------------------------------------------------------------------
-    def plan(self, program: Program) -> list[SiteDecision]:
-        cfg = self.config
-        targets = resolve_targets(cfg, program, IA3_DEFAULT_TARGETS)
-        feedforward = resolve_feedforward(cfg, program)
-        saved = cfg.modules_to_save or []
-        calls: dict[str, list[LinearSite]] = {}
-        for site in find_linear_sites(program):
-            calls.setdefault(site.name, []).append(site)
-        decisions = []
-        for name, cls in program.module_types.items():
-            if not matches(name, targets):
-                continue
-            reason = self._check(name, cls, calls.get(name), saved)
-            details = None
-            if not reason:
-                fin, fout = calls[name][0].features(program.graph_module)
-                ff = is_feedforward(name, feedforward)
-                details = {"in": fin, "out": fout, "feedforward": ff, "shape": [1, fin] if ff else [fout, 1]}
-            decisions.append(SiteDecision(name, cls, "skip" if reason else "rewrite", reason, details))
-        return decisions
-
-    def _check(self, name: str, cls: str, calls: list[LinearSite] | None, saved: list[str]) -> str:
-        if cls not in LINEAR_TYPES:
-            return f"{cls} is not a Linear or Conv1D layer"
-        if matches(name, self.config.exclude_modules):
-            return "listed in exclude_modules"
-        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in saved):
-            return "in modules_to_save (trained in full instead)"
-        if not calls:
-            return "not called in the captured graph for this task"
-        return ""
+    def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict:
+        fin, fout = calls[0].features(program.graph_module)
+        ff = is_feedforward(name, resolve_feedforward(self.config, program))
+        return {"in": fin, "out": fout, "feedforward": ff, "shape": [1, fin] if ff else [fout, 1]}
 
     # -- changing ----------------------------------------------------------------------------
     def run(self, program: Program) -> PassResult:
-        decisions = self.plan(program)
-        chosen = {d.name: d for d in decisions if d.action == "rewrite"}
-        if not chosen:
-            skipped = "; ".join(f"{d.name}: {d.reason}" for d in decisions[:3])
-            raise TargetNotFoundError(
-                f"target_modules={resolve_targets(self.config, program, IA3_DEFAULT_TARGETS)!r} matched no "
-                "adaptable module"
-                + (f" ({skipped})" if skipped else "")
-                + f"; linear modules here: {', '.join(suffix_names(_linear_names(program)))}"
-            )
+        chosen = self.sites_or_raise(program)
         state = self.state or AdapterState(self.config)
         fresh = self.state is None
         used: set[str] = set()
@@ -195,7 +154,7 @@ class IA3Pass(InPlacePass):
             l_vec = self._tensor(program, site, state, fresh, ff)
             self._insert(program, site, l_vec, ff)
         if not fresh:
-            _check_all_used(state, used)
+            check_all_used(state, used, IA3_MARKER)
         program.adapter = state
         finish(program)
         n_ff = sum(d.details["feedforward"] for d in chosen.values())
@@ -263,15 +222,6 @@ def _cast_like(program: Program, node: fx.Node, ref: fx.Node, like: fx.Node, sit
     if want is None or got is None or want.dtype == got.dtype:
         return node
     return add_call(program, aten._to_copy.default, (node,), like, site, "ia3_cast", kwargs={"dtype": want.dtype})
-
-
-def _check_all_used(state: AdapterState, used: set[str]) -> None:
-    unused = sorted(k for k in state.tensors if IA3_MARKER in k and k not in used)
-    if unused:
-        raise AdapterMismatchError(
-            f"adapter tensor {unused[0]} (and {len(unused) - 1} more) matches no targeted module of this model; "
-            "the adapter was made for another base model or with other target_modules"
-        )
 
 
 def is_ia3_node(node: fx.Node) -> bool:

@@ -15,7 +15,7 @@ from peftc.program import MODEL_PREFIX, Program
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr, set_attr
 
-__all__ = ["MergeLoraPass"]
+__all__ = ["MergeLoraPass", "bind_folded", "param_tensor"]
 
 aten = torch.ops.aten
 
@@ -58,42 +58,50 @@ class MergeLoraPass(InPlacePass):
 
     @staticmethod
     def _fold(program: Program, name: str, bases: list[fx.Node], delta: torch.Tensor) -> None:
-        """Bind ``W + delta`` at ``<name>.weight`` and make every call of module ``name`` read it.
-
-        A tied weight (GPT-2's lm_head and wte) can reach the graph as *one* get_attr named after
-        either module; its other users are moved to another name of the same tensor
-        (``transformer.wte.weight``), so they keep reading the base value.
-        """
-        graph, gm = program.graph, program.graph_module
-        own_path = f"{MODEL_PREFIX}{name}.weight"
-        weight_nodes = {b.args[1 if b.target == aten.linear.default else 2] for b in bases}
-        (w,) = {id(_tensor(gm, n.target)): _tensor(gm, n.target) for n in weight_nodes}.values()
+        index = 1 if bases[0].target == aten.linear.default else 2
+        w = param_tensor(program.graph_module, bases[0].args[index].target)
         merged = nn.Parameter((w.detach().float() + delta).to(w.dtype), requires_grad=False)
-        for node in weight_nodes:
-            others = [u for u in node.users if u not in bases]
-            if others and node.target == own_path:
-                alias = _other_name(gm, w, own_path)
-                with graph.inserting_before(node):
-                    alias_node = graph.get_attr(alias)
-                alias_node.meta.update(node.meta)
-                for user in others:
-                    user.replace_input_with(node, alias_node)
-        set_attr(gm, own_path, merged)
-        own_node = None
-        for base in bases:
-            index = 1 if base.target == aten.linear.default else 2
-            node = base.args[index]
-            if node.target != own_path:  # tied weight named after the other module: this site gets its own
-                if own_node is None:
-                    with graph.inserting_before(bases[0]):
-                        own_node = graph.get_attr(own_path)
-                    own_node.meta.update(node.meta)
-                base.replace_input_with(node, own_node)
+        bind_folded(program, name, "weight", bases, index, merged)
 
 
-def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+def param_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
     owner, _, attr = path.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def bind_folded(
+    program: Program, name: str, param: str, bases: list[fx.Node], index: int, folded: torch.Tensor
+) -> None:
+    """Bind ``folded`` at ``<name>.<param>`` and make argument ``index`` of every call in ``bases`` read it.
+
+    Shared by every merge pass. A tied tensor (GPT-2's lm_head and wte) reaches the graph as *one*
+    get_attr named after either module: its other users move to another name of the same tensor
+    (``transformer.wte.weight``) and keep the base value, and the merged calls get their own node.
+    """
+    graph, gm = program.graph, program.graph_module
+    own_path = f"{MODEL_PREFIX}{name}.{param}"
+    nodes = {b.args[index] for b in bases}
+    for node in nodes:
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            raise ValueError(f"the {param} of site {name} is not a parameter of the graph")
+        others = [u for u in node.users if u not in bases]
+        if others and node.target == own_path:
+            alias = _other_name(gm, param_tensor(gm, node.target), own_path)
+            with graph.inserting_before(node):
+                alias_node = graph.get_attr(alias)
+            alias_node.meta.update(node.meta)
+            for user in others:
+                user.replace_input_with(node, alias_node)
+    set_attr(gm, own_path, folded)
+    own_node = None
+    for base in bases:
+        node = base.args[index]
+        if node.target != own_path:  # tied tensor named after the other module: this site gets its own
+            if own_node is None:
+                with graph.inserting_before(bases[0]):
+                    own_node = graph.get_attr(own_path)
+                own_node.meta.update(node.meta)
+            base.replace_input_with(node, own_node)
 
 
 def _other_name(gm: fx.GraphModule, tensor: torch.Tensor, own_path: str) -> str:

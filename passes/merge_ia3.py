@@ -14,10 +14,11 @@ import torch
 from torch import fx, nn
 
 from peftc.adapters import graph_path, peft_key
-from peftc.program import MODEL_PREFIX, Program
+from peftc.program import Program
 
-from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr, set_attr
+from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr
 from .ia3 import IA3_MARKER
+from .merge import bind_folded, param_tensor
 
 __all__ = ["MergeIA3Pass"]
 
@@ -87,36 +88,7 @@ class MergeIA3Pass(InPlacePass):
             node = first.args[index]
             if not isinstance(node, fx.Node) or node.op != "get_attr":
                 raise ValueError(f"the {param} of IA3 site {name} is not a parameter of the graph")
-            owner, _, attr = node.target.rpartition(".")
-            raw = getattr(gm.get_submodule(owner), attr)
-            t = raw.detach()
+            t = param_tensor(gm, node.target).detach()
             scale = (l_vec.T if fan_in_fan_out else l_vec) if param == "weight" else l_vec.reshape(t.shape)
             merged = nn.Parameter(torch.mul(t, scale).to(t.dtype), requires_grad=False)
-            own_path = f"{MODEL_PREFIX}{name}.{param}"
-            graph = program.graph
-            others = [user for user in node.users if user not in bases]
-            if others and node.target == own_path:
-                # A tied tensor (GPT-2's lm_head and wte) read through this module's name: its other users
-                # move to another name of the same tensor and keep the base value.
-                with graph.inserting_before(node):
-                    alias_node = graph.get_attr(_other_name(gm, raw, own_path))
-                alias_node.meta.update(node.meta)
-                for user in others:
-                    user.replace_input_with(node, alias_node)
-            set_attr(gm, own_path, merged)
-            if node.target != own_path:  # tied tensor named after the other module: this site gets its own
-                with graph.inserting_before(first):
-                    own_node = graph.get_attr(own_path)
-                own_node.meta.update(node.meta)
-                for base in bases:
-                    base.replace_input_with(node, own_node)
-
-
-def _other_name(gm: fx.GraphModule, tensor: torch.Tensor, own_path: str) -> str:
-    """Another registered name of ``tensor`` (its tied twin), or a new one holding it."""
-    for path, t in gm.named_parameters(remove_duplicate=False):
-        if t is tensor and path != own_path:
-            return path
-    path = f"{own_path}_unmerged"
-    set_attr(gm, path, tensor)
-    return path
+            bind_folded(program, name, param, bases, index, merged)

@@ -10,14 +10,22 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
 
+from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
 from peftc.program import MODEL_PREFIX, Program
+
+from .base import InPlacePass, SiteDecision
 
 __all__ = [
     "LINEAR_TYPES",
+    "LinearAdapterPass",
+    "check_all_used",
+    "linear_names",
+    "resolve_targets",
     "LORA_DEFAULT_TARGETS",
     "LinearSite",
     "default_targets",
@@ -149,3 +157,98 @@ def suffix_names(names: list[str]) -> list[str]:
     for name in names:
         seen.setdefault(name.rsplit(".", 1)[-1], None)
     return list(seen)
+
+
+def linear_names(program: Program) -> list[str]:
+    """Names of every Linear/Conv1D module of the model (what ``target_modules`` could name)."""
+    return [name for name, cls in program.module_types.items() if cls in LINEAR_TYPES]
+
+
+def resolve_targets(config: Any, program: Program, table: dict[str, list[str]]) -> list[str] | str:
+    """``config.target_modules`` as given, else HF PEFT's default for the model type in ``table``."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(program.model_config, "model_type", None)
+    if model_type not in table:
+        raise ConfigError(
+            f"no default target_modules for model type {model_type!r}; pass --target-modules "
+            f"(linear modules here: {', '.join(suffix_names(linear_names(program)))})"
+        )
+    return table[model_type]
+
+
+def check_all_used(state: Any, used: set[str], marker: str) -> None:
+    """Every tensor of a loaded adapter that carries ``marker`` must have found its module."""
+    unused = sorted(k for k in state.tensors if marker in k and k not in used)
+    if unused:
+        raise AdapterMismatchError(
+            f"adapter tensor {unused[0]} (and {len(unused) - 1} more) matches no targeted module of this model; "
+            "the adapter was made for another base model or with other target_modules"
+        )
+
+
+class LinearAdapterPass(InPlacePass):
+    """Shared finding logic of the methods that adapt linear layers (LoRA, IA3).
+
+    Subclasses set ``default_targets`` (HF PEFT's table for the method) and implement
+    :meth:`site_details` (what :meth:`plan` reports for a site that will be rewritten) and ``run``.
+    The checks mirror HF PEFT: a matched module must be a Linear/Conv1D, not excluded, not in
+    ``modules_to_save``, in ``layers_to_transform`` when given, and called by the graph.
+    """
+
+    default_targets: dict[str, list[str]] = {}
+
+    def __init__(self, config: Any, state: Any = None):
+        self.config = config
+        self.state = state
+
+    def targets(self, program: Program) -> list[str] | str:
+        return resolve_targets(self.config, program, self.default_targets)
+
+    def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def plan(self, program: Program) -> list[SiteDecision]:
+        targets = self.targets(program)
+        calls: dict[str, list[LinearSite]] = {}
+        for site in find_linear_sites(program):
+            calls.setdefault(site.name, []).append(site)
+        decisions = []
+        for name, cls in program.module_types.items():
+            if not matches(name, targets):
+                continue
+            reason = self._skip_reason(name, cls, calls.get(name))
+            details = None if reason else self.site_details(program, name, calls[name])
+            decisions.append(SiteDecision(name, cls, "skip" if reason else "rewrite", reason, details))
+        return decisions
+
+    def _skip_reason(self, name: str, cls: str, calls: list[LinearSite] | None) -> str:
+        cfg = self.config
+        if cls not in LINEAR_TYPES:
+            return f"{cls} is not a Linear or Conv1D layer"
+        if matches(name, cfg.exclude_modules):
+            return "listed in exclude_modules"
+        saved = cfg.modules_to_save or []
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in saved):
+            return "in modules_to_save (trained in full instead)"
+        wanted = getattr(cfg, "layers_to_transform", None)
+        if wanted is not None:
+            wanted = [wanted] if isinstance(wanted, int) else wanted
+            if layer_index(name, getattr(cfg, "layers_pattern", None)) not in wanted:
+                return f"layer not in layers_to_transform={wanted}"
+        if not calls:
+            return "not called in the captured graph for this task"
+        return ""
+
+    def sites_or_raise(self, program: Program) -> dict[str, SiteDecision]:
+        """The sites to rewrite by name; :class:`TargetNotFoundError` listing what could be targeted when none."""
+        decisions = self.plan(program)
+        chosen = {d.name: d for d in decisions if d.action == "rewrite"}
+        if not chosen:
+            skipped = "; ".join(f"{d.name}: {d.reason}" for d in decisions[:3])
+            raise TargetNotFoundError(
+                f"target_modules={self.targets(program)!r} matched no adaptable module"
+                + (f" ({skipped})" if skipped else "")
+                + f"; linear modules here: {', '.join(suffix_names(linear_names(program)))}"
+            )
+        return chosen

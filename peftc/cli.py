@@ -47,17 +47,27 @@ def _quiet_libraries() -> None:
 def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """peftc: capture a Hugging Face model, train PEFT adapters on the graph, export verified artifacts."""
     ctx.obj = {"debug": debug}
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING, format="%(message)s"
+    )
     if not debug:
         _quiet_libraries()
 
 
 @cli.command()
-@click.option("--model", default="minilm", show_default=True, help="Local HF model directory or preset (minilm, tiny-gpt2).")
-@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task; default: the preset's task, else seq-cls.")
-@click.option("--method", default="lora", show_default=True, help="PEFT method.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="HF PEFT config JSON; flags override it.")
-@click.option("--data", type=click.Path(dir_okay=False), help="Training data (JSON lines); default: the preset's embedded set.")
+@click.option(
+    "--model", default="minilm", show_default=True, help="Local HF model directory or preset (minilm, tiny-gpt2)."
+)
+@click.option(
+    "--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task; default: the preset's task, else seq-cls."
+)
+@click.option("--method", help="PEFT method: lora or ia3 (default: the --config file's method, else lora).")
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="HF PEFT config JSON; flags override it."
+)
+@click.option(
+    "--data", type=click.Path(dir_okay=False), help="Training data (JSON lines); default: the preset's embedded set."
+)
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation data (JSON lines).")
 @click.option("--out", default="peftc-run", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--epochs", type=int, help="Training epochs.")
@@ -84,7 +94,8 @@ def train(**options: Any) -> None:
     With no options it fine-tunes the real pretrained MiniLM for sentiment classification on the
     embedded data set.
     """
-    from peftc.train import TrainConfig, train as run_train
+    from peftc.train import TrainConfig
+    from peftc.train import train as run_train
 
     options["progress"] = not options.pop("no_progress")
     targets = options.pop("target_modules")
@@ -111,20 +122,35 @@ def _fmt(value: Any) -> str:
 
 @cli.command()
 @click.argument("src", default="peftc-run", type=click.Path())
-@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]), help="Artifact format.")
+@click.option(
+    "--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]), help="Artifact format."
+)
 @click.option("--merge", is_flag=True, help="Fold the adapter into the base weights (graph = base graph, op for op).")
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
-@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task, when the adapter config has no task_type.")
+@click.option(
+    "--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task, when the adapter config has no task_type."
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory (default: SRC/export-onnx).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Verification tolerance (max abs diff).")
-def export(src: str, fmt: str, merge: bool, model: str | None, task: str | None, out: str | None, force: bool,
-           opset: int, atol: float) -> None:
+def export(
+    src: str,
+    fmt: str,
+    merge: bool,
+    model: str | None,
+    task: str | None,
+    out: str | None,
+    force: bool,
+    opset: int,
+    atol: float,
+) -> None:
     """Export a run dir or an HF PEFT adapter dir to a verified artifact directory."""
     from peftc.export import export as run_export
 
-    path = run_export(src, format=fmt, merge=merge, model=model, out=out, force=force, task=task, opset=opset, atol=atol)
+    path = run_export(
+        src, format=fmt, merge=merge, model=model, out=out, force=force, task=task, opset=opset, atol=atol
+    )
     report_path = os.path.join(path, "report.json")
     if os.path.isfile(report_path):
         with open(report_path) as f:
@@ -136,7 +162,9 @@ def export(src: str, fmt: str, merge: bool, model: str | None, task: str | None,
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--plan", is_flag=True, help="For a model dir or preset: list the sites a method would adapt, changing nothing.")
+@click.option(
+    "--plan", is_flag=True, help="For a model dir or preset: list the sites a method would adapt, changing nothing."
+)
 @click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task for --plan on a model.")
 @click.option("--target-modules", help="Targets for --plan (default: HF PEFT's table).")
 @click.option("--r", type=int, default=8, show_default=True, help="Rank for --plan.")

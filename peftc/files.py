@@ -25,7 +25,9 @@ def check_output_dir(path: str | Path, force: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise OutputExistsError(f"output directory {path} is not empty; pass --force to replace it or choose another --out")
+        raise OutputExistsError(
+            f"output directory {path} is not empty; pass --force to replace it or choose another --out"
+        )
     return path
 
 

@@ -68,8 +68,13 @@ def onnx_summary(path: str | Path) -> dict[str, Any]:
     init_names = {i.name for i in model.graph.initializer}
     params = sum(_numel(i.dims) for i in model.graph.initializer)
     lora = {i.name: list(i.dims) for i in model.graph.initializer if "lora_" in i.name}
-    lora.update({v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-                 for v in model.graph.input if "lora_" in v.name})
+    lora.update(
+        {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in model.graph.input
+            if "lora_" in v.name
+        }
+    )
     return {
         "inputs": [value_info(v) for v in model.graph.input if v.name not in init_names],
         "outputs": [value_info(v) for v in model.graph.output],
@@ -98,7 +103,9 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{path} does not exist")
     if path.is_file():
         if path.suffix != ".onnx":
-            raise AdapterFormatError(f"{path} is a file but not an .onnx model; inspect takes a run dir, an artifact dir or an .onnx file")
+            raise AdapterFormatError(
+                f"{path} is a file but not an .onnx model; inspect takes a run dir, an artifact dir or an .onnx file"
+            )
         return {"kind": "onnx", "path": str(path), **onnx_summary(path)}
     if (path / "manifest.json").is_file():
         return _inspect_artifact(path)
@@ -209,7 +216,9 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"  {key}: {info[key]}")
     manifest = info.get("manifest")
     if manifest:
-        lines.append(f"  merged: {manifest.get('merged')}  method: {manifest.get('method')}  opset: {manifest.get('opset')}")
+        lines.append(
+            f"  merged: {manifest.get('merged')}  method: {manifest.get('method')}  opset: {manifest.get('opset')}"
+        )
     if "inputs" in info:
         lines.append("inputs:")
         lines += [f"  {_io(v)}" for v in info["inputs"]]
@@ -218,18 +227,28 @@ def render(info: dict[str, Any]) -> str:
     if info.get("decisions") is not None:
         lines.append("plan:")
         for d in info["decisions"]:
-            extra = f" r={d['details']['rank']} in={d['details']['in']} out={d['details']['out']}" if d.get("details") else ""
-            lines.append(f"  {d['action']:8s} {d['name']} ({d['module_type']}){extra}{'  — ' + d['reason'] if d['reason'] else ''}")
+            extra = (
+                f" r={d['details']['rank']} in={d['details']['in']} out={d['details']['out']}"
+                if d.get("details")
+                else ""
+            )
+            why = f"  — {d['reason']}" if d["reason"] else ""
+            lines.append(f"  {d['action']:8s} {d['name']} ({d['module_type']}){extra}{why}")
     if info.get("sites") is not None:
         lines.append(f"adapter sites: {len(info['sites'])}")
         for s in info["sites"]:
-            shape = s.get("shape") or f"in={s.get('in', s.get('in_features'))} out={s.get('out', s.get('out_features'))} r={s.get('rank')}"
+            shape = (
+                s.get("shape")
+                or f"in={s.get('in', s.get('in_features'))} out={s.get('out', s.get('out_features'))} r={s.get('rank')}"
+            )
             lines.append(f"  {s.get('module') or s.get('name')}: {s.get('method')} {shape}")
     if info.get("parameters"):
         lines.append("parameters: " + ", ".join(f"{k}={v:,}" for k, v in info["parameters"].items()))
     if info.get("report"):
         rep = info["report"]
-        lines.append(f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), passed={rep.get('passed')}")
+        lines.append(
+            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), passed={rep.get('passed')}"
+        )
     if info.get("last_eval"):
         lines.append("last eval: " + ", ".join(f"{k}={v}" for k, v in info["last_eval"].items()))
     if info.get("op_histogram"):

@@ -22,7 +22,15 @@ from torch import nn
 from peftc.errors import ModelLoadError
 from peftc.tasks import get_task
 
-__all__ = ["PRESETS", "LoadedModel", "load_model", "load_tokenizer", "preset_path", "save_base_model"]
+__all__ = [
+    "PRESETS",
+    "LoadedModel",
+    "check_model_spec",
+    "load_model",
+    "load_tokenizer",
+    "preset_path",
+    "save_base_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +131,16 @@ def load_model(
     return LoadedModel(model, tokenizer, source=str(path.resolve()), preset=preset, missing_keys=missing)
 
 
+def check_model_spec(spec: str | Path) -> None:
+    """Fail fast (before reading data or capturing) when ``spec`` is neither a preset nor a model dir."""
+    if str(spec) not in PRESETS:
+        _check_model_dir(Path(str(spec)).expanduser())
+
+
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(
-            f"model directory {path} does not exist; pass a local HF model directory or a preset "
-            f"({', '.join(PRESETS)})"
+            f"model directory {path} does not exist; pass a local HF model directory or a preset ({', '.join(PRESETS)})"
         )
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} is not a directory")
@@ -137,7 +150,9 @@ def _check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
         pickles = [p.name for p in path.glob("*.bin")]
-        hint = f" (found {', '.join(pickles)}: pickles are never loaded; convert them to safetensors)" if pickles else ""
+        hint = (
+            f" (found {', '.join(pickles)}: pickles are never loaded; convert them to safetensors)" if pickles else ""
+        )
         raise ModelLoadError(f"{path} has no .safetensors weights{hint}")
 
 

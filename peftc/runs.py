@@ -63,7 +63,9 @@ def resolve_source(src: str | Path, model: str | None = None, task: str | None =
         raise AdapterFormatError(f"{src} does not exist; pass a peftc run directory or an HF PEFT adapter directory")
     if (src / RUN_FILE).is_file():
         run = read_run(src)
-        base = model or run["model"]["source"] or run["model"]["spec"]
+        # A generated preset's base travels with the run dir, wherever the run dir has moved.
+        local_base = src / "base_model"
+        base = model or (str(local_base) if local_base.is_dir() else run["model"]["source"] or run["model"]["spec"])
         labels = run.get("id2label")
         return Source(
             adapter_dir=src / "adapter",

@@ -45,7 +45,7 @@ from peftc.config import CONFIG_CLASSES, TASK_TYPES, MethodConfig, config_from_d
 from peftc.dataset import Dataset, Encoded, batch_order, collate, count_targets, default_data, encode, read_jsonl
 from peftc.errors import ConfigError, DataError, ModelLoadError
 from peftc.files import atomic_dir, check_output_dir
-from peftc.models import PRESETS, LoadedModel, load_model, save_base_model
+from peftc.models import PRESETS, LoadedModel, check_model_spec, load_model, save_base_model
 from peftc.program import Program, capture
 from peftc.runs import RUN_FILE
 
@@ -59,8 +59,8 @@ METHODS = {
     "lora": "LORA",
     "adalora": "ADALORA",
     "ia3": "IA3",
-    "prompt": "PROMPT_TUNING",
-    "prefix": "PREFIX_TUNING",
+    "prompt-tuning": "PROMPT_TUNING",
+    "prefix-tuning": "PREFIX_TUNING",
     "p-tuning": "P_TUNING",
     "adaption-prompt": "ADAPTION_PROMPT",
 }
@@ -653,6 +653,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     _set_threads()
     cfg.validate()
     run_dir = Path(cfg.out).expanduser()
+    check_model_spec(cfg.model)
     task = cfg.task or _infer_task(cfg.model)
     data_path, eval_path = _resolve_data(cfg, task)
     cfg_dict = {
