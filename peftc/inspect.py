@@ -216,9 +216,7 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"  {key}: {info[key]}")
     manifest = info.get("manifest")
     if manifest:
-        lines.append(
-            f"  merged: {manifest.get('merged')}  method: {manifest.get('method')}  opset: {manifest.get('opset')}"
-        )
+        lines.append(f"  merged: {manifest.get('merged')}  method: {manifest.get('method')}")
     if "inputs" in info:
         lines.append("inputs:")
         lines += [f"  {_io(v)}" for v in info["inputs"]]
@@ -247,7 +245,7 @@ def render(info: dict[str, Any]) -> str:
     if info.get("report"):
         rep = info["report"]
         lines.append(
-            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), passed={rep.get('passed')}"
+            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), verified={rep.get('verified')}"
         )
     if info.get("last_eval"):
         lines.append("last eval: " + ", ".join(f"{k}={v}" for k, v in info["last_eval"].items()))
