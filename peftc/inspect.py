@@ -245,7 +245,8 @@ def render(info: dict[str, Any]) -> str:
     if info.get("report"):
         rep = info["report"]
         lines.append(
-            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), verified={rep.get('verified')}"
+            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), "
+            f"verified={rep.get('verified')}"
         )
     if info.get("last_eval"):
         lines.append("last eval: " + ", ".join(f"{k}={v}" for k, v in info["last_eval"].items()))
