@@ -45,6 +45,7 @@ def export_program_onnx(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     metadata: dict[str, str] | None = None,
+    input_defaults: dict | None = None,
 ) -> onnx.ModelProto:
     """Export ``program`` to an ONNX file with dynamic ``batch`` and ``sequence`` dims.
 
@@ -55,6 +56,9 @@ def export_program_onnx(
         external_data: ``True`` writes weights to ``<path>.data``; ``False`` keeps them inline
             (refused above 2 GiB); ``None`` decides by size (:data:`EXTERNAL_DATA_THRESHOLD`).
         metadata: extra ``metadata_props`` stored in the model (``peftc.*`` keys by convention).
+        input_defaults: graph input name -> numpy array: stored as an initializer under the input's
+            name, so the input may be left out of a run's feeds (ONNX IR ≥ 4: an initializer that is
+            also a graph input is an overridable default). Used for swappable adapter tensors.
 
     Returns:
         The model as written (without loading external data).
@@ -75,6 +79,7 @@ def export_program_onnx(
     model = onnx_program.model
     _name_dims(model, program)
     model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    _set_input_defaults(model, input_defaults or {})
 
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if external_data is None:
@@ -98,10 +103,13 @@ def _run_exporter(program: Program, opset: int):
     max_seq = program.max_positions() or _MAX_BATCH
     errors: list[BaseException] = []
     for min_dim in (1, 2):
-        batch = Dim("batch", min=min_dim, max=_MAX_BATCH)
-        seq = Dim("sequence", min=min_dim, max=max_seq)
-        # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input.
-        shapes = tuple({0: batch, 1: seq} for _ in names)
+        dims = {
+            "batch": Dim("batch", min=min_dim, max=_MAX_BATCH),
+            "sequence": Dim("sequence", min=min_dim, max=max_seq),
+        }
+        # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input. Inputs
+        # other than token inputs (lifted adapter tensors) name their own dims (``lora_rank``).
+        shapes = tuple(_input_dims(program.dynamic_dims.get(n, {0: "batch", 1: "sequence"}), dims) for n in names)
         try:
             with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
                 # The unlifted graph module reports training=True and refuses .eval(); the graph
@@ -127,6 +135,31 @@ def _run_exporter(program: Program, opset: int):
     raise CaptureError(
         f"torch.onnx.export failed for the {program.task.name} program: {type(e).__name__}: {first}"
     ) from e
+
+
+def _set_input_defaults(model, defaults: dict) -> None:
+    """Back the named graph inputs by initializers (their default values)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    inputs = {v.name: v for v in model.graph.inputs}
+    missing = sorted(set(defaults) - set(inputs))
+    if missing:
+        raise ValueError(f"input defaults for {missing} but the graph has no such inputs")
+    for name, array in defaults.items():
+        value = inputs[name]
+        value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        model.graph.register_initializer(value)
+
+
+def _input_dims(wanted: dict[int, str], dims: dict[str, Dim]) -> dict[int, Dim] | None:
+    """torch ``Dim`` objects for one input's named dynamic dims; one object per name, shared across inputs."""
+    out = {}
+    for axis, name in wanted.items():
+        if name not in dims:
+            dims[name] = Dim("".join(c if c.isalnum() else "_" for c in name), min=1, max=_MAX_BATCH)
+        out[axis] = dims[name]
+    return out or None
 
 
 @contextlib.contextmanager

@@ -230,6 +230,8 @@ def compare_outputs(
             continue
         if task == "causal-lm":
             rows = case.inputs["attention_mask"].bool().numpy()
+            if a.ndim >= 2 and a.shape[1] > rows.shape[1]:  # virtual tokens prepended (prompt methods): always real
+                rows = np.concatenate([np.ones((rows.shape[0], a.shape[1] - rows.shape[1]), dtype=bool), rows], axis=1)
         else:
             rows = np.ones(a.shape[0], dtype=bool)
         diff = np.abs(a[rows] - e[rows])

@@ -23,7 +23,7 @@ from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
 __all__ = ["ModulesToSavePass", "base_param_key", "trainable_base_params"]
 
 #: Name fragments that mark a method's own tensors (not copies of base parameters).
-ADAPTER_MARKERS = ("lora_", "ia3_", "prompt_embeddings", "adaption_", "prefix_", "ranknum")
+ADAPTER_MARKERS = ("lora_", "ia3_", "prompt_embeddings", "prompt_encoder.", "adaption_", "prefix_", "ranknum")
 
 
 #: Sub-module names of HF PEFT's ModulesToSaveWrapper that appear in keys it saves with bias="all".

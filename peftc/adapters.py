@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +51,13 @@ class AdapterState:
     tensors: dict[str, nn.Parameter] = field(default_factory=dict)
     name: str = "default"
     loaded: bool = False  # True when read from disk: missing tensors are then an error, not a fresh init
+    #: Maps this state to the tensors written to disk when they are not ``tensors`` themselves
+    #: (P-tuning trains an encoder but saves its output); set by the method's pass.
+    to_saved: Callable[[AdapterState], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: t.detach().contiguous() for k, t in sorted(self.tensors.items())}
+        tensors = self.to_saved(self) if self.to_saved is not None else self.tensors
+        return {k: t.detach().contiguous() for k, t in sorted(tensors.items())}
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors.values())

@@ -61,7 +61,10 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 @click.option(
     "--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task; default: the preset's task, else seq-cls."
 )
-@click.option("--method", help="PEFT method: lora or ia3 (default: the --config file's method, else lora).")
+@click.option(
+    "--method",
+    help="PEFT method: lora, adalora, ia3, prompt-tuning, p-tuning (default: the --config file's method, else lora).",
+)
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), help="HF PEFT config JSON; flags override it."
 )
@@ -121,11 +124,17 @@ def _fmt(value: Any) -> str:
 
 
 @cli.command()
-@click.argument("src", default="peftc-run", type=click.Path())
+@click.argument("srcs", metavar="SRC [SRC2 ...]", nargs=-1, type=click.Path())
 @click.option(
     "--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]), help="Artifact format."
 )
 @click.option("--merge", is_flag=True, help="Fold the adapter into the base weights (graph = base graph, op for op).")
+@click.option(
+    "--adapters-as-inputs",
+    is_flag=True,
+    help="Swappable: LoRA tensors become graph inputs (default: the base); each SRC is written as "
+    "adapters/<name>.onnx_adapter for RunOptions.add_active_adapter. SRCs share the base and targets.",
+)
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
 @click.option(
     "--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task, when the adapter config has no task_type."
@@ -135,9 +144,10 @@ def _fmt(value: Any) -> str:
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Verification tolerance (max abs diff).")
 def export(
-    src: str,
+    srcs: tuple[str, ...],
     fmt: str,
     merge: bool,
+    adapters_as_inputs: bool,
     model: str | None,
     task: str | None,
     out: str | None,
@@ -145,11 +155,34 @@ def export(
     opset: int,
     atol: float,
 ) -> None:
-    """Export a run dir or an HF PEFT adapter dir to a verified artifact directory."""
+    """Export a run dir or an HF PEFT adapter dir (default: peftc-run) to a verified artifact directory.
+
+    With --adapters-as-inputs, several SRCs made for the same base share one model.onnx.
+    """
+    from peftc.errors import ConfigError
     from peftc.export import export as run_export
 
+    if merge and adapters_as_inputs:
+        raise ConfigError(
+            "--merge and --adapters-as-inputs exclude each other: merge folds one adapter into the weights, "
+            "adapters-as-inputs keeps them swappable; choose one"
+        )
+    if len(srcs) > 1 and not adapters_as_inputs:
+        raise ConfigError(
+            f"{len(srcs)} sources given; exporting several adapters over one base needs --adapters-as-inputs"
+        )
+    src: str | list[str] = (list(srcs) if adapters_as_inputs else srcs[0]) if srcs else "peftc-run"
     path = run_export(
-        src, format=fmt, merge=merge, model=model, out=out, force=force, task=task, opset=opset, atol=atol
+        src,
+        format=fmt,
+        merge=merge,
+        model=model,
+        out=out,
+        force=force,
+        task=task,
+        opset=opset,
+        atol=atol,
+        adapters_as_inputs=adapters_as_inputs,
     )
     report_path = os.path.join(path, "report.json")
     if os.path.isfile(report_path):

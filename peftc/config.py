@@ -22,10 +22,14 @@ from peftc.errors import ConfigError
 
 __all__ = [
     "CONFIG_CLASSES",
+    "AdaLoraConfig",
     "TASK_TYPES",
     "IA3Config",
     "LoraConfig",
     "MethodConfig",
+    "PromptEncoderConfig",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
     "config_from_dict",
     "load_config",
 ]
@@ -268,9 +272,215 @@ class IA3Config(MethodConfig):
             )
 
 
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA: ``h = Wx + b + dropout(x)(A⊙E)ᵀBᵀ·lora_alpha/(ranknum + 1e-5)`` with ranks pruned while training.
+
+    HF PEFT 0.21's ``AdaLoraConfig`` (a ``LoraConfig`` subclass). Every target starts at ``init_r``;
+    the RankAllocator prunes the total budget to ``target_r`` per module between ``tinit`` and
+    ``total_step - tfinal`` and records the kept triplets in ``rank_pattern``
+    (``{"<module>.lora_E": [bool] * init_r}``). ``r``, ``use_rslora`` and ``alpha_pattern`` are ignored,
+    as in HF PEFT.
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+
+    target_r: int = _help("Target average rank per module after pruning.", default=8)
+    init_r: int = _help("Initial rank of every module.", default=12)
+    tinit: int = _help("Steps of initial fine-tuning before any pruning.", default=0)
+    tfinal: int = _help("Steps of final fine-tuning after the budget reached target_r.", default=0)
+    deltaT: int = _help("Steps between two budget allocations (masking).", default=1)
+    beta1: float = _help("EMA coefficient of the sensitivity smoothing.", default=0.85)
+    beta2: float = _help("EMA coefficient of the uncertainty quantification.", default=0.85)
+    orth_reg_weight: float = _help("Weight of the orthogonal regularisation of A and B in the loss.", default=0.5)
+    total_step: int | None = _help(
+        "Total training steps (required by HF PEFT; peftc train fills in the run's step count when unset).",
+        default=None,
+    )
+    rank_pattern: dict[str, list[bool]] | None = _help(
+        "Triplets kept by the RankAllocator: {'<module>.lora_E': [bool] * init_r}; written by training.",
+        default=None,
+    )
+
+    def validate(self) -> None:
+        MethodConfig.validate(self)
+        for name in ("r", "init_r", "target_r", "deltaT"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"AdaLoRA {name} must be a positive integer, got {name}={getattr(self, name)}")
+        if self.target_r > self.init_r:
+            raise ConfigError(
+                f"AdaLoRA target_r={self.target_r} exceeds init_r={self.init_r}; pruning only lowers the rank, "
+                "so set target_r <= init_r"
+            )
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"AdaLoRA {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"AdaLoRA {name} must be in (0, 1), got {getattr(self, name)}")
+        if self.orth_reg_weight < 0:
+            raise ConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        if self.total_step is not None:
+            if self.total_step <= 0:
+                raise ConfigError(f"AdaLoRA total_step must be a positive integer, got {self.total_step}")
+            if self.tinit >= self.total_step - self.tfinal:
+                raise ConfigError(
+                    f"AdaLoRA schedule tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} leaves "
+                    "no budgeting phase; need tinit < total_step - tfinal: lower tinit/tfinal or raise total_step"
+                )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False):
+            raise ConfigError(f"AdaLoRA init_lora_weights must be true or false, got {self.init_lora_weights!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is set but layers_to_transform is not; set both (as HF PEFT requires)")
+        for key, mask in (self.rank_pattern or {}).items():
+            if len(mask) != self.init_r:
+                raise ConfigError(
+                    f"rank_pattern[{key!r}] has {len(mask)} entries but init_r={self.init_r}; "
+                    "the adapter was saved with another init_r"
+                )
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    def rank_for(self, name: str) -> int:
+        """Kept rank of module ``name``: ``sum(rank_pattern['<name>.lora_E'])``, else ``init_r``."""
+        pattern = self.rank_pattern or {}
+        mask = pattern.get(f"{name}.lora_E", pattern.get(f"{name}.lora_E.default"))  # saved / in-memory HF key
+        return self.init_r if mask is None else int(sum(bool(m) for m in mask))
+
+    def alpha_for(self, name: str) -> float:
+        return float(self.lora_alpha)
+
+    def scale_for(self, name: str) -> float:
+        """HF's ``scaling``: ``lora_alpha`` (``init_r`` when alpha <= 0); the forward also divides by ranknum."""
+        return float(self.lora_alpha) if self.lora_alpha > 0 else float(self.init_r)
+
+
+@dataclass
+class PromptLearningConfig(MethodConfig):
+    """Fields shared by the methods that prepend virtual tokens (HF PEFT's ``PromptLearningConfig``).
+
+    ``token_dim``, ``num_transformer_submodules``, ``num_attention_heads`` and ``num_layers`` describe
+    the base model; left ``None`` they are filled from the model's config when the adapter is created
+    (as HF PEFT does), so a saved config always holds them.
+    """
+
+    num_virtual_tokens: int = _help(
+        "Number of virtual tokens prepended to every input (HF PEFT has no default; peftc uses 20).", default=20
+    )
+    token_dim: int | None = _help("Hidden size of the base model's embeddings (filled from the model).", default=None)
+    num_transformer_submodules: int | None = _help(
+        "1 for decoder-only and encoder-only models (filled from the model); 2 only for encoder-decoders.", default=None
+    )
+    num_attention_heads: int | None = _help("Attention heads of the base model (filled from the model).", default=None)
+    num_layers: int | None = _help("Transformer layers of the base model (filled from the model).", default=None)
+    modules_to_save: list[str] | None = _help(
+        "Modules trained in full and saved with the adapter (the head, for seq-cls).", default=None
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_virtual_tokens <= 0:
+            raise ConfigError(
+                f"{self.peft_type} num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}"
+            )
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{self.peft_type} {name} must be a positive integer or null, got {value}")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ConfigError(
+                f"{self.peft_type} num_transformer_submodules={self.num_transformer_submodules} means an "
+                "encoder-decoder model, which peftc does not support; use 1 (decoder-only or encoder-only)"
+            )
+
+
+#: HF PEFT's ``PromptTuningInit`` values.
+PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning: ``[P; E(x)]`` with P ``[num_virtual_tokens, token_dim]`` trained directly."""
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    prompt_tuning_init: str = _help(
+        "Initial P: RANDOM (N(0,1)), SAMPLE_VOCAB (embeddings of random vocabulary tokens) or TEXT "
+        "(embeddings of prompt_tuning_init_text, repeated or cut to num_virtual_tokens).",
+        default="RANDOM",
+    )
+    prompt_tuning_init_text: str | None = _help("Text whose token embeddings initialise P (init TEXT).", default=None)
+    tokenizer_name_or_path: str | None = _help(
+        "Local tokenizer directory used to tokenise prompt_tuning_init_text (init TEXT); never downloaded.",
+        default=None,
+    )
+    tokenizer_kwargs: dict[str, Any] | None = _help(
+        "Extra AutoTokenizer.from_pretrained arguments (init TEXT).", default=None
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prompt_tuning_init not in PROMPT_TUNING_INITS:
+            raise ConfigError(
+                f"prompt_tuning_init={self.prompt_tuning_init!r} is not one of {', '.join(PROMPT_TUNING_INITS)}"
+            )
+        if self.prompt_tuning_init == "TEXT":
+            if not self.tokenizer_name_or_path:
+                raise ConfigError(
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local tokenizer directory)"
+                )
+            if self.prompt_tuning_init_text is None:
+                raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+        elif self.tokenizer_kwargs:
+            raise ConfigError(
+                f"tokenizer_kwargs is only used with prompt_tuning_init='TEXT', not {self.prompt_tuning_init!r}"
+            )
+
+
+#: HF PEFT's ``PromptEncoderReparameterizationType`` values.
+PROMPT_ENCODER_TYPES = ("MLP", "LSTM")
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning: P = encoder(Emb(num_virtual_tokens, token_dim)), prepended like prompt tuning.
+
+    MLP: Lin→ReLU→Lin→ReLU→Lin; LSTM: a bidirectional LSTM then Lin→ReLU→Lin. The saved adapter holds
+    the encoder's *output* (``prompt_embeddings``), not the encoder.
+    """
+
+    peft_type: ClassVar[str] = "P_TUNING"
+
+    encoder_reparameterization_type: str = _help("Prompt encoder: MLP (recommended) or LSTM.", default="MLP")
+    encoder_hidden_size: int | None = _help("Hidden size of the encoder (default: token_dim).", default=None)
+    encoder_num_layers: int = _help("LSTM layers (ignored by MLP, which always has 3 linear layers).", default=2)
+    encoder_dropout: float = _help("Dropout between LSTM layers while training (unused by MLP).", default=0.0)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.encoder_reparameterization_type not in PROMPT_ENCODER_TYPES:
+            raise ConfigError(
+                f"encoder_reparameterization_type={self.encoder_reparameterization_type!r} is not one of "
+                f"{', '.join(PROMPT_ENCODER_TYPES)}"
+            )
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise ConfigError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size}")
+        if self.encoder_num_layers <= 0:
+            raise ConfigError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers}")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+
+
 #: HF PEFT ``peft_type`` -> config class. Other method modules register themselves here.
 CONFIG_CLASSES: dict[str, type[MethodConfig]] = {"LORA": LoraConfig}
 CONFIG_CLASSES["IA3"] = IA3Config
+CONFIG_CLASSES["PROMPT_TUNING"] = PromptTuningConfig
+CONFIG_CLASSES["P_TUNING"] = PromptEncoderConfig
+CONFIG_CLASSES["ADALORA"] = AdaLoraConfig
 
 
 def config_from_dict(data: Any, source: str = "adapter config") -> MethodConfig:

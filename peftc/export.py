@@ -23,20 +23,25 @@ import copy
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from peftc.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterState
-from peftc.errors import ConfigError, OutputExistsError
+from peftc.errors import AdapterMismatchError, ConfigError, OutputExistsError
 from peftc.files import atomic_dir, check_output_dir
 
-__all__ = ["ADAPTER_SUBDIR", "SUPPORTED_FORMATS", "export", "default_out"]
+__all__ = ["ADAPTER_SUBDIR", "ADAPTERS_SUBDIR", "SUPPORTED_FORMATS", "export", "export_swappable", "default_out"]
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = ("onnx",)
 #: Where the artifact keeps a byte-for-byte copy of the adapter it was built from.
 ADAPTER_SUBDIR = "adapter"
+#: Where a swappable artifact keeps ``<name>.onnx_adapter`` and a copy of each source adapter (``<name>/``).
+ADAPTERS_SUBDIR = "adapters"
+#: Methods that change the model's inputs (virtual tokens), which no merge can express.
+_INPUT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 _HEAD_SUFFIXES = (".classifier.weight", ".score.weight", ".classifier.out_proj.weight")
 
 
@@ -46,7 +51,7 @@ def default_out(src: str | Path, format: str = "onnx") -> Path:
 
 
 def export(
-    src: str | Path = "peftc-run",
+    src: str | Path | Sequence[str | Path] = "peftc-run",
     format: str = "onnx",
     merge: bool = False,
     model: str | Path | None = None,
@@ -56,6 +61,7 @@ def export(
     opset: int = 18,
     atol: float = 1e-4,
     external_data: bool | None = None,
+    adapters_as_inputs: bool = False,
 ) -> Path:
     """Export the adapted model of SRC to a verified artifact directory.
 
@@ -74,6 +80,10 @@ def export(
         atol: absolute tolerance on fp32 logits for every verification (default 1e-4).
         external_data: weights in ``model.onnx.data`` (``True``), inline (``False``), or by size
             (``None``: external above ~1.8 GB).
+        adapters_as_inputs: swappable export: ``src`` may be a list of sources made for the same
+            base and target modules; one ``model.onnx`` takes the LoRA tensors as inputs (rank-0
+            defaults: the base model) and each source becomes ``adapters/<name>.onnx_adapter``
+            (see :func:`export_swappable`). Excludes ``merge``.
 
     Returns:
         The artifact directory: ``model.onnx`` (+ ``model.onnx.data``), ``config.json``, tokenizer
@@ -95,12 +105,24 @@ def export(
     from peftc.program import capture
     from peftc.runs import resolve_source
 
-    if format not in SUPPORTED_FORMATS:
-        raise ConfigError(f"export format {format!r} is not supported; supported: {', '.join(SUPPORTED_FORMATS)}")
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 18:
-        raise ConfigError(f"opset={opset!r} is not supported; use an ONNX opset >= 18")
-    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol >= 0:
-        raise ConfigError(f"atol={atol!r} must be a non-negative number (default 1e-4 for fp32 logits)")
+    _check_options(format, opset, atol)
+    if adapters_as_inputs:
+        if merge:
+            raise ConfigError(
+                "--merge and --adapters-as-inputs exclude each other: merge folds one adapter into the weights, "
+                "adapters-as-inputs keeps them swappable; choose one"
+            )
+        return export_swappable(
+            src, format=format, model=model, out=out, force=force, task=task, opset=opset, atol=atol,
+            external_data=external_data,
+        )  # fmt: skip
+    if not isinstance(src, (str, Path)):
+        srcs = list(src)
+        if len(srcs) != 1:
+            raise ConfigError(
+                f"{len(srcs)} sources given; exporting several adapters over one base needs --adapters-as-inputs"
+            )
+        src = srcs[0]
     out = Path(out) if out is not None else default_out(src, format)
     check_output_dir(out, force)  # fail before minutes of work, not after
 
@@ -109,6 +131,11 @@ def export(
     source = resolve_source(src, model, task)
     _refuse_out_over_inputs(out, [Path(src), Path(source.adapter_dir), Path(source.base)])
     state = AdapterState.load(source.adapter_dir)
+    if merge and state.config.peft_type in _INPUT_METHODS:
+        raise ConfigError(
+            f"--merge cannot fold a {state.config.peft_type} adapter into the weights (it prepends virtual tokens "
+            "to the inputs); export without --merge"
+        )
     num_labels = _head_classes(state) if source.task == "seq-cls" and not source.id2label else None
     loaded = load_model(source.base, source.task, num_labels=num_labels, id2label=source.id2label)
     timings["load_s"] = time.perf_counter() - tick
@@ -208,6 +235,308 @@ def export(
         write_json(tmp / MANIFEST_FILE, manifest)
     logger.info("exported %s (%s, merged=%s) to %s: %s", src, format, merge, out, report.summary())
     return out
+
+
+def export_swappable(
+    srcs: str | Path | Sequence[str | Path],
+    format: str = "onnx",
+    model: str | Path | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    task: str | None = None,
+    opset: int = 18,
+    atol: float = 1e-4,
+    external_data: bool | None = None,
+) -> Path:
+    """Export one base with swappable LoRA adapters: ``model.onnx`` + one ``.onnx_adapter`` per source.
+
+    The graph takes every LoRA site's A and B (pre-scaled by ``s``) as inputs named
+    ``<module>.lora_A`` / ``<module>.lora_B`` with a symbolic ``lora_rank`` dim, backed by rank-0
+    initializers, so it runs as the base model without adapter feeds. A seq-cls head
+    (``modules_to_save``) is an input too (``classifier.weight``…, default: the base head). Each
+    source is written as ``adapters/<name>.onnx_adapter`` (activate it with
+    ``RunOptions.add_active_adapter``) beside a copy of its HF PEFT files (``adapters/<name>/``).
+
+    Verified with ONNX Runtime on held-out and padded inputs: each adapter activated equals its
+    unmerged adapted torch program, and no adapter equals the base model (``atol``).
+
+    IA3 sources work the same way: each ``<module>.ia3_l`` is an input of static shape whose
+    default is ones (the base model).
+
+    Args:
+        srcs: one or more peftc run directories or HF PEFT adapter directories, all LoRA (or all IA3), all made
+            for the same base model, task and target modules (ranks may differ).
+        format: only ``onnx``.
+        model: the base model directory or preset; overrides what the sources record.
+        out: the artifact directory; default ``<first SRC>/export-<format>``.
+        force: replace a non-empty ``out``.
+        task: ``causal-lm`` or ``seq-cls``; overrides what the sources record.
+        opset: ONNX opset (18 or later).
+        atol: absolute tolerance on fp32 logits.
+        external_data: as for :func:`export`.
+
+    Returns:
+        The artifact directory: ``model.onnx``, ``adapters/``, ``config.json``, tokenizer files,
+        ``report.json``, ``manifest.json`` (``adapter_inputs``: names, shapes, defaults;
+        ``adapters``: name, file, rank per adapter).
+
+    Raises:
+        ConfigError: no source, a method other than LoRA, sources for different bases or tasks.
+        AdapterMismatchError: sources with different target modules (naming the first difference).
+        OutputExistsError: ``out`` is not empty and ``force`` is not set.
+        ExportVerificationError: an adapter or the base does not reproduce its torch reference.
+    """
+    import numpy as np
+    import onnx
+
+    from peftc.exporters.manifest import MANIFEST_FILE, REPORT_FILE, adapter_info, build_manifest, onnx_io, write_json
+    from peftc.exporters.onnx import MODEL_FILE, export_program_onnx
+    from peftc.exporters.swappable import ADAPTER_SUFFIX, adapter_inputs, check_adapter, run_onnx_adapter, write_adapter
+    from peftc.exporters.verify import compare_outputs, make_cases, run_torch
+    from peftc.models import load_model
+    from peftc.passes import insertion_pipeline
+    from peftc.passes.lift import RANK_DIM, LiftLoraToInputsPass, lifted_tensors
+    from peftc.program import capture
+    from peftc.runs import resolve_source
+    from peftc.tasks import TaskModule
+
+    srcs = [srcs] if isinstance(srcs, (str, Path)) else list(srcs)
+    if not srcs:
+        raise ConfigError("no source to export; give one or more run or adapter directories")
+    _check_options(format, opset, atol)
+    out = Path(out) if out is not None else default_out(srcs[0], format)
+    check_output_dir(out, force)
+
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    sources = [resolve_source(s, model, task) for s in srcs]
+    for s, source in zip(srcs, sources, strict=True):
+        _refuse_out_over_inputs(out, [Path(s), Path(source.adapter_dir), Path(source.base)])
+    states = [AdapterState.load(source.adapter_dir) for source in sources]
+    first = sources[0]
+    method = states[0].config.peft_type
+    for s, source, state in zip(srcs, sources, states, strict=True):
+        if state.config.peft_type not in ("LORA", "IA3"):
+            raise ConfigError(
+                f"{s} is a {state.config.peft_type} adapter; --adapters-as-inputs exports LoRA and IA3 adapters only"
+            )
+        if state.config.peft_type != method:
+            raise ConfigError(
+                f"{s} is a {state.config.peft_type} adapter but {srcs[0]} is {method}; one swappable model "
+                "takes adapters of one method"
+            )
+        if _same_base(source.base) != _same_base(first.base):
+            raise ConfigError(
+                f"{s} was made for base {source.base!r} but {srcs[0]} for {first.base!r}; swappable adapters "
+                "share one base model (export them separately, or pass --model if both bases are the same)"
+            )
+        if source.task != first.task:
+            raise ConfigError(f"{s} is a {source.task} adapter but {srcs[0]} is {first.task}; export them separately")
+    for s, state in zip(srcs[1:], states[1:], strict=True):  # cheap check before any model is loaded
+        _refuse_other_targets(str(srcs[0]), _lora_modules(states[0]), str(s), _lora_modules(state))
+    names = _adapter_names(sources)
+    num_labels = _head_classes(states[0]) if first.task == "seq-cls" and not first.id2label else None
+    loaded = load_model(first.base, first.task, num_labels=num_labels, id2label=first.id2label)
+    timings["load_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    programs = []
+    for state in states:
+        program = capture(loaded.model, first.task, mode="eval")
+        insertion_pipeline(state.config, state)(program)
+        programs.append(program)
+    lifted = [{k: v.float().numpy() for k, v in lifted_tensors(p).items()} for p in programs]
+    for s, values in zip(srcs[1:], lifted[1:], strict=True):
+        _refuse_other_targets(str(srcs[0]), lifted[0], str(s), values)
+    timings["capture_s"] = time.perf_counter() - tick
+
+    program = programs[0]
+    cases = make_cases(program)
+    token_inputs = list(program.input_names)
+    references = [run_torch(p, cases, token_inputs) for p in programs]
+    base_reference = run_torch(TaskModule(loaded.model, token_inputs).eval(), cases, token_inputs)
+    LiftLoraToInputsPass()(program)
+    defaults = {}
+    for name, value in lifted[0].items():
+        if name.endswith(".lora_A"):
+            defaults[name] = np.zeros((0, value.shape[1]), value.dtype)
+        elif name.endswith(".lora_B"):
+            defaults[name] = np.zeros((value.shape[0], 0), value.dtype)
+        elif name.endswith(".ia3_l"):
+            defaults[name] = np.ones_like(value)
+        else:  # a saved module (head): the base model's own value
+            defaults[name] = loaded.model.get_parameter(name).detach().float().numpy().copy()
+
+    with atomic_dir(out, force) as tmp:
+        tick = time.perf_counter()
+        export_program_onnx(
+            program,
+            tmp / MODEL_FILE,
+            opset=opset,
+            external_data=external_data,
+            metadata={
+                "peftc.task": first.task,
+                "peftc.peft_type": method,
+                "peftc.adapters_as_inputs": "true",
+                "peftc.adapters": ",".join(names),
+                "peftc.merged": "false",
+            },
+            input_defaults=defaults,
+        )
+        timings["export_s"] = time.perf_counter() - tick
+        (tmp / ADAPTERS_SUBDIR).mkdir()
+        tick = time.perf_counter()
+        reports = {}
+        for name, source, values, reference in zip(names, sources, lifted, references, strict=True):
+            path = tmp / ADAPTERS_SUBDIR / f"{name}{ADAPTER_SUFFIX}"
+            write_adapter(path, values)
+            check_adapter(tmp / MODEL_FILE, path)
+            reports[name] = compare_outputs(
+                run_onnx_adapter(tmp / MODEL_FILE, cases, path, output=program.output_names[0]),
+                reference,
+                cases,
+                first.task,
+                atol=atol,
+                candidate=f"ONNX Runtime ({MODEL_FILE} + {path.name})",
+                reference=f"the unmerged adapted torch program of {source.adapter_dir}",
+            )
+        base_report = compare_outputs(
+            run_onnx_adapter(tmp / MODEL_FILE, cases, None, output=program.output_names[0]),
+            base_reference,
+            cases,
+            first.task,
+            atol=atol,
+            candidate=f"ONNX Runtime ({MODEL_FILE}, no adapter)",
+            reference="the base model",
+        )
+        timings["verify_s"] = time.perf_counter() - tick
+        hint = f"nothing was written to {out}"
+        for report in [*reports.values(), base_report]:
+            report.raise_if_failed(hint=hint)
+
+        _write_model_files(tmp, loaded)
+        for name, source in zip(names, sources, strict=True):
+            copy_dir = tmp / ADAPTERS_SUBDIR / name
+            copy_dir.mkdir()
+            for file in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(Path(source.adapter_dir) / file, copy_dir / file)
+
+        worst = max(r.max_abs_diff for r in [*reports.values(), base_report])
+        write_json(
+            tmp / REPORT_FILE,
+            {
+                "verified": True,
+                "atol": float(atol),
+                "max_abs_diff": worst,
+                "cases": [
+                    {"name": c.name, "shape": c.shape, "padded": c.padded, "description": c.description} for c in cases
+                ],
+                "adapters_vs_torch": {name: r.to_dict() for name, r in reports.items()},
+                "base_vs_torch": base_report.to_dict(),
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+            },
+        )
+        swappable = adapter_inputs(tmp / MODEL_FILE)
+        inputs, outputs = onnx_io(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
+        adapters = []
+        for name, source, state, values in zip(names, sources, states, lifted, strict=True):
+            info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
+            ranks = sorted({int(v.shape[0]) for k, v in values.items() if k.endswith(".lora_A")})
+            info.update(
+                file=f"{ADAPTERS_SUBDIR}/{name}{ADAPTER_SUFFIX}",
+                hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",
+                rank=(ranks[0] if len(ranks) == 1 else ranks) if ranks else None,
+                max_abs_diff=reports[name].max_abs_diff,
+            )
+            adapters.append(info)
+        manifest = build_manifest(
+            tmp,
+            format=format,
+            task=first.task,
+            inputs=inputs,
+            outputs=outputs,
+            base_model=_base_info(first.base, loaded),
+            adapter=None,
+            merged=False,
+            opset=opset,
+            extra={
+                "optimum_task": program.task.optimum_task,
+                "model_file": MODEL_FILE,
+                "method": method,
+                "adapters_as_inputs": True,
+                "rank_dim": RANK_DIM,
+                "adapter_inputs": [{"name": k, **v} for k, v in swappable.items()],
+                "adapters": adapters,
+            },
+        )
+        write_json(tmp / MANIFEST_FILE, manifest)
+    logger.info("exported %d swappable adapters over %s to %s (max diff %.2e)", len(names), first.base, out, worst)
+    return out
+
+
+def _lora_modules(state: AdapterState) -> dict[str, Any]:
+    """The adapted modules of a LoRA/IA3 state, as lifted input names (shapes unknown before capture)."""
+    out: dict[str, Any] = {}
+    for key in state.tensors:
+        if key.endswith(".ia3_l"):
+            out[key.removeprefix("base_model.model.")] = None
+        for part in ("lora_A", "lora_B"):
+            if f".{part}." in key:
+                out[f"{key.split(f'.{part}.')[0].removeprefix('base_model.model.')}.{part}"] = None
+    return out
+
+
+def _same_base(spec: str) -> str:
+    path = Path(spec)
+    return str(path.resolve()) if path.exists() else str(spec)
+
+
+def _adapter_names(sources: list[Any]) -> list[str]:
+    """One file-safe, unique name per source: the run directory's or adapter directory's name."""
+    names: list[str] = []
+    for source in sources:
+        raw = source.run_dir.name if source.run_dir is not None else Path(source.adapter_dir).name
+        if raw in ("adapter", "export-onnx") and source.run_dir is None:
+            raw = Path(source.adapter_dir).resolve().parent.name or raw
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw) or "adapter"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _refuse_other_targets(first: str, want: dict[str, Any], src: str, have: dict[str, Any]) -> None:
+    """Sources must adapt the same modules (ranks may differ): refuse naming the first difference."""
+    for name in want:
+        if name not in have:
+            raise AdapterMismatchError(
+                f"{src} does not adapt {name.rsplit('.', 1)[0]} but {first} does; swappable adapters must have the "
+                "same target modules (and modules_to_save): retrain with the same targets or export separately"
+            )
+    for name in have:
+        if name not in want:
+            raise AdapterMismatchError(
+                f"{src} adapts {name.rsplit('.', 1)[0]} but {first} does not; swappable adapters must have the "
+                "same target modules (and modules_to_save): retrain with the same targets or export separately"
+            )
+        if (
+            not name.endswith((".lora_A", ".lora_B"))
+            and have[name] is not None
+            and have[name].shape != want[name].shape
+        ):
+            raise AdapterMismatchError(
+                f"{src} tensor {name} has shape {list(have[name].shape)} but {first}'s is {list(want[name].shape)}"
+            )
+
+
+def _check_options(format: str, opset: Any, atol: Any) -> None:
+    if format not in SUPPORTED_FORMATS:
+        raise ConfigError(f"export format {format!r} is not supported; supported: {', '.join(SUPPORTED_FORMATS)}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 18:
+        raise ConfigError(f"opset={opset!r} is not supported; use an ONNX opset >= 18")
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol >= 0:
+        raise ConfigError(f"atol={atol!r} must be a non-negative number (default 1e-4 for fp32 logits)")
 
 
 def _refuse_out_over_inputs(out: Path, inputs: list[Path]) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from torch.export import Dim
 from peftc.errors import CaptureError
 from peftc.tasks import TaskModule, TaskSpec, get_task, graph_input_names
 
-__all__ = ["MODEL_PREFIX", "Program", "Site", "capture", "example_inputs"]
+__all__ = ["MODEL_PREFIX", "ModelRef", "Program", "Site", "capture", "example_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class Program:
     adapter: Any = None  # peftc.adapters.AdapterState
     sites: dict[str, Site] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
+    #: The eager model this program was captured from, for passes that re-capture it with an input
+    #: transform (prompt methods); shared, never copied, by ``copy.deepcopy``.
+    source: ModelRef | None = field(default=None, repr=False)
+    #: Longest sequence the graph accepts when capture had to lower it below the model's table size.
+    max_sequence: int | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -98,7 +104,18 @@ class Program:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def max_positions(self) -> int | None:
-        return _max_positions(self.model_config)
+        """Longest sequence the graph takes: the model's position table size, or less when capture lowered it."""
+        return self.max_sequence or _max_positions(self.model_config)
+
+
+class ModelRef:
+    """A reference to the eager model of a program; ``copy.deepcopy`` shares it instead of copying."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __deepcopy__(self, memo: dict) -> ModelRef:
+        return self
 
 
 def _op_name(target: Any) -> str:
@@ -167,6 +184,7 @@ def capture(
     task: str | TaskSpec,
     mode: str = "train",
     inputs: tuple[torch.Tensor, ...] | None = None,
+    transform: Callable[[nn.Module, list[str]], TaskModule] | None = None,
 ) -> Program:
     """Capture ``model`` for ``task`` with ``torch.export``; dynamic batch and sequence dims.
 
@@ -175,6 +193,9 @@ def capture(
         task: ``"causal-lm"`` or ``"seq-cls"`` (or a :class:`TaskSpec`).
         mode: ``"train"`` (dropout captured) or ``"eval"``.
         inputs: example inputs in graph-input order; made up when omitted.
+        transform: builds the module that is captured around ``model`` from the model and the task's
+            input names (default :class:`TaskModule`); its ``input_names`` become the graph inputs.
+            Methods that change the model's inputs (prompt tuning, P-tuning) capture through one.
 
     Returns:
         A :class:`Program`; its parameters are the model's own tensors, frozen.
@@ -189,26 +210,33 @@ def capture(
     model.train(mode == "train")
     model.requires_grad_(False)
     names = graph_input_names(model, spec)
-    wrapper = TaskModule(model, names)
+    wrapper = TaskModule(model, names) if transform is None else transform(model, names)
+    wrapper.train(mode == "train")
+    names = list(wrapper.input_names)
     inputs = inputs if inputs is not None else example_inputs(model, names)
     max_seq = _max_positions(model.config)
-    errors = []
-    for min_dim in (1, 2):
+    if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
+        max_seq -= wrapper.extra_positions
+    ep = None
+    min_dim, max_dim = 1, max_seq
+    while ep is None:
         batch = Dim("batch", min=min_dim, max=1 << 16)
-        seq = Dim("sequence", min=min_dim, max=max_seq or 1 << 16)
+        seq = Dim("sequence", min=min_dim, max=max_dim or 1 << 16)
         shapes = tuple({0: batch, 1: seq} for _ in names)
         try:
             ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
-            break
         except Exception as e:  # torch.export raises many unrelated types
-            errors.append(e)
-    else:
-        e = errors[-1]
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(
-            f"cannot capture {type(model).__name__} for task {spec.name!r}: {type(e).__name__}: {first} "
-            f"at {_failing_frame(e)}"
-        ) from e
+            if max_dim and max_dim == max_seq and f"!= {max_seq}" in str(e):
+                # model code guards ``sequence != table size`` (GPT-Neo slices a [max, max] causal-mask
+                # buffer by the length): capture up to one position less (Program.max_positions says so)
+                max_dim = max_seq - 1
+            elif min_dim == 1:
+                min_dim = 2
+            else:
+                raise CaptureError(
+                    f"cannot capture {type(model).__name__} for task {spec.name!r}: {type(e).__name__}: "
+                    f"{_first_line(e)} at {_failing_frame(e)}"
+                ) from e
     gm = ep.module()
     module_types = {name: type(m).__name__ for name, m in model.named_modules() if name}
     program = Program(
@@ -221,9 +249,20 @@ def capture(
         dynamic_dims={name: {0: "batch", 1: "sequence"} for name in names},
         module_types=module_types,
         example_inputs=inputs,
+        source=ModelRef(model),
+        max_sequence=max_dim if max_dim != _max_positions(model.config) else None,
     )
     logger.debug("captured %s for %s (%s): %d nodes", type(model).__name__, spec.name, mode, len(gm.graph.nodes))
     return program
+
+
+def _first_line(e: BaseException) -> str:
+    """The error's first line, plus the first ``- …`` detail line (torch.export's guard that failed)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    detail = next((line for line in lines[1:] if line.startswith("- ")), "")
+    return f"{lines[0]} {detail[2:]}" if detail else lines[0]
 
 
 def _max_positions(cfg: Any) -> int | None:

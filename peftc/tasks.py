@@ -28,6 +28,8 @@ class TaskSpec:
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.name == "causal-lm":
             labels = batch["labels"]
+            if logits.size(1) > labels.size(1):  # virtual tokens prepended (prompt methods): HF PEFT labels them -100
+                labels = F.pad(labels, (logits.size(1) - labels.size(1), 0), value=-100)
             return F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )

@@ -418,8 +418,13 @@ def _optimizer(cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _step_loss(program: Program, task_spec: Any, micro: list[dict[str, torch.Tensor]]) -> float:
-    """Forward/backward a group of micro-batches; the mean loss over all their targets."""
+def _step_loss(
+    program: Program, task_spec: Any, micro: list[dict[str, torch.Tensor]], regularization: Any = None
+) -> float:
+    """Forward/backward a group of micro-batches; the mean loss over all their targets.
+
+    ``regularization()``, when given, is a method's extra loss term added to every micro-batch loss.
+    """
     counts = [count_targets(b, task_spec.name) for b in micro]
     total = sum(counts)
     value = 0.0
@@ -427,6 +432,8 @@ def _step_loss(program: Program, task_spec: Any, micro: list[dict[str, torch.Ten
         if count == 0:
             continue
         loss = task_spec.loss(program.forward_batch(batch), batch)
+        if regularization is not None:
+            loss = loss + regularization()
         weight = count / total
         (loss * weight).backward()
         value += float(loss.detach()) * weight
@@ -537,12 +544,16 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _save_checkpoint(run_dir: Path, s: _Setup, opt: torch.optim.Optimizer, sched: Any, trainer: dict[str, Any]) -> Path:
+def _save_checkpoint(
+    run_dir: Path, s: _Setup, opt: torch.optim.Optimizer, sched: Any, trainer: dict[str, Any], hooks: Any = None
+) -> Path:
     from safetensors.torch import save_file
 
     target = run_dir / CHECKPOINTS / f"step-{trainer['step']}"
     with atomic_dir(target, force=True) as tmp:
         s.state.write_into(tmp)
+        if hasattr(hooks, "save_state"):  # a method's own training state (AdaLoRA: the rank allocator)
+            hooks.save_state(tmp)
         by_id = {id(p): n for n, p in s.params}
         tensors: dict[str, torch.Tensor] = {}
         for group in opt.param_groups:
@@ -689,11 +700,18 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    from peftc.passes import training_hooks
+
+    # a method's optional hooks (AdaLoRA: orthogonal regularisation, rank allocation, final resize)
+    hooks = training_hooks(s.config, s.state, total_steps)
+    regularization = getattr(hooks, "regularization", None)
 
     step, epoch, batch_pos, window, last_eval = 0, 0, 0, [], {}
     writer = _RunWriter(run_dir, cfg.force, resumed=ckpt is not None, loaded=s.loaded)
     if ckpt is not None:
         trainer = _restore_checkpoint(ckpt, s, opt, sched)
+        if hasattr(hooks, "load_state"):
+            hooks.load_state(ckpt)
         step, epoch, batch_pos = trainer["step"], trainer["epoch"], trainer["batch"]
         window, last_eval = list(trainer["window"]), dict(trainer["last_eval"])
         writer.truncate_metrics(step)
@@ -722,7 +740,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             while batch_pos < n_batches and step < total_steps:
                 group = batches[batch_pos : batch_pos + cfg.grad_accum]
                 micro = [collate(s.train_enc, idx, s.train_prog.input_names) for idx in group]
-                loss = _step_loss(s.train_prog, task_spec, micro)
+                loss = _step_loss(s.train_prog, task_spec, micro, regularization)
                 if not math.isfinite(loss):
                     raise ConfigError(
                         f"training diverged: loss is {loss} at step {step + 1}; lower --lr (now {cfg.lr})"
@@ -735,6 +753,8 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
+                if hasattr(hooks, "after_step"):
+                    hooks.after_step(step + 1)  # needs this step's gradients
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 batch_pos += len(group)
@@ -772,7 +792,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                         "train_config": cfg_dict,
                         "total_steps": total_steps,
                     }
-                    _save_checkpoint(run_dir, s, opt, sched, trainer)
+                    _save_checkpoint(run_dir, s, opt, sched, trainer, hooks)
             if batch_pos >= n_batches:
                 epoch, batch_pos = epoch + 1, 0
     finally:
@@ -783,9 +803,10 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     final_epoch = epoch + batch_pos / n_batches
     train_loss = sum(window) / len(window) if window else None
     adapter_dir = run_dir / ADAPTER_DIR
-    AdapterState(dataclasses.replace(s.config, inference_mode=True), s.state.tensors, s.state.name).save(
-        adapter_dir, force=True
-    )
+    final = dataclasses.replace(s.state, config=dataclasses.replace(s.config, inference_mode=True))
+    if hasattr(hooks, "finalize"):
+        final = hooks.finalize(final)  # e.g. AdaLoRA cuts tensors to the kept ranks, as HF PEFT saves them
+    final.save(adapter_dir, force=True)
     seconds = time.perf_counter() - started
     metrics = {"step": step, "epoch": round(final_epoch, 4), "train_loss": train_loss, "eval": last_eval}
     run = {

@@ -1,0 +1,325 @@
+"""Prompt tuning and P-tuning: ``inputs_embeds = [P; E(x)]``, an input transform applied at capture.
+
+Both methods prepend ``n = num_virtual_tokens`` learned vectors P ``[n, token_dim]`` to the token
+embeddings E(x). Prompt tuning trains P directly; P-tuning computes P = encoder(Emb ``[n, d]``) with
+an MLP (Lin→ReLU→Lin→ReLU→Lin) or a bidirectional LSTM followed by Lin→ReLU→Lin. Exactly as HF
+PEFT 0.21 (``PeftModelForCausalLM.forward`` / ``PeftModelForSequenceClassification.forward``):
+
+* the attention mask gets ``n`` leading ones; BERT's ``token_type_ids`` get ``n`` leading zeros;
+* ``position_ids`` are *dropped* (HF PEFT warns and passes ``None``), so the model numbers the
+  ``n + seq`` positions ``0..n+seq-1`` whatever the padding; prompt programs therefore have no
+  ``position_ids`` input (graph inputs: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``));
+* causal-lm logits cover the virtual tokens too: ``[batch, n + seq, vocab]`` (HF's shape); the loss
+  labels those positions -100 (:meth:`peftc.tasks.TaskSpec.loss`), and real token ``i`` is row
+  ``n + i``. Seq-cls logits are ``[batch, labels]``; GPT-2/LLaMA heads pool the last position (HF
+  passes no ``input_ids``, so no pad-aware pooling), which peftc reproduces;
+* P is computed once and repeated over the batch (HF's ``get_prompt``).
+
+These methods change the model's inputs, not its linear layers, so :class:`PromptPass` does not
+rewrite the base graph: it re-captures the program's eager model through a :class:`PromptTaskModule`
+(``capture(..., transform=...)``) that holds the prompt module as the submodule ``prompt``.
+
+On disk (HF PEFT's format) the adapter is one tensor ``prompt_embeddings`` ``[n, token_dim]``: for
+P-tuning the encoder's *output*. A loaded adapter binds those fixed embeddings (HF PEFT's inference
+mode). While P-tuning trains, :class:`~peftc.adapters.AdapterState` holds the encoder's parameters
+as ``prompt_encoder.<param>`` and writes ``prompt_embeddings`` computed from them; a checkpoint
+(``inference_mode=False``) also keeps the encoder parameters, so a resumed run continues the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.adapters import AdapterState
+from peftc.config import PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
+from peftc.errors import AdapterMismatchError, ConfigError, ModelLoadError
+from peftc.program import Program, Site, capture
+from peftc.tasks import TaskModule
+
+from .base import InPlacePass, PassResult, SiteDecision
+
+__all__ = ["PROMPT_KEY", "PromptModule", "PromptPass", "PromptTaskModule", "fill_model_fields"]
+
+logger = logging.getLogger(__name__)
+
+#: HF PEFT's key of the saved prompt.
+PROMPT_KEY = "prompt_embeddings"
+#: Key prefix of a P-tuning encoder's parameters while it trains (never in a final adapter).
+ENCODER_PREFIX = "prompt_encoder."
+#: Name of the prompt module inside the captured wrapper (graph parameters ``prompt.<param>``).
+PROMPT_ATTR = "prompt"
+_PEFT_MODEL = "base_model.model."
+
+
+class PromptModule(nn.Module):
+    """The virtual-token embeddings, optionally through a P-tuning encoder (HF PEFT's module names).
+
+    ``forward(batch_size)`` returns P ``[batch, n, token_dim]``.
+    """
+
+    def __init__(self, num_tokens: int, token_dim: int, encoder: str | None = None, hidden: int = 0, **lstm: Any):
+        super().__init__()
+        self.num_tokens, self.encoder_type = num_tokens, encoder
+        self.embedding = nn.Embedding(num_tokens, token_dim)
+        if encoder == "LSTM":
+            self.lstm_head = nn.LSTM(
+                input_size=token_dim,
+                hidden_size=hidden,
+                num_layers=lstm.get("num_layers", 2),
+                dropout=lstm.get("dropout", 0.0),
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(hidden * 2, hidden * 2), nn.ReLU(), nn.Linear(hidden * 2, token_dim)
+            )
+        elif encoder == "MLP":
+            self.mlp_head = nn.Sequential(
+                nn.Linear(token_dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, token_dim),
+            )
+        elif encoder is not None:
+            raise ConfigError(f"prompt encoder {encoder!r} is not MLP or LSTM")
+
+    def encode(self) -> torch.Tensor:
+        """P for one row: ``[1, n, token_dim]``."""
+        tokens = torch.arange(self.num_tokens, device=self.embedding.weight.device).unsqueeze(0)
+        x = self.embedding(tokens)
+        if self.encoder_type == "LSTM":
+            x = self.mlp_head(self.lstm_head(x)[0])
+        elif self.encoder_type == "MLP":
+            x = self.mlp_head(x)
+        return x
+
+    def forward(self, batch_size: Any) -> torch.Tensor:
+        return self.encode().expand(batch_size, -1, -1)
+
+
+class PromptTaskModule(TaskModule):
+    """TaskModule that prepends the prompt to the input embeddings (HF PEFT's prompt-learning forward)."""
+
+    def __init__(self, model: nn.Module, input_names: list[str], prompt: PromptModule):
+        super().__init__(model, [n for n in input_names if n != "position_ids"])  # HF PEFT drops position_ids
+        # ... so the model numbers positions 0..n+seq-1; passing them explicitly gives the same values and
+        # keeps torch.export from guarding on the model's own cache_position arithmetic (LLaMA).
+        self._positions = "position_ids" in input_names
+        self.prompt = prompt
+        self.extra_positions = prompt.num_tokens  # capture limits the sequence dim to max_positions - n
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.input_names, inputs, strict=True))
+        input_ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
+        batch, n = input_ids.shape[0], self.prompt.num_tokens
+        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = torch.cat((self.prompt(batch).to(embeds.dtype), embeds), dim=1)
+        kwargs["attention_mask"] = torch.cat((mask.new_ones(batch, n), mask), dim=1)
+        if "token_type_ids" in kwargs:
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat((types.new_zeros(batch, n), types), dim=1)
+        if self._positions:
+            kwargs["position_ids"] = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0).expand(batch, -1)
+        return self.model(inputs_embeds=embeds, **kwargs, **self._extra, return_dict=True).logits
+
+
+def fill_model_fields(config: PromptLearningConfig, model_config: Any) -> None:
+    """Fill ``token_dim`` & co. from the base model's config where unset (HF PEFT does the same)."""
+
+    def get(*keys: str) -> Any:
+        for key in keys:
+            value = getattr(model_config, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 1
+    if config.num_layers is None:
+        config.num_layers = get("num_hidden_layers", "n_layer", "num_layers")
+    if config.token_dim is None:
+        config.token_dim = get("hidden_size", "n_embd", "d_model")
+    if config.num_attention_heads is None:
+        config.num_attention_heads = get("num_attention_heads", "n_head", "num_heads")
+    if isinstance(config, PromptEncoderConfig) and config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+    if config.token_dim is None:
+        raise ConfigError(
+            f"cannot read the embedding size of {getattr(model_config, 'model_type', 'this model')}; "
+            "set token_dim in the adapter config"
+        )
+
+
+def _init_embedding(config: PromptLearningConfig, module: PromptModule, word_embeddings: nn.Embedding) -> None:
+    """HF PEFT's PromptEmbedding init: RANDOM keeps N(0, 1); SAMPLE_VOCAB / TEXT copy vocabulary rows."""
+    if not isinstance(config, PromptTuningConfig) or config.prompt_tuning_init == "RANDOM":
+        return
+    n = module.num_tokens
+    if config.prompt_tuning_init == "SAMPLE_VOCAB":
+        ids = torch.randint(0, word_embeddings.num_embeddings, (n,), dtype=torch.long)
+    else:
+        ids = _text_token_ids(config, n, word_embeddings.num_embeddings)
+    weight = word_embeddings(ids.to(word_embeddings.weight.device)).detach().clone().to(torch.float32)
+    module.embedding.weight = nn.Parameter(weight)
+
+
+def _text_token_ids(config: PromptTuningConfig, n: int, vocab: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    kwargs = dict(config.tokenizer_kwargs or {})
+    kwargs.pop("trust_remote_code", None)  # as HF PEFT: never run code from a checkpoint
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, local_files_only=True, **kwargs)
+    except Exception as e:  # transformers raises OSError/ValueError/… for a missing or broken tokenizer
+        raise ModelLoadError(
+            f"cannot load the tokenizer tokenizer_name_or_path={config.tokenizer_name_or_path!r} for "
+            f"prompt_tuning_init='TEXT' ({type(e).__name__}); give a local tokenizer directory"
+        ) from e
+    ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
+    if not ids:
+        raise ConfigError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} tokenizes to no tokens")
+    ids = (ids * math.ceil(n / len(ids)))[:n]
+    if max(ids) >= vocab:
+        raise ConfigError(
+            f"the tokenizer {config.tokenizer_name_or_path} gives token id {max(ids)} but the model has only "
+            f"{vocab} embeddings; use the model's own tokenizer"
+        )
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _hf_key(key: str) -> str:
+    """HF PEFT wraps no ``LoraModel`` around a prompt-learning model: its head is ``base_model.classifier.weight``."""
+    return "base_model." + key.removeprefix(_PEFT_MODEL) if key.startswith(_PEFT_MODEL) else key
+
+
+def _peftc_keys(state: AdapterState) -> None:
+    """Rename HF PEFT's prompt-learning head keys (``base_model.<p>``) to peftc's (``base_model.model.<p>``)."""
+    for key in [k for k in state.tensors if k.startswith("base_model.") and not k.startswith(_PEFT_MODEL)]:
+        state.tensors[_PEFT_MODEL + key.removeprefix("base_model.")] = state.tensors.pop(key)
+
+
+def _saved_tensors(module: PromptModule, state: AdapterState) -> dict[str, torch.Tensor]:
+    """HF PEFT's file: ``prompt_embeddings`` (for P-tuning the encoder's output) and the head under HF's keys.
+
+    A P-tuning encoder's own parameters are written only while training (checkpoints, ``inference_mode=False``).
+    """
+    with torch.no_grad():
+        was_training = module.training
+        module.eval()
+        prompt = module.encode()[0]
+        module.train(was_training)
+    out = {_hf_key(k): t for k, t in state.tensors.items() if not k.startswith(ENCODER_PREFIX)}
+    out[PROMPT_KEY] = prompt
+    if not state.config.inference_mode:
+        out.update({k: t for k, t in state.tensors.items() if k.startswith(ENCODER_PREFIX)})
+    return out
+
+
+class PromptPass(InPlacePass):
+    """Re-captures the program with num_virtual_tokens learned embeddings prepended to its inputs."""
+
+    def __init__(self, config: PromptLearningConfig, state: AdapterState | None = None):
+        self.config = config
+        self.state = state
+
+    def plan(self, program: Program) -> list[SiteDecision]:
+        n = self.config.num_virtual_tokens
+        return [SiteDecision("input_embeddings", "embedding", "rewrite", details={"num_virtual_tokens": n})]
+
+    def run(self, program: Program) -> PassResult:
+        if program.source is None:
+            raise ConfigError(
+                f"{self.config.peft_type} re-captures the model, but this program has no eager model; "
+                "capture it with peftc.program.capture"
+            )
+        if program.sites or program.history:
+            raise ConfigError(
+                f"{self.config.peft_type} must be the first pass on a fresh capture; this program already ran "
+                f"{', '.join(program.history) or 'other passes'}"
+            )
+        cfg = self.config
+        fill_model_fields(cfg, program.model_config)
+        model = program.source.model
+        state = self.state if self.state is not None else AdapterState(cfg)
+        _peftc_keys(state)
+        module = self._prompt_module(cfg, state, model)
+        state.to_saved = lambda s, m=module: _saved_tensors(m, s)
+        module.train(program.mode == "train")
+        new = capture(model, program.task, program.mode, transform=lambda m, names: PromptTaskModule(m, names, module))
+        program.graph_module = new.graph_module
+        program.input_names = new.input_names
+        program.dynamic_dims = new.dynamic_dims
+        program.example_inputs = new.example_inputs
+        program.adapter = state
+        program.sites["prompt_encoder"] = Site(
+            name="prompt_encoder",
+            method=cfg.peft_type,
+            module_type=type(module).__name__,
+            in_features=module.num_tokens,
+            out_features=int(module.embedding.weight.shape[1]),
+        )
+        logger.info(
+            "%s: %d virtual tokens, %d adapter parameters", cfg.peft_type, module.num_tokens, state.num_parameters()
+        )
+        return PassResult(program, True)
+
+    def _prompt_module(self, cfg: PromptLearningConfig, state: AdapterState, model: nn.Module) -> PromptModule:
+        n, d = cfg.num_virtual_tokens * cfg.num_transformer_submodules, cfg.token_dim
+        encoder_keys = {k for k in state.tensors if k.startswith(ENCODER_PREFIX)}
+        fresh = self.state is None or (not state.loaded and not encoder_keys and PROMPT_KEY not in state.tensors)
+        if fresh:
+            module = self._fresh_module(cfg, n, d)
+            _init_embedding(cfg, module, model.get_input_embeddings())
+            if module.encoder_type is None:
+                state.tensors[PROMPT_KEY] = module.embedding.weight
+            else:
+                state.tensors.update({ENCODER_PREFIX + k: p for k, p in module.named_parameters()})
+            return module
+        if encoder_keys:  # a P-tuning checkpoint: the encoder continues training
+            module = self._fresh_module(cfg, n, d)
+            for name, param in list(module.named_parameters()):
+                key = ENCODER_PREFIX + name
+                if key not in state.tensors:
+                    raise AdapterMismatchError(f"adapter has no tensor {key} of the {cfg.peft_type} prompt encoder")
+                _check_shape(state.tensors[key], tuple(param.shape), key, cfg)
+                owner, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(owner), attr, state.tensors[key])
+            extra = sorted(encoder_keys - {ENCODER_PREFIX + k for k, _ in module.named_parameters()})
+            if extra:
+                raise AdapterMismatchError(f"adapter tensor {extra[0]} is not a parameter of the configured encoder")
+            return module
+        if PROMPT_KEY not in state.tensors:
+            raise AdapterMismatchError(
+                f"{cfg.peft_type} adapter has no tensor {PROMPT_KEY!r}; is it an HF PEFT prompt-learning adapter?"
+            )
+        module = PromptModule(n, d)  # fixed (or directly trained) embeddings: HF PEFT's inference mode
+        _check_shape(state.tensors[PROMPT_KEY], (n, d), PROMPT_KEY, cfg)
+        module.embedding.weight = state.tensors[PROMPT_KEY]
+        return module
+
+    @staticmethod
+    def _fresh_module(cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:
+        if isinstance(cfg, PromptEncoderConfig):
+            return PromptModule(
+                n,
+                d,
+                cfg.encoder_reparameterization_type,
+                cfg.encoder_hidden_size,
+                num_layers=cfg.encoder_num_layers,
+                dropout=cfg.encoder_dropout,
+            )
+        return PromptModule(n, d)
+
+
+def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, cfg: PromptLearningConfig) -> None:
+    if tuple(tensor.shape) != shape:
+        raise AdapterMismatchError(
+            f"adapter tensor {key} has shape {list(tensor.shape)} but num_virtual_tokens={cfg.num_virtual_tokens} "
+            f"and the model's token_dim={cfg.token_dim} need {list(shape)}; the adapter was made for another model"
+        )
