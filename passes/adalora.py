@@ -38,7 +38,7 @@ from peftc.program import Program, Site
 
 from .base import InPlacePass, PassResult, SiteDecision, add_call, add_param, finish, remove_attr
 from .merge import bind_folded, param_tensor
-from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite, check_all_used, find_linear_sites
+from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
 
 __all__ = [
     "ADALORA_DEFAULT_TARGETS",
@@ -85,6 +85,7 @@ class AdaLoraPass(LinearAdapterPass):
     """Adds (x·(A⊙E)ᵀ·Bᵀ)·s/(ranknum+1e-5) beside every targeted linear and Conv1D layer."""
 
     default_targets = ADALORA_DEFAULT_TARGETS
+    marker = "lora_"
 
     def __init__(self, config: AdaLoraConfig, state: AdapterState | None = None):
         super().__init__(config, state)
@@ -93,23 +94,10 @@ class AdaLoraPass(LinearAdapterPass):
         fin, fout = calls[0].features(program.graph_module)
         return {"in": fin, "out": fout, "rank": self.config.rank_for(name), "scale": self.config.scale_for(name)}
 
-    def run(self, program: Program) -> PassResult:
-        by_name = self.sites_or_raise(program)
-        state = self.state or AdapterState(self.config)
-        fresh = self.state is None
-        used: set[str] = set()
-        for site in list(find_linear_sites(program)):
-            if site.name not in by_name:
-                continue
-            tensors, denom = self._tensors(program, site, state, fresh)
-            used.update(peft_key(site.name, p) for p in (*_PARTS, "ranknum"))
-            self._insert(program, site, tensors, denom)
-        if not fresh:
-            check_all_used(state, used, "lora_")
-        program.adapter = state
-        finish(program)
-        logger.info("AdaLoRA: %d sites, %d adapter parameters", len(by_name), state.num_parameters())
-        return PassResult(program, True)
+    def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
+        tensors, denom = self._tensors(program, site, state, fresh)
+        self._insert(program, site, tensors, denom)
+        return {peft_key(site.name, p) for p in (*_PARTS, "ranknum")}
 
     def _tensors(self, program: Program, site: LinearSite, state: AdapterState, fresh: bool):
         cfg = self.config

@@ -23,8 +23,8 @@ from peftc.config import IA3Config
 from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.program import Program, Site
 
-from .base import PassResult, add_call, add_param, finish
-from .targets import LinearAdapterPass, LinearSite, check_all_used, find_linear_sites
+from .base import add_call, add_param
+from .targets import LinearAdapterPass, LinearSite
 
 __all__ = [
     "IA3_DEFAULT_FEEDFORWARD",
@@ -129,6 +129,7 @@ class IA3Pass(LinearAdapterPass):
     """Multiplies the output (attention) or input (feed-forward) of every targeted linear by l."""
 
     default_targets = IA3_DEFAULT_TARGETS
+    marker = IA3_MARKER
 
     def __init__(self, config: IA3Config, state: AdapterState | None = None):
         super().__init__(config, state)
@@ -139,27 +140,11 @@ class IA3Pass(LinearAdapterPass):
         return {"in": fin, "out": fout, "feedforward": ff, "shape": [1, fin] if ff else [fout, 1]}
 
     # -- changing ----------------------------------------------------------------------------
-    def run(self, program: Program) -> PassResult:
-        chosen = self.sites_or_raise(program)
-        state = self.state or AdapterState(self.config)
-        fresh = self.state is None
-        used: set[str] = set()
-        for site in list(find_linear_sites(program)):
-            decision = chosen.get(site.name)
-            if decision is None:
-                continue
-            ff = decision.details["feedforward"]
-            key = peft_key(site.name, IA3_MARKER)
-            used.add(key)
-            l_vec = self._tensor(program, site, state, fresh, ff)
-            self._insert(program, site, l_vec, ff)
-        if not fresh:
-            check_all_used(state, used, IA3_MARKER)
-        program.adapter = state
-        finish(program)
-        n_ff = sum(d.details["feedforward"] for d in chosen.values())
-        logger.info("IA3: %d sites (%d feed-forward), %d adapter parameters", len(chosen), n_ff, state.num_parameters())
-        return PassResult(program, True)
+    def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
+        ff = decision.details["feedforward"]
+        l_vec = self._tensor(program, site, state, fresh, ff)
+        self._insert(program, site, l_vec, ff)
+        return {peft_key(site.name, IA3_MARKER)}
 
     def _tensor(self, program: Program, site: LinearSite, state: AdapterState, fresh: bool, ff: bool) -> nn.Parameter:
         fin, fout = site.features(program.graph_module)

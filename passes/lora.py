@@ -21,8 +21,8 @@ from peftc.config import LoraConfig
 from peftc.errors import AdapterMismatchError
 from peftc.program import Program, Site
 
-from .base import PassResult, add_call, add_param, finish
-from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite, check_all_used, find_linear_sites
+from .base import add_call, add_param
+from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
 
 __all__ = ["LoraPass"]
 
@@ -34,6 +34,7 @@ class LoraPass(LinearAdapterPass):
     """Adds s·B(A(x)) beside every targeted linear and Conv1D layer."""
 
     default_targets = LORA_DEFAULT_TARGETS
+    marker = "lora_"
 
     def __init__(self, config: LoraConfig, state: AdapterState | None = None):
         super().__init__(config, state)
@@ -43,23 +44,10 @@ class LoraPass(LinearAdapterPass):
         return {"in": fin, "out": fout, "rank": self.config.rank_for(name), "scale": self.config.scale_for(name)}
 
     # -- changing ----------------------------------------------------------------------------
-    def run(self, program: Program) -> PassResult:
-        by_name = self.sites_or_raise(program)
-        state = self.state or AdapterState(self.config)
-        fresh = self.state is None
-        used: set[str] = set()
-        for site in list(find_linear_sites(program)):
-            if site.name not in by_name:
-                continue
-            a, b = self._tensors(program, site, state, fresh)
-            used.update((peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")))
-            self._insert(program, site, a, b)
-        if not fresh:
-            check_all_used(state, used, "lora_")
-        program.adapter = state
-        finish(program)
-        logger.info("LoRA: %d sites, %d adapter parameters", len(by_name), state.num_parameters())
-        return PassResult(program, True)
+    def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
+        a, b = self._tensors(program, site, state, fresh)
+        self._insert(program, site, a, b)
+        return {peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")}
 
     def _tensors(self, program: Program, site: LinearSite, state: AdapterState, fresh: bool):
         cfg = self.config

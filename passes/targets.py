@@ -7,6 +7,7 @@ suffix; as a string it is a full regex (``re.fullmatch``), as in HF PEFT.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,10 +16,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from peftc.adapters import AdapterState
 from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
 from peftc.program import MODEL_PREFIX, Program
 
-from .base import InPlacePass, SiteDecision
+from .base import InPlacePass, PassResult, SiteDecision, finish
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LINEAR_TYPES",
@@ -197,6 +201,8 @@ class LinearAdapterPass(InPlacePass):
     """
 
     default_targets: dict[str, list[str]] = {}
+    #: Name fragment of the method's own tensors: every such tensor of a loaded adapter must find a site.
+    marker: str = ""
 
     def __init__(self, config: Any, state: Any = None):
         self.config = config
@@ -207,6 +213,25 @@ class LinearAdapterPass(InPlacePass):
 
     def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def rewrite_site(self, program: Program, site: LinearSite, decision: SiteDecision, state: Any, fresh: bool) -> set:
+        """Create or check the site's tensors in ``state``, insert its nodes; return the keys it used."""
+        raise NotImplementedError
+
+    def run(self, program: Program) -> PassResult:
+        chosen = self.sites_or_raise(program)
+        state = self.state or AdapterState(self.config)
+        fresh = self.state is None
+        used: set[str] = set()
+        for site in list(find_linear_sites(program)):
+            if site.name in chosen:
+                used |= self.rewrite_site(program, site, chosen[site.name], state, fresh)
+        if not fresh:
+            check_all_used(state, used, self.marker)
+        program.adapter = state
+        finish(program)
+        logger.info("%s: %d sites, %d adapter parameters", self.name, len(chosen), state.num_parameters())
+        return PassResult(program, True)
 
     def plan(self, program: Program) -> list[SiteDecision]:
         targets = self.targets(program)
