@@ -36,8 +36,8 @@ from peftc.config import AdaLoraConfig
 from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.program import Program, Site
 
-from .base import InPlacePass, PassResult, SiteDecision, add_call, add_param, finish, remove_attr
-from .merge import bind_folded, param_tensor
+from .base import add_call, add_param
+from .merge import MergeLoraPass
 from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
 
 __all__ = [
@@ -174,49 +174,17 @@ def _init_adalora(cfg: AdaLoraConfig, r: int, fin: int, fout: int, dtype: torch.
     return [nn.Parameter(t.to(dtype)) for t in (a, b, e)]
 
 
-class MergeAdaLoraPass(InPlacePass):
+class MergeAdaLoraPass(MergeLoraPass):
     """Folds B·(A⊙E)·s/(ranknum+1e-5) into W at every AdaLoRA site and removes the branch."""
 
-    def plan(self, program: Program) -> list[SiteDecision]:
-        return [
-            SiteDecision(s.name, s.module_type, "rewrite", details={"rank": s.rank, "scale": s.scale})
-            for s in program.sites.values()
-            if s.method == "ADALORA"
-        ]
+    method = "ADALORA"
+    parts = _PARTS
 
-    def run(self, program: Program) -> PassResult:
-        sites = [s for s in program.sites.values() if s.method == "ADALORA"]
-        if not sites:
-            return PassResult(program, False)
-        graph, gm = program.graph, program.graph_module
-        for site in sites:
-            tagged = [n for n in graph.nodes if n.meta.get("peftc_site") == site.name]
-            outs = [n for n in tagged if n.meta.get("peftc_role") == "lora_out"]
-            scale = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_scale")
-            denom = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_ranknum")
-            a, b, e = (gm.get_parameter(graph_path(peft_key(site.name, p))) for p in _PARTS)
-            with torch.no_grad():
-                delta = (b.float() @ (a.float() * e.float())) * scale / denom
-            bases: list[fx.Node] = []
-            for out in outs:
-                bases.append(out.args[0])
-                out.replace_all_uses_with(out.args[0])
-            for node in reversed(tagged):
-                graph.erase_node(node)
-            if bases:
-                index = 1 if bases[0].target == aten.linear.default else 2
-                w = param_tensor(gm, bases[0].args[index].target)
-                fold = delta.T if site.fan_in_fan_out else delta
-                merged = nn.Parameter((w.detach().float() + fold).to(w.dtype), requires_grad=False)
-                bind_folded(program, site.name, "weight", bases, index, merged)
-            for part in _PARTS:
-                remove_attr(gm, graph_path(peft_key(site.name, part)))
-            del program.sites[site.name]
-        finish(program)
-        return PassResult(program, True)
-
-
-# -- training ------------------------------------------------------------------------------------
+    def delta(self, program: Program, site, tagged: list[fx.Node]) -> torch.Tensor:
+        scale = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_scale")
+        denom = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_ranknum")
+        a, b, e = (program.graph_module.get_parameter(graph_path(peft_key(site.name, p))) for p in _PARTS)
+        return (b.float() @ (a.float() * e.float())) * scale / denom
 
 
 def _modules(state: AdapterState) -> list[str]:

@@ -23,35 +23,44 @@ aten = torch.ops.aten
 class MergeLoraPass(InPlacePass):
     """Folds s·B·A into W at every LoRA site and removes the branch."""
 
+    #: The ``Site.method`` this pass folds; subclasses fold other low-rank branches the same way.
+    method = "LORA"
+    #: Attributes of a site that hold the branch's tensors; removed once folded.
+    parts: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def delta(self, program: Program, site, tagged: list[fx.Node]) -> torch.Tensor:
+        """The branch as a weight update ``[out, in]``, in float32."""
+        gm = program.graph_module
+        a = gm.get_parameter(graph_path(peft_key(site.name, "lora_A.weight")))
+        b = gm.get_parameter(graph_path(peft_key(site.name, "lora_B.weight")))
+        return (b.float() @ a.float()) * site.scale
+
     def plan(self, program: Program) -> list[SiteDecision]:
         return [
             SiteDecision(s.name, s.module_type, "rewrite", details={"rank": s.rank, "scale": s.scale})
             for s in program.sites.values()
-            if s.method == "LORA"
+            if s.method == self.method
         ]
 
     def run(self, program: Program) -> PassResult:
-        sites = [s for s in program.sites.values() if s.method == "LORA"]
+        sites = [s for s in program.sites.values() if s.method == self.method]
         if not sites:
             return PassResult(program, False)
         graph, gm = program.graph, program.graph_module
         for site in sites:
             tagged = [n for n in graph.nodes if n.meta.get("peftc_site") == site.name]
-            outs = [n for n in tagged if n.meta.get("peftc_role") == "lora_out"]
-            a = gm.get_parameter(graph_path(peft_key(site.name, "lora_A.weight")))
-            b = gm.get_parameter(graph_path(peft_key(site.name, "lora_B.weight")))
             with torch.no_grad():
-                delta = (b.float() @ a.float()) * site.scale
+                delta = self.delta(program, site, tagged)
             bases: list[fx.Node] = []
-            for out in outs:
+            for out in (n for n in tagged if n.meta.get("peftc_role") == "lora_out"):
                 bases.append(out.args[0])
                 out.replace_all_uses_with(out.args[0])
             if bases:
                 self._fold(program, site.name, bases, delta.T if site.fan_in_fan_out else delta)
             for node in reversed(tagged):
                 graph.erase_node(node)
-            remove_attr(gm, graph_path(peft_key(site.name, "lora_A")))
-            remove_attr(gm, graph_path(peft_key(site.name, "lora_B")))
+            for part in self.parts:
+                remove_attr(gm, graph_path(peft_key(site.name, part)))
             del program.sites[site.name]
         finish(program)
         return PassResult(program, True)
