@@ -198,10 +198,7 @@ def export(
         )
 
         _write_model_files(tmp, loaded)
-        adapter_copy = tmp / ADAPTER_SUBDIR
-        adapter_copy.mkdir()
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copyfile(Path(source.adapter_dir) / name, adapter_copy / name)
+        _copy_adapter(source.adapter_dir, tmp / ADAPTER_SUBDIR)
 
         write_json(
             tmp / REPORT_FILE,
@@ -416,10 +413,7 @@ def export_swappable(
 
         _write_model_files(tmp, loaded)
         for name, source in zip(names, sources, strict=True):
-            copy_dir = tmp / ADAPTERS_SUBDIR / name
-            copy_dir.mkdir()
-            for file in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(Path(source.adapter_dir) / file, copy_dir / file)
+            _copy_adapter(source.adapter_dir, tmp / ADAPTERS_SUBDIR / name)
 
         worst = max(r.max_abs_diff for r in [*reports.values(), base_report])
         write_json(
@@ -580,3 +574,10 @@ def _base_info(spec: str, loaded: Any) -> dict[str, Any]:
     if "ForSequenceClassification" in type(loaded.model).__name__:
         info["id2label"] = {str(k): v for k, v in cfg.id2label.items()}
     return info
+
+
+def _copy_adapter(adapter_dir: str | Path, dest: Path) -> None:
+    """A byte-for-byte copy of the HF PEFT files the artifact was built from."""
+    dest.mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(Path(adapter_dir) / name, dest / name)
