@@ -22,28 +22,13 @@ import argparse
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
-    """Median ms of each callable, run round-robin so that load on a shared machine hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
 
 
 def _models(layers: int, rank: int):
@@ -139,7 +124,7 @@ def main() -> None:
             fns = {"eager": run_eager}
             for level, session in sessions.items():
                 fns[level] = lambda s=session, f=feeds: s.run(["logits"], f)
-            medians = _interleaved_medians(fns, args.warmup, args.runs)
+            medians = interleaved_medians(fns, args.warmup, args.runs)
             eager_ms = medians["eager"]
             best = math.inf
             for level, session in sessions.items():

@@ -28,26 +28,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-
-def _interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
-    """Median ms of each callable, run round-robin so that load on a shared machine hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
 
 
 def _program(model, rank: int, seed: int):
@@ -153,7 +139,7 @@ def main() -> None:
         f"{np.abs(base - got[0]).max():.2e} (both must be far from 0)"
     )
 
-    medians = _interleaved_medians(
+    medians = interleaved_medians(
         {
             "merged": lambda: merged.run(["logits"], feeds),
             "swappable + adapter": lambda: swappable.run(["logits"], feeds, run_opts[0]),

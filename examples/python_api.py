@@ -1,4 +1,4 @@
-"""The whole peftc path from Python: capture, LoRA passes, train, save, merge, export, inspect.
+"""The whole peftc path from Python: capture, LoRA passes, train, save, merge, export, inspect, generate.
 
 Runs in about a minute on 2 CPU cores with the tiny GPT-2 preset:
 
@@ -45,6 +45,17 @@ def main(workdir: str) -> None:
     )
     artifact = peftc.export(str(run.run_dir), format="onnx", merge=True, force=True)
     print(render(peftc.inspect_path(artifact)))
+
+    # 4. Run the artifact with no peftc code: a causal LM's export is a KV-cache graph that
+    #    optimum's ORTModelForCausalLM generates with (the tokenizer files are in the artifact too).
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = ORTModelForCausalLM.from_pretrained(artifact)
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    prompt = tokenizer(["the movie was"], return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+    tokens = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    print("generated:", tokenizer.decode(tokens[0]))
 
 
 if __name__ == "__main__":

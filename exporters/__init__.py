@@ -1,7 +1,7 @@
 """Exporters from a captured program to deployable artifacts (installed as ``peftc.exporters``).
 
 ``onnx`` writes the file, ``verify`` checks it against the torch program with ONNX Runtime,
-``manifest`` describes the artifact directory; :func:`peftc.export.export` runs the whole stage.
+``manifest`` describes the artifact directory; :func:`peftc.exporting.export` runs the whole stage.
 """
 
 from .manifest import MANIFEST_FILE, REPORT_FILE, build_manifest, check_manifest, onnx_io, read_manifest

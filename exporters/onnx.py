@@ -25,7 +25,8 @@ import torch
 from torch.export import Dim
 
 from peftc.errors import CaptureError, ConfigError
-from peftc.program import Program
+from peftc.kv import PAST_DIM
+from peftc.program import Program, torch_dims
 
 __all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "MODEL_FILE", "export_program_onnx"]
 
@@ -106,10 +107,13 @@ def _run_exporter(program: Program, opset: int):
         dims = {
             "batch": Dim("batch", min=min_dim, max=_MAX_BATCH),
             "sequence": Dim("sequence", min=min_dim, max=max_seq),
+            PAST_DIM: Dim(PAST_DIM, min=1, max=max_seq),  # KV-cache graphs: the cache holds positions too
         }
         # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input. Inputs
         # other than token inputs (lifted adapter tensors) name their own dims (``lora_rank``).
-        shapes = tuple(_input_dims(program.dynamic_dims.get(n, {0: "batch", 1: "sequence"}), dims) for n in names)
+        shapes = tuple(
+            torch_dims(program.dynamic_dims.get(n, {0: "batch", 1: "sequence"}), dims, _MAX_BATCH) for n in names
+        )
         try:
             with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
                 # The unlifted graph module reports training=True and refuses .eval(); the graph
@@ -150,16 +154,6 @@ def _set_input_defaults(model, defaults: dict) -> None:
         value = inputs[name]
         value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
         model.graph.register_initializer(value)
-
-
-def _input_dims(wanted: dict[int, str], dims: dict[str, Dim]) -> dict[int, Dim] | None:
-    """torch ``Dim`` objects for one input's named dynamic dims; one object per name, shared across inputs."""
-    out = {}
-    for axis, name in wanted.items():
-        if name not in dims:
-            dims[name] = Dim("".join(c if c.isalnum() else "_" for c in name), min=1, max=_MAX_BATCH)
-        out[axis] = dims[name]
-    return out or None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from peftc.errors import AdapterFormatError, AdapterMismatchError, ExportVerificationError
+from peftc.errors import AdapterFormatError, AdapterMismatchError
 
 __all__ = [
     "ADAPTER_SUFFIX",
@@ -172,25 +172,12 @@ def check_adapter(model_path: str | Path, adapter_path: str | Path) -> dict[str,
 
 
 def run_onnx_adapter(
-    path: str | Path, cases: Sequence[Any], adapter_path: str | Path | None = None, output: str = "logits"
-) -> list[np.ndarray]:
+    path: str | Path,
+    cases: Sequence[Any],
+    adapter_path: str | Path | None = None,
+    output: str | Sequence[str] = "logits",
+) -> list:
     """Outputs of ``path`` under ONNX Runtime with ``adapter_path`` activated (``None``: the base)."""
-    import onnxruntime as ort
+    from .verify import run_onnx
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    run_options = ort.RunOptions()
-    if adapter_path is not None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_path))
-        run_options.add_active_adapter(adapter)
-    names = [i.name for i in session.get_inputs()]
-    outs = []
-    for case in cases:
-        missing = [n for n in names if n not in case.inputs]
-        if missing:
-            raise ExportVerificationError(f"{path} takes input(s) {missing} that the program does not have")
-        feeds = {n: case.inputs[n].numpy() for n in names}
-        outs.append(session.run([output], feeds, run_options)[0])
-    return outs
+    return run_onnx(path, cases, output=output, adapter_path=adapter_path)

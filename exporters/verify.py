@@ -9,7 +9,11 @@ amounts of padding. :func:`verify_onnx` runs the ``.onnx`` file with ONNX Runtim
 - causal-lm: only real (unpadded) positions are compared. A padded query position attends to
   nothing (its mask row is all −inf) and each runtime fills such rows differently; no caller ever
   reads them.
+- token-cls: likewise real positions only (a padded position carries no label; its logits are
+  read by no caller).
 - seq-cls: every row is compared (each row's logits are pooled from real tokens).
+- KV-cache (with-past) graphs: prefills from an empty cache and decode steps on the cache the
+  torch program returned; the ``present.*`` outputs are compared whole, beside the logits.
 
 Tolerance: ``max |onnx − torch| <= atol`` per case, :data:`DEFAULT_ATOL` = 1e-4 for fp32. Measured
 ONNX Runtime vs torch differences on fp32 models are ~1e-7…1e-6 (reordered float sums, fused
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from peftc.errors import ExportVerificationError
+from peftc.kv import is_with_past
 from peftc.program import Program
 
 __all__ = [
@@ -39,13 +44,17 @@ __all__ = [
     "VerifyCase",
     "compare_outputs",
     "make_cases",
+    "numpy_outputs",
     "run_onnx",
     "run_torch",
     "verify_onnx",
+    "verify_outputs",
 ]
 
 #: Default absolute tolerance on fp32 logits (see the module docstring for why).
 DEFAULT_ATOL = 1e-4
+#: Tasks with one logits row per position: only real (unpadded) positions are compared.
+_PER_POSITION = ("causal-lm", "token-cls")
 
 
 @dataclass
@@ -169,11 +178,14 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
             "token_type_ids": torch.zeros_like(ids),
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
         }
-        missing = [n for n in program.input_names if n not in tensors]
+        names = [n for n in program.input_names if not n.startswith("past_key_values.")]  # caches: _with_past_cases
+        missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"no verification input for graph input(s) {missing}")
-        return {n: tensors[n] for n in program.input_names}
+        return {n: tensors[n] for n in names}
 
+    if is_with_past(program):
+        return _with_past_cases(program, batch)
     return [
         VerifyCase("batch1", batch(1, 7, [0]), "a single unpadded sequence"),
         VerifyCase("reshaped", batch(3, 5, [0, 0, 0]), "batch and sequence unlike the capture example"),
@@ -181,28 +193,108 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
     ]
 
 
-def run_torch(fn: Callable[..., torch.Tensor], cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list:
-    """Outputs of a torch callable (a program, or a wrapper of an HF model) on every case."""
+def _with_past_cases(program: Program, batch: Callable[..., dict[str, torch.Tensor]]) -> list[VerifyCase]:
+    """KV-cache graphs: prefills from an empty cache, then decode steps on the cache the torch program made.
+
+    Each decode step feeds the reference's own presents as the past, so both runtimes see the
+    same cache; the presents each returns are compared too (outputs after ``logits``).
+    """
+    layers = sum(1 for n in program.input_names if n.endswith(".key") and n.startswith("past_key_values."))
+    geometry = program.example_inputs[program.input_names.index("past_key_values.0.key")].shape
+
+    def prefill(name: str, b: int, s: int, pads: Sequence[int], description: str) -> VerifyCase:
+        tokens = batch(b, s, pads)
+        empty = torch.zeros(b, geometry[1], 0, geometry[3], dtype=program.example_inputs[-1].dtype)
+        past = {n: empty for n in program.input_names if n.startswith("past_key_values.")}
+        return VerifyCase(name, {n: {**tokens, **past}[n] for n in program.input_names}, description)
+
+    def decode(name: str, before: VerifyCase, new: int, description: str) -> VerifyCase:
+        with torch.no_grad():
+            out = program(*before.ordered(program.input_names))
+        ids = before.inputs["input_ids"]
+        b = ids.shape[0]
+        mask = torch.cat([before.inputs["attention_mask"], torch.ones(b, new, dtype=torch.long)], dim=1)
+        gen = torch.Generator().manual_seed(b * 31 + new)
+        tokens = {
+            "input_ids": torch.randint(1, int(ids.max()) + 1, (b, new), generator=gen),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:],
+        }
+        tokens.update(zip([n for n in program.input_names if n.startswith("past_key_values.")], out[1:], strict=True))
+        return VerifyCase(name, {n: tokens[n] for n in program.input_names}, description)
+
+    assert layers == (len(program.output_names) - 1) // 2
+    one = prefill("batch1", 1, 7, [0], "prefill: a single unpadded sequence, empty cache")
+    padded = prefill("left-padded", 4, 12, [0, 3, 6, 11], "prefill: rows left-padded by 0, 3, 6 and 11 tokens")
+    return [
+        one,
+        padded,
+        decode("decode", padded, 1, "one new token on the left-padded batch's cache"),
+        decode("decode-chunk", one, 3, "three new tokens on the single sequence's cache"),
+    ]
+
+
+def run_torch(fn: Callable[..., Any], cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list:
+    """Outputs of a torch callable (a program, or a wrapper of an HF model) on every case.
+
+    One array per case, or a list of arrays per case when ``fn`` returns several outputs
+    (KV-cache graphs: logits, then the presents).
+    """
+
     with torch.no_grad():
-        return [fn(*c.ordered(input_names)).detach().float().numpy() for c in cases]
+        return [numpy_outputs(fn(*c.ordered(input_names))) for c in cases]
 
 
-def run_onnx(path: str | Path, cases: Sequence[VerifyCase], output: str = "logits") -> list[np.ndarray]:
-    """Outputs of an ``.onnx`` file under ONNX Runtime (CPUExecutionProvider) on every case."""
+def numpy_outputs(out: Any) -> Any:
+    """A tensor as a float numpy array; a tuple/list of tensors as a list of them (several outputs)."""
+    if isinstance(out, (tuple, list)):
+        return [o.detach().float().numpy() for o in out]
+    return out.detach().float().numpy()
+
+
+def run_onnx(
+    path: str | Path,
+    cases: Sequence[VerifyCase],
+    output: str | Sequence[str] = "logits",
+    adapter_path: str | Path | None = None,
+) -> list:
+    """Outputs of an ``.onnx`` file under ONNX Runtime (CPUExecutionProvider) on every case.
+
+    Args:
+        path: the model file.
+        cases: inputs (every graph input the file needs must be in each case).
+        output: one output name (one array per case) or several (a list per case).
+        adapter_path: an ``.onnx_adapter`` activated for every run (swappable exports).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds_names = [i.name for i in session.get_inputs()]
+    run_options = ort.RunOptions()
+    if adapter_path is not None:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(adapter_path))
+        run_options.add_active_adapter(adapter)
+    feeds_names = [i.name for i in session.get_inputs()]  # overridable initializers (adapter defaults) not listed
+    types = {i.name: i.type for i in session.get_inputs()}
+    names = [output] if isinstance(output, str) else list(output)
     outs = []
     for case in cases:
         missing = [n for n in feeds_names if n not in case.inputs]
         if missing:
             raise ExportVerificationError(f"{path} takes input(s) {missing} that the program does not have")
-        feeds = {n: case.inputs[n].numpy() for n in feeds_names}
-        outs.append(session.run([output], feeds)[0])
+        feeds = {n: _as(case.inputs[n].numpy(), types[n]) for n in feeds_names}
+        result = session.run(names, feeds, run_options)
+        outs.append(result[0] if isinstance(output, str) else result)
     return outs
+
+
+def _as(array: np.ndarray, onnx_type: str) -> np.ndarray:
+    """A float feed in the graph's float type (float32 cases into a float16 graph's cache inputs)."""
+    if onnx_type == "tensor(float16)" and array.dtype != np.float16:
+        return array.astype(np.float16)
+    return array
 
 
 def compare_outputs(
@@ -214,29 +306,44 @@ def compare_outputs(
     candidate: str = "candidate",
     reference: str = "reference",
 ) -> VerificationReport:
-    """Compare per case: real positions for ``causal-lm``, every row for ``seq-cls``."""
+    """Compare per case: real positions for ``causal-lm`` and ``token-cls``, every row otherwise (``seq-cls``)."""
     report = VerificationReport(
         candidate=candidate,
         reference=reference,
         atol=float(atol),
-        compared_at="real (unpadded) positions" if task == "causal-lm" else "every row",
+        compared_at="real (unpadded) positions" if task in _PER_POSITION else "every row",
     )
     for case, a, e in zip(cases, actual, expected, strict=True):
+        extra: list[tuple[np.ndarray, np.ndarray]] = []
+        if isinstance(a, (list, tuple)):  # several outputs: logits first, then the rest compared whole
+            extra = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in zip(a[1:], e[1:], strict=True)]
+            a, e = a[0], e[0]
         a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
-        if a.shape != e.shape:
+        bad_shape = next(((x.shape, y.shape) for x, y in [(a, e), *extra] if x.shape != y.shape), None)
+        if bad_shape:
             report.cases.append(
-                CaseResult(case.name, case.shape, case.padded, 0, math.inf, False, f"shape {a.shape} != {e.shape}")
+                CaseResult(
+                    case.name, case.shape, case.padded, 0, math.inf, False, f"shape {bad_shape[0]} != {bad_shape[1]}"
+                )
             )
             continue
-        if task == "causal-lm":
+        if task in _PER_POSITION:
             rows = case.inputs["attention_mask"].bool().numpy()
-            if a.ndim >= 2 and a.shape[1] > rows.shape[1]:  # virtual tokens prepended (prompt methods): always real
+            if a.ndim >= 2 and a.shape[1] < rows.shape[1]:  # KV-cache step: the mask covers past + new tokens
+                rows = rows[:, rows.shape[1] - a.shape[1] :]
+            elif a.ndim >= 2 and a.shape[1] > rows.shape[1]:  # virtual tokens prepended (prompt methods): always real
                 rows = np.concatenate([np.ones((rows.shape[0], a.shape[1] - rows.shape[1]), dtype=bool), rows], axis=1)
         else:
             rows = np.ones(a.shape[0], dtype=bool)
         diff = np.abs(a[rows] - e[rows])
         worst = float(diff.max()) if diff.size else math.nan
-        if np.isnan(diff).any():
+        for x, y in extra:  # presents [batch, heads, past + sequence, head_dim]: real positions (the mask's ones)
+            keep = case.inputs["attention_mask"].bool().numpy()
+            if x.ndim == 4 and keep.shape == (x.shape[0], x.shape[2]):
+                x, y = x.transpose(0, 2, 1, 3)[keep], y.transpose(0, 2, 1, 3)[keep]
+            if x.size:
+                worst = max(worst, float(np.abs(x - y).max()))
+        if np.isnan(diff).any() or any(np.isnan(x).any() for x, _ in extra):
             worst = math.nan
         passed = diff.size > 0 and math.isfinite(worst) and worst <= atol
         note = "" if diff.size else "nothing to compare"
@@ -272,17 +379,40 @@ def verify_onnx(
     Raises:
         ExportVerificationError: a case differs by more than ``atol`` (``err.report`` has the figures).
     """
+    outputs = program.output_names if is_with_past(program) else program.output_names[0]
+    return verify_outputs(
+        lambda cs: run_onnx(path, cs, output=outputs),
+        f"ONNX Runtime ({Path(path).name})",
+        program,
+        cases,
+        reference,
+        atol,
+        reference_name,
+        raise_on_failure,
+    )
+
+
+def verify_outputs(
+    run: Callable[[Sequence[VerifyCase]], list],
+    candidate: str,
+    program: Program,
+    cases: Sequence[VerifyCase] | None = None,
+    reference: Sequence[Any] | None = None,
+    atol: float = DEFAULT_ATOL,
+    reference_name: str = "the torch program",
+    raise_on_failure: bool = True,
+) -> VerificationReport:
+    """The verification every exporter shares: ``run(cases)`` against the torch program.
+
+    Args:
+        run: the exported artifact's outputs per case (one array, or a list for several outputs).
+        candidate: how the report names the artifact (``"TorchScript (model.pt)"``).
+        program, cases, reference, atol, reference_name, raise_on_failure: as :func:`verify_onnx`.
+    """
     cases = list(cases) if cases is not None else make_cases(program)
     if reference is None:
         reference = run_torch(program, cases, program.input_names)
-    actual = run_onnx(path, cases, output=program.output_names[0])
     report = compare_outputs(
-        actual,
-        reference,
-        cases,
-        program.task.name,
-        atol=atol,
-        candidate=f"ONNX Runtime ({Path(path).name})",
-        reference=reference_name,
+        run(cases), reference, cases, program.task.name, atol=atol, candidate=candidate, reference=reference_name
     )
     return report.raise_if_failed() if raise_on_failure else report

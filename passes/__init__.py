@@ -10,10 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from peftc.adapters import AdapterState
-from peftc.config import AdaLoraConfig, IA3Config, LoraConfig, MethodConfig, PromptLearningConfig
+from peftc.config import (
+    AdaLoraConfig,
+    AdaptionPromptConfig,
+    IA3Config,
+    LoraConfig,
+    MethodConfig,
+    PrefixTuningConfig,
+    PromptLearningConfig,
+)
 from peftc.errors import ConfigError
 
 from .adalora import AdaLoraPass, AdaLoraTraining, MergeAdaLoraPass
+from .adaption_prompt import AdaptionPromptPass
 from .base import FunctionalPass, InPlacePass, Pass, PassManager, PassResult, SiteDecision
 from .eval_mode import EvalModePass
 from .ia3 import IA3Pass
@@ -22,12 +31,14 @@ from .lora import LoraPass
 from .merge import MergeLoraPass
 from .merge_ia3 import MergeIA3Pass
 from .modules_to_save import ModulesToSavePass
+from .prefix import PrefixPass, prefix_key_values
 from .prompt import PromptPass
 
 __all__ = [
     "PIPELINES",
     "TRAINING_HOOKS",
     "AdaLoraPass",
+    "AdaptionPromptPass",
     "MergeAdaLoraPass",
     "EvalModePass",
     "FunctionalPass",
@@ -41,10 +52,12 @@ __all__ = [
     "Pass",
     "PassManager",
     "PassResult",
+    "PrefixPass",
     "PromptPass",
     "SiteDecision",
     "insertion_pipeline",
     "merge_pipeline",
+    "prefix_key_values",
     "training_hooks",
 ]
 
@@ -74,6 +87,14 @@ PIPELINES["PROMPT_TUNING"] = _prompt_pipeline
 PIPELINES["P_TUNING"] = _prompt_pipeline
 
 
+def _prefix_pipeline(config: PrefixTuningConfig, state: AdapterState | None) -> PassManager:
+    """Prefix tuning: learned keys/values fed as past key values by re-capturing (see passes/prefix.py)."""
+    return PassManager("prefix-tuning-insert", [PrefixPass(config, state), ModulesToSavePass(config.modules_to_save)])
+
+
+PIPELINES["PREFIX_TUNING"] = _prefix_pipeline
+
+
 def _adalora_pipeline(config: AdaLoraConfig, state: AdapterState | None) -> PassManager:
     return PassManager(
         "adalora-insert", [AdaLoraPass(config, state), ModulesToSavePass(config.modules_to_save, config.bias)]
@@ -81,6 +102,14 @@ def _adalora_pipeline(config: AdaLoraConfig, state: AdapterState | None) -> Pass
 
 
 PIPELINES["ADALORA"] = _adalora_pipeline
+
+
+def _adaption_prompt_pipeline(config: AdaptionPromptConfig, state: AdapterState | None) -> PassManager:
+    """LLaMA-Adapter: a graph rewrite of the top attention layers; HF PEFT trains nothing else (no head)."""
+    return PassManager("adaption-prompt-insert", [AdaptionPromptPass(config, state)])
+
+
+PIPELINES["ADAPTION_PROMPT"] = _adaption_prompt_pipeline
 
 #: peft_type -> builder of a method's training hooks, ``(config, state, total_steps) -> hooks``. The hooks
 #: object may define ``regularization() -> loss term`` (added to every micro-batch loss),

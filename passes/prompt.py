@@ -24,12 +24,25 @@ P-tuning the encoder's *output*. A loaded adapter binds those fixed embeddings (
 mode). While P-tuning trains, :class:`~peftc.adapters.AdapterState` holds the encoder's parameters
 as ``prompt_encoder.<param>`` and writes ``prompt_embeddings`` computed from them; a checkpoint
 (``inference_mode=False``) also keeps the encoder parameters, so a resumed run continues the encoder.
+
+Prefix tuning (passes/prefix.py) is the same kind of method: :class:`PromptPass` holds the machinery both
+use (config fields from the model, fresh / checkpoint / fixed binding of the prompt tensors, HF PEFT's
+on-disk keys, the re-capture) and :class:`~peftc.passes.prefix.PrefixPass` overrides the prompt module and
+the wrapper.
+
+Grouped-query attention: after prepending, keys and values are ``n + seq`` long, and transformers' SDPA
+path repeats the key/value heads with ``expand`` + ``reshape``; the reshape's contiguity check asks
+torch.export to prove ``min(d·(s+n), kv·d·(s+n)) == d·(s+n)``, which its symbolic solver cannot do with the
+offset ``n`` (it can without one), so the capture failed. :func:`export_attention` swaps in, for the
+capture only, an SDPA attention that repeats heads with ``index_select``: the same values, no reshape.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +56,7 @@ from peftc.tasks import TaskModule
 
 from .base import InPlacePass, PassResult, SiteDecision
 
-__all__ = ["PROMPT_KEY", "PromptModule", "PromptPass", "PromptTaskModule", "fill_model_fields"]
+__all__ = ["PROMPT_KEY", "PromptModule", "PromptPass", "PromptTaskModule", "export_attention", "fill_model_fields"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +160,13 @@ def fill_model_fields(config: PromptLearningConfig, model_config: Any) -> None:
         config.token_dim = get("hidden_size", "n_embd", "d_model")
     if config.num_attention_heads is None:
         config.num_attention_heads = get("num_attention_heads", "n_head", "num_heads")
-    if isinstance(config, PromptEncoderConfig) and config.encoder_hidden_size is None:
+    if config.peft_type == "PREFIX_TUNING" and get("num_key_value_heads") is not None and config.token_dim:
+        # HF PEFT's rule for grouped-query attention (peft#1901): the prefix holds keys/values, so its width and
+        # head count are the key/value heads' (always recomputed, as HF PEFT does)
+        head_dim = get("head_dim") or config.token_dim // config.num_attention_heads
+        config.num_attention_heads = get("num_key_value_heads")
+        config.token_dim = head_dim * config.num_attention_heads
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     if config.token_dim is None:
         raise ConfigError(
@@ -205,9 +224,9 @@ def _peftc_keys(state: AdapterState) -> None:
 
 
 def _saved_tensors(module: PromptModule, state: AdapterState) -> dict[str, torch.Tensor]:
-    """HF PEFT's file: ``prompt_embeddings`` (for P-tuning the encoder's output) and the head under HF's keys.
+    """HF PEFT's file: ``prompt_embeddings`` (an encoder's output) and the head under HF's keys.
 
-    A P-tuning encoder's own parameters are written only while training (checkpoints, ``inference_mode=False``).
+    An encoder's own parameters are written only while training (checkpoints, ``inference_mode=False``).
     """
     with torch.no_grad():
         was_training = module.training
@@ -221,8 +240,74 @@ def _saved_tensors(module: PromptModule, state: AdapterState) -> dict[str, torch
     return out
 
 
+#: Attention implementation used while capturing a prepending method on a grouped-query model.
+_GQA_IMPL = "sdpa_without_vmap_gqa"
+
+
+class _SharedHeads:
+    """The attention module as ``sdpa_attention_forward`` sees it once keys/values have every query head."""
+
+    def __init__(self, module: nn.Module):
+        self.is_causal = getattr(module, "is_causal", True)
+
+
+def _sdpa_repeat_by_index(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention with key/value heads repeated by ``index_select`` (equal to ``repeat_kv``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        heads = torch.arange(key.shape[1] * groups, device=key.device).div(groups, rounding_mode="floor")
+        key, value = key.index_select(1, heads), value.index_select(1, heads)
+        module = _SharedHeads(module)
+    return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+
+@contextmanager
+def export_attention(model: nn.Module) -> Iterator[None]:
+    """While active, a grouped-query ``model`` captures with keys/values of any length ``n + seq``.
+
+    transformers repeats key/value heads with ``expand`` + ``reshape``; with a sequence ``s + n`` torch.export
+    cannot prove the reshape's contiguity guard and the capture fails (see the module docstring). This swaps
+    the model's SDPA attention for :func:`_sdpa_repeat_by_index` (same values, same mask function) and
+    restores it on exit. Models without grouped heads, or not on SDPA, are left alone.
+
+    Args:
+        model: the eager transformers model about to be captured.
+    """
+    from peftc.program import _MASK_IMPL, _register_mask_without_vmap
+
+    grouped = any(getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    swapped = [c for c in configs.values() if getattr(c, "_attn_implementation", None) in ("sdpa", _MASK_IMPL)]
+    if not grouped or not swapped:
+        yield
+        return
+    from transformers.integrations.executorch import sdpa_mask_without_vmap
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _register_mask_without_vmap()
+    if _GQA_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_GQA_IMPL, sdpa_mask_without_vmap)
+        ALL_ATTENTION_FUNCTIONS.register(_GQA_IMPL, _sdpa_repeat_by_index)
+    before = [c._attn_implementation for c in swapped]
+    try:
+        for c in swapped:
+            c._attn_implementation = _GQA_IMPL
+        yield
+    finally:
+        for c, impl in zip(swapped, before, strict=True):
+            c._attn_implementation = impl
+
+
 class PromptPass(InPlacePass):
     """Re-captures the program with num_virtual_tokens learned embeddings prepended to its inputs."""
+
+    #: Name of the program's site (HF PEFT's ``prompt_encoder`` module dict).
+    site_name = "prompt_encoder"
 
     def __init__(self, config: PromptLearningConfig, state: AdapterState | None = None):
         self.config = config
@@ -246,42 +331,75 @@ class PromptPass(InPlacePass):
         cfg = self.config
         fill_model_fields(cfg, program.model_config)
         model = program.source.model
+        self._check_model(cfg, model, program)
         state = self.state if self.state is not None else AdapterState(cfg)
         _peftc_keys(state)
         module = self._prompt_module(cfg, state, model)
         state.to_saved = lambda s, m=module: _saved_tensors(m, s)
         module.train(program.mode == "train")
-        new = capture(model, program.task, program.mode, transform=lambda m, names: PromptTaskModule(m, names, module))
+        with export_attention(model):
+            new = capture(model, program.task, program.mode, transform=lambda m, names: self._wrapper(m, names, module))
         program.graph_module = new.graph_module
         program.input_names = new.input_names
         program.dynamic_dims = new.dynamic_dims
         program.example_inputs = new.example_inputs
+        program.max_sequence = new.max_sequence
         program.adapter = state
-        program.sites["prompt_encoder"] = Site(
-            name="prompt_encoder",
+        program.sites[self.site_name] = Site(
+            name=self.site_name,
             method=cfg.peft_type,
             module_type=type(module).__name__,
             in_features=module.num_tokens,
-            out_features=int(module.embedding.weight.shape[1]),
+            out_features=self._width(cfg),
         )
         logger.info(
             "%s: %d virtual tokens, %d adapter parameters", cfg.peft_type, module.num_tokens, state.num_parameters()
         )
         return PassResult(program, True)
 
+    # -- what prefix tuning overrides ---------------------------------------------------------------
+
+    def _check_model(self, cfg: PromptLearningConfig, model: nn.Module, program: Program) -> None:
+        """Raise when the model cannot take this method (prompt methods take any embedding model)."""
+
+    def _width(self, cfg: PromptLearningConfig) -> int:
+        """Width of the saved ``prompt_embeddings`` rows."""
+        return int(cfg.token_dim)
+
+    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule) -> TaskModule:
+        return PromptTaskModule(model, input_names, module)
+
+    def _fresh_module(self, cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:
+        if isinstance(cfg, PromptEncoderConfig):
+            return PromptModule(
+                n,
+                d,
+                cfg.encoder_reparameterization_type,
+                cfg.encoder_hidden_size,
+                num_layers=cfg.encoder_num_layers,
+                dropout=cfg.encoder_dropout,
+            )
+        return PromptModule(n, d)
+
+    def _init(self, cfg: PromptLearningConfig, module: PromptModule, model: nn.Module) -> None:
+        _init_embedding(cfg, module, model.get_input_embeddings())
+
+    # -- shared binding ------------------------------------------------------------------------------
+
     def _prompt_module(self, cfg: PromptLearningConfig, state: AdapterState, model: nn.Module) -> PromptModule:
-        n, d = cfg.num_virtual_tokens * cfg.num_transformer_submodules, cfg.token_dim
+        """Fresh (new init), checkpoint (``prompt_encoder.*``: the encoder trains on) or fixed ``prompt_embeddings``."""
+        n, d = cfg.num_virtual_tokens * cfg.num_transformer_submodules, self._width(cfg)
         encoder_keys = {k for k in state.tensors if k.startswith(ENCODER_PREFIX)}
         fresh = self.state is None or (not state.loaded and not encoder_keys and PROMPT_KEY not in state.tensors)
         if fresh:
             module = self._fresh_module(cfg, n, d)
-            _init_embedding(cfg, module, model.get_input_embeddings())
+            self._init(cfg, module, model)
             if module.encoder_type is None:
                 state.tensors[PROMPT_KEY] = module.embedding.weight
             else:
                 state.tensors.update({ENCODER_PREFIX + k: p for k, p in module.named_parameters()})
             return module
-        if encoder_keys:  # a P-tuning checkpoint: the encoder continues training
+        if encoder_keys:  # a checkpoint of an encoder (P-tuning, prefix projection): the encoder continues training
             module = self._fresh_module(cfg, n, d)
             for name, param in list(module.named_parameters()):
                 key = ENCODER_PREFIX + name
@@ -303,23 +421,11 @@ class PromptPass(InPlacePass):
         module.embedding.weight = state.tensors[PROMPT_KEY]
         return module
 
-    @staticmethod
-    def _fresh_module(cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:
-        if isinstance(cfg, PromptEncoderConfig):
-            return PromptModule(
-                n,
-                d,
-                cfg.encoder_reparameterization_type,
-                cfg.encoder_hidden_size,
-                num_layers=cfg.encoder_num_layers,
-                dropout=cfg.encoder_dropout,
-            )
-        return PromptModule(n, d)
-
 
 def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, cfg: PromptLearningConfig) -> None:
     if tuple(tensor.shape) != shape:
         raise AdapterMismatchError(
-            f"adapter tensor {key} has shape {list(tensor.shape)} but num_virtual_tokens={cfg.num_virtual_tokens} "
-            f"and the model's token_dim={cfg.token_dim} need {list(shape)}; the adapter was made for another model"
+            f"adapter tensor {key} has shape {list(tensor.shape)} but {cfg.peft_type} with num_virtual_tokens="
+            f"{cfg.num_virtual_tokens} on this model (token_dim={cfg.token_dim}, num_layers={cfg.num_layers}) needs "
+            f"{list(shape)}; the adapter was made for another model"
         )

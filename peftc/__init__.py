@@ -7,7 +7,9 @@ graph, save them in the HF PEFT format, and export verified ONNX artifacts with 
     >>> result = peftc.train(peftc.TrainConfig(model="tiny-gpt2", max_steps=20, out="run"))  # doctest: +SKIP
     >>> peftc.export("run", format="onnx", merge=True)  # doctest: +SKIP
 
-Names are imported lazily so ``import peftc`` stays cheap.
+Names are imported lazily so ``import peftc`` stays cheap. The modules behind ``peftc.train`` and
+``peftc.export`` are ``peftc.training`` and ``peftc.exporting``: a submodule named like a function
+of its package would replace that function on the package as soon as it is imported.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ _API = {
     "Program": "peftc.program",
     "capture": "peftc.program",
     "load_model": "peftc.models",
-    "TrainConfig": "peftc.train",
-    "train": "peftc.train",
-    "export": "peftc.export",
+    "TrainConfig": "peftc.training",
+    "train": "peftc.training",
+    "export": "peftc.exporting",
     "inspect_path": "peftc.inspect",
     "plan_model": "peftc.inspect",
     "insertion_pipeline": "peftc.passes",
@@ -38,5 +40,7 @@ __all__ = ["__version__", *sorted(_API)]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'peftc' has no attribute {name!r}")

@@ -106,6 +106,18 @@ class AdapterState:
         tensors = {k: nn.Parameter(v, requires_grad=False) for k, v in raw.items()}
         return cls(config=config, tensors=tensors, name=name or directory.name, loaded=True)
 
+    def subset(self, keep: Callable[[str], bool]) -> AdapterState:
+        """A view of the tensors whose HF PEFT key passes ``keep``: the same Parameters, not copies.
+
+        For a program that holds only part of the model (the encoder or the decoder graph of a
+        seq2seq export): binding the whole state there fails, rightly, on the keys of the modules
+        the graph does not call (``AdapterMismatchError``); each part binds its own subset instead,
+        and the caller checks that the subsets cover the state. The view is never saved (save the
+        state it came from).
+        """
+        tensors = {k: t for k, t in self.tensors.items() if keep(k)}
+        return AdapterState(config=self.config, tensors=tensors, name=self.name, loaded=self.loaded)
+
     def trainable_(self, on: bool = True) -> AdapterState:
         for t in self.tensors.values():
             t.requires_grad_(on and t.is_floating_point())

@@ -23,11 +23,14 @@ from peftc.errors import ConfigError
 __all__ = [
     "CONFIG_CLASSES",
     "AdaLoraConfig",
+    "ADAPTION_PROMPT_TARGETS",
+    "AdaptionPromptConfig",
     "TASK_TYPES",
     "IA3Config",
     "LoraConfig",
     "MethodConfig",
     "PromptEncoderConfig",
+    "PrefixTuningConfig",
     "PromptLearningConfig",
     "PromptTuningConfig",
     "config_from_dict",
@@ -41,7 +44,7 @@ TASK_TYPES = {
     "causal-lm": "CAUSAL_LM",
     "seq-cls": "SEQ_CLS",
     "token-cls": "TOKEN_CLS",
-    "seq2seq-lm": "SEQ_2_SEQ_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
     "feature-extraction": "FEATURE_EXTRACTION",
 }
 
@@ -475,12 +478,99 @@ class PromptEncoderConfig(PromptLearningConfig):
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
 
 
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning: every attention layer also attends to ``num_virtual_tokens`` learned keys and values.
+
+    P ``[num_virtual_tokens, num_layers·2·token_dim]`` (with ``prefix_projection``: the output of
+    Emb→Lin→tanh→Lin) is split per layer into K and V ``[heads, n, token_dim/heads]`` and fed as past key
+    values. For grouped-query attention ``token_dim`` and ``num_attention_heads`` are filled with the
+    key/value size and head count (HF PEFT's rule). The saved adapter holds P (the encoder's *output*).
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    encoder_hidden_size: int | None = _help(
+        "Hidden size of the prefix_projection MLP (default: token_dim).", default=None
+    )
+    prefix_projection: bool = _help(
+        "Compute the prefix with Emb(n, token_dim)→Lin→tanh→Lin instead of training it directly.", default=False
+    )
+    init_weights: str | None = _help(
+        "None: random init (HF PEFT's). 'zero': the prefix (projection: the last Lin) starts at zero.", default=None
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise ConfigError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size}")
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"prefix tuning init_weights={self.init_weights!r} is not supported; use null or 'zero'")
+        if self.token_dim and self.num_attention_heads and self.token_dim % self.num_attention_heads:
+            raise ConfigError(
+                f"prefix tuning token_dim={self.token_dim} is not a multiple of num_attention_heads="
+                f"{self.num_attention_heads}; each head gets token_dim / num_attention_heads values"
+            )
+
+
+#: Model types HF PEFT 0.21's adaption prompt supports -> its default ``target_modules`` (the attention module).
+ADAPTION_PROMPT_TARGETS = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
+
+
+@dataclass
+class AdaptionPromptConfig(MethodConfig):
+    """LLaMA-Adapter: the top ``adapter_layers`` attention blocks attend to ``adapter_len`` learned, gated tokens.
+
+    ``out += o_proj(g·softmax(Q·k_proj(P)ᵀ/√d)·v_proj(P))`` with P ``[1, adapter_len, hidden]`` and the gate
+    g zero-initialised (GPT-2: ``c_attn`` gives the keys and values and no output projection is applied, as
+    in HF PEFT). HF PEFT 0.21's ``AdaptionPromptConfig``: supported model types are llama, mistral and gpt2.
+    HF PEFT has no defaults for ``adapter_len`` and ``adapter_layers``; peftc uses 10 (the paper's) and
+    every attention layer, and fills ``adapter_layers`` and ``target_modules`` in when the adapter is
+    created, so a saved config always holds them. It has no ``modules_to_save``: for seq-cls only the
+    adaption prompts train and the base model's head is kept, exactly as HF PEFT does.
+    """
+
+    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+
+    target_modules: str | None = _help(
+        "Name of the attention submodules to adapt: every module whose name ends with '.<target_modules>'. "
+        "Default: self_attn (llama, mistral) or attn (gpt2).",
+        default=None,
+    )
+    adapter_len: int = _help("Number of adaption prompt tokens per adapted layer.", default=10)
+    adapter_layers: int | None = _help(
+        "Number of adapted attention layers, counted from the top (HF PEFT has no default; peftc: every layer).",
+        default=None,
+    )
+
+    def validate(self) -> None:
+        if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 1:
+            self.target_modules = self.target_modules[0]  # ``--target-modules self_attn`` parses to a list
+        super().validate()
+        if self.adapter_len <= 0:
+            raise ConfigError(
+                f"adaption prompt adapter_len must be a positive integer, got adapter_len={self.adapter_len}"
+            )
+        if self.adapter_layers is not None and self.adapter_layers <= 0:
+            raise ConfigError(
+                f"adaption prompt adapter_layers must be a positive integer (layers from the top), got "
+                f"adapter_layers={self.adapter_layers}"
+            )
+        if self.target_modules is not None and not self.target_modules.strip("."):
+            raise ConfigError(
+                f"adaption prompt target_modules must name the attention modules, e.g. 'self_attn' (matched as the "
+                f"end of a module name), got {self.target_modules!r}"
+            )
+
+
 #: HF PEFT ``peft_type`` -> config class. Other method modules register themselves here.
 CONFIG_CLASSES: dict[str, type[MethodConfig]] = {"LORA": LoraConfig}
 CONFIG_CLASSES["IA3"] = IA3Config
 CONFIG_CLASSES["PROMPT_TUNING"] = PromptTuningConfig
 CONFIG_CLASSES["P_TUNING"] = PromptEncoderConfig
 CONFIG_CLASSES["ADALORA"] = AdaLoraConfig
+CONFIG_CLASSES["PREFIX_TUNING"] = PrefixTuningConfig
+CONFIG_CLASSES["ADAPTION_PROMPT"] = AdaptionPromptConfig
 
 
 def config_from_dict(data: Any, source: str = "adapter config") -> MethodConfig:

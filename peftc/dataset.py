@@ -1,7 +1,11 @@
 """Training data: JSON-lines files, tokenised and batched for a captured program.
 
 A data file holds one JSON object per line: ``{"text": "..."}`` for ``causal-lm``, and
-``{"text": "...", "label": 1}`` or ``{"text": "...", "label": "positive"}`` for ``seq-cls``.
+``{"text": "...", "label": 1}`` or ``{"text": "...", "label": "positive"}`` for ``seq-cls``, and
+``{"tokens": ["John", "lives", "in", "Paris"], "labels": ["B-PER", "O", "O", "B-LOC"]}`` (one label
+per word, the CoNLL layout HF datasets use) for ``token-cls``: words are tokenised with
+``is_split_into_words`` and a word's label goes to its first sub-word; other sub-words, special
+tokens and padding get ``-100`` (ignored by the loss), as HF's token-classification examples do.
 Reading is strict: a line that is not a JSON object with the right fields is a
 :class:`~peftc.errors.DataError` naming ``file:line`` (a silently skipped line would train a
 different model than the user thinks). String labels get a label map (sorted names → ids) that the
@@ -51,6 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads 
 _EXAMPLE = {
     "causal-lm": '{"text": "Once upon a time..."}',
     "seq-cls": '{"text": "Great film!", "label": "positive"}',
+    "token-cls": '{"tokens": ["John", "lives", "in", "Paris"], "labels": ["B-PER", "O", "O", "B-LOC"]}',
 }
 
 #: (model preset, task) -> (train file, eval file) shipped in ``peftc.data``.
@@ -67,7 +72,8 @@ class Dataset:
     Attributes:
         path: the file read.
         texts: one text per example.
-        labels: class ids for ``seq-cls`` (``None`` for ``causal-lm``).
+        labels: class ids for ``seq-cls``, one list of word class ids per example for ``token-cls``
+            (``None`` for ``causal-lm``).
         id2label: class id -> name (string labels keep their names; integer labels get ``LABEL_i``).
         lines: the 1-based line number of each example, for messages.
         string_labels: whether the file's labels were names (else integers).
@@ -79,6 +85,7 @@ class Dataset:
     id2label: dict[int, str] | None = None
     lines: list[int] = field(default_factory=list)
     string_labels: bool = False
+    words: list[list[str]] | None = None  # token-cls: the words of each example
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -123,7 +130,8 @@ def read_jsonl(
 
     Args:
         path: the file.
-        task: ``causal-lm`` (lines need ``text``) or ``seq-cls`` (``text`` and ``label``).
+        task: ``causal-lm`` (lines need ``text``), ``seq-cls`` (``text`` and ``label``) or
+            ``token-cls`` (``tokens`` and ``labels``, lists of the same length).
         label2id: for evaluation data whose training data had string labels: the training label
             map; every label must be in it.
         num_labels: for evaluation data whose training data had integer labels: labels must be
@@ -148,6 +156,8 @@ def read_jsonl(
     texts: list[str] = []
     raw_labels: list[Any] = []
     lines: list[int] = []
+    words: list[list[str]] = []
+    word_lines: list[int] = []  # token-cls: the line of each word label (flattened), for messages
     for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
         try:
             line = line_bytes.decode("utf-8")
@@ -161,6 +171,14 @@ def read_jsonl(
             raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})", task) from e
         if not isinstance(obj, dict):
             raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}", task)
+        if task == "token-cls":
+            tokens, labels = _token_example(path, lineno, obj, raw_labels)
+            words.append(tokens)
+            raw_labels += labels
+            word_lines += [lineno] * len(labels)
+            texts.append(" ".join(tokens))
+            lines.append(lineno)
+            continue
         if "text" not in obj:
             raise _fail(path, lineno, f"missing field 'text' (fields: {', '.join(sorted(obj)) or 'none'})", task)
         text = obj["text"]
@@ -187,10 +205,43 @@ def read_jsonl(
     if not texts:
         raise DataError(f"data file {path} holds no examples; add JSON lines like {_EXAMPLE[task]}")
     data = Dataset(path=path, texts=texts, lines=lines)
+    if task == "token-cls":
+        flat, data.id2label = _label_ids(path, raw_labels, word_lines, label2id, num_labels)
+        data.labels, data.words, start = [], words, 0
+        for tokens in words:
+            data.labels.append(flat[start : start + len(tokens)])
+            start += len(tokens)
+        data.string_labels = isinstance(raw_labels[0], str)
     if task == "seq-cls":
         data.labels, data.id2label = _label_ids(path, raw_labels, lines, label2id, num_labels)
         data.string_labels = isinstance(raw_labels[0], str)
     return data
+
+
+def _token_example(path: Path, lineno: int, obj: dict, seen: list[Any]) -> tuple[list[str], list[Any]]:
+    """The words and word labels of one token-cls line, checked (same length, one label kind per file)."""
+    task = "token-cls"
+    for key in ("tokens", "labels"):
+        if key not in obj:
+            raise _fail(path, lineno, f"missing field {key!r} (fields: {', '.join(sorted(obj)) or 'none'})", task)
+        if not isinstance(obj[key], list) or not obj[key]:
+            raise _fail(path, lineno, f"field {key!r} must be a non-empty list, got {obj[key]!r}", task)
+    tokens, labels = obj["tokens"], obj["labels"]
+    if len(tokens) != len(labels):
+        raise _fail(path, lineno, f"{len(tokens)} tokens but {len(labels)} labels; give one label per token", task)
+    for token in tokens:
+        if not isinstance(token, str) or not token.strip():
+            raise _fail(path, lineno, f"every token must be a non-empty string, got {token!r}", task)
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, str) and not label):
+            raise _fail(path, lineno, f"every label must be an integer or a non-empty string, got {label!r}", task)
+        first = seen[0] if seen else labels[0]
+        if type(label) is not type(first):
+            raise DataError(
+                f"{path}:{lineno}: label {label!r} is a {type(label).__name__} but the file's first label is "
+                f"{first!r}; use integer labels or string labels throughout the file"
+            )
+    return tokens, labels
 
 
 def _label_ids(
@@ -247,7 +298,7 @@ class Encoded:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
-    labels: list[int] | None
+    labels: list[int] | list[list[int]] | None  # token-cls: one label per token, -100 where ignored
     pad_id: int
     task: str
 
@@ -269,7 +320,12 @@ def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_
     """
     if max_length < 2:
         raise DataError(f"max_length={max_length} is too short; use at least 2 tokens")
-    enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
+    if task == "token-cls":
+        enc = _encode_words(data, tokenizer, max_length)
+        labels = enc.pop("labels")
+    else:
+        enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
+        labels = list(data.labels) if data.labels is not None else None
     ids = [list(x) for x in enc["input_ids"]]
     for i, row in enumerate(ids):
         if not row:
@@ -279,14 +335,37 @@ def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_
     types = [list(x) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(ids, types, list(data.labels) if data.labels is not None else None, int(pad_id), task)
+    return Encoded(ids, types, labels, int(pad_id), task)
+
+
+def _encode_words(data: Dataset, tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """token-cls: tokenise pre-split words; a word's label goes to its first sub-word, -100 elsewhere."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"token-cls data needs a fast tokenizer (word alignment); {type(tokenizer).__name__} is not one: "
+            "save the model's tokenizer.json with the model"
+        )
+    enc = tokenizer(
+        [list(w) for w in data.words or []], is_split_into_words=True, truncation=True, max_length=max_length
+    )
+    labels = []
+    for i, word_labels in enumerate(data.labels or []):
+        row, previous = [], None
+        for word in enc.word_ids(i):
+            row.append(-100 if word is None or word == previous else int(word_labels[word]))
+            previous = word
+        labels.append(row)
+    out = {key: enc[key] for key in enc.keys()}
+    out["labels"] = labels
+    return out
 
 
 def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Pad the examples at ``indices`` into one batch (right padding) holding ``input_names`` + ``labels``.
 
     ``causal-lm`` labels are the input ids with ``-100`` on padding (the task's loss shifts them);
-    ``seq-cls`` labels are class ids. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``.
+    ``seq-cls`` labels are class ids; ``token-cls`` labels are per-token class ids, ``-100`` on
+    padding. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``.
     """
     rows = [enc.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
@@ -308,6 +387,11 @@ def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) ->
             raise DataError(f"the program takes input {name!r}, which peftc's data pipeline cannot build")
     if enc.task == "causal-lm":
         batch["labels"] = ids.masked_fill(mask == 0, -100)
+    elif enc.task == "token-cls":
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for j, i in enumerate(indices):
+            labels[j, : len(enc.labels[i])] = torch.tensor(enc.labels[i], dtype=torch.long)
+        batch["labels"] = labels
     else:
         batch["labels"] = torch.tensor([enc.labels[i] for i in indices], dtype=torch.long)
     return batch
@@ -344,4 +428,6 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     """How many predictions a batch's mean loss averages over (examples, or next-token targets)."""
     if task == "causal-lm":
         return int((batch["labels"][:, 1:] != -100).sum())
+    if task == "token-cls":
+        return int((batch["labels"] != -100).sum())
     return int(batch["labels"].shape[0])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peftc.errors import ModelLoadError
-from peftc.tasks import get_task
+from peftc.tasks import HEAD_TASKS, get_task
 
 __all__ = [
     "PRESETS",
@@ -109,9 +109,9 @@ def load_model(
     Args:
         spec: a directory holding ``config.json`` and safetensors weights, or a preset
             (``minilm``, ``tiny-gpt2``).
-        task: ``causal-lm`` or ``seq-cls``.
-        num_labels: classes for ``seq-cls`` (a new head is made when the checkpoint has none).
-        id2label: class names for ``seq-cls``, stored in the model config.
+        task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq``.
+        num_labels: classes for ``seq-cls``/``token-cls`` (a new head is made when the checkpoint has none).
+        id2label: class names for ``seq-cls``/``token-cls``, stored in the model config.
 
     Raises:
         ModelLoadError: the directory is missing, not a model, or its weights are unreadable.
@@ -165,7 +165,7 @@ def _from_pretrained(path: Path, task: str, num_labels: int | None, id2label: di
 
     auto = getattr(transformers, get_task(task).auto_class)
     kwargs: dict[str, Any] = {"use_safetensors": True}
-    if task == "seq-cls":
+    if task in HEAD_TASKS:
         if id2label:
             kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
             kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}

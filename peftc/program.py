@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from torch.export import Dim
 from peftc.errors import CaptureError
 from peftc.tasks import TaskModule, TaskSpec, get_task, graph_input_names
 
-__all__ = ["MODEL_PREFIX", "ModelRef", "Program", "Site", "capture", "example_inputs"]
+__all__ = ["MODEL_PREFIX", "ModelRef", "Program", "Site", "capture", "example_inputs", "torch_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ def _use_export_attention(model: nn.Module) -> None:
 
 
 #: Source folders whose frames are never "the model's line": torch itself and the peftc package.
-_INTERNAL_DIRS = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (torch, sys.modules[__package__]))
+_INTERNAL_DIRS = tuple(str(Path(f).resolve().parent) + os.sep for f in (torch.__file__, __file__))
 
 
 def _failing_frame(exc: BaseException) -> str:
@@ -196,6 +195,9 @@ def capture(
         transform: builds the module that is captured around ``model`` from the model and the task's
             input names (default :class:`TaskModule`); its ``input_names`` become the graph inputs.
             Methods that change the model's inputs (prompt tuning, P-tuning) capture through one.
+            A wrapper may also define ``dynamic_dims`` (input name -> {axis: dim name}; default
+            ``{0: "batch", 1: "sequence"}``), ``output_names`` (default ``["logits"]``) and
+            ``example_inputs()``: the KV-cache wrapper (:mod:`peftc.kv`) does.
 
     Returns:
         A :class:`Program`; its parameters are the model's own tensors, frozen.
@@ -213,16 +215,21 @@ def capture(
     wrapper = TaskModule(model, names) if transform is None else transform(model, names)
     wrapper.train(mode == "train")
     names = list(wrapper.input_names)
-    inputs = inputs if inputs is not None else example_inputs(model, names)
+    if inputs is None:
+        make = getattr(wrapper, "example_inputs", None)
+        inputs = make() if callable(make) else example_inputs(model, names)
+    wanted_dims = getattr(wrapper, "dynamic_dims", None) or {name: {0: "batch", 1: "sequence"} for name in names}
     max_seq = _max_positions(model.config)
     if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
         max_seq -= wrapper.extra_positions
     ep = None
     min_dim, max_dim = 1, max_seq
     while ep is None:
-        batch = Dim("batch", min=min_dim, max=1 << 16)
-        seq = Dim("sequence", min=min_dim, max=max_dim or 1 << 16)
-        shapes = tuple({0: batch, 1: seq} for _ in names)
+        dims = {
+            "batch": Dim("batch", min=min_dim, max=1 << 16),
+            "sequence": Dim("sequence", min=min_dim, max=max_dim or 1 << 16),
+        }
+        shapes = tuple(torch_dims(wanted_dims.get(name, {}), dims, max_dim) for name in names)
         try:
             ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
         except Exception as e:  # torch.export raises many unrelated types
@@ -245,8 +252,8 @@ def capture(
         mode=mode,
         model_config=model.config,
         input_names=names,
-        output_names=["logits"],
-        dynamic_dims={name: {0: "batch", 1: "sequence"} for name in names},
+        output_names=list(getattr(wrapper, "output_names", None) or ["logits"]),
+        dynamic_dims={name: dict(wanted_dims.get(name, {})) for name in names},
         module_types=module_types,
         example_inputs=inputs,
         source=ModelRef(model),
@@ -254,6 +261,24 @@ def capture(
     )
     logger.debug("captured %s for %s (%s): %d nodes", type(model).__name__, spec.name, mode, len(gm.graph.nodes))
     return program
+
+
+def torch_dims(wanted: dict[int, str], dims: dict[str, Dim], max_size: int | None = None) -> dict[int, Any] | None:
+    """``torch.export`` dims for one input's named dynamic axes; one ``Dim`` per name, shared across inputs.
+
+    A name that is not an identifier (``"past_sequence + sequence"``: the attention mask of a
+    KV-cache graph) is a derived size: torch works out its relation to the others (``Dim.AUTO``) and
+    the name is only what the ONNX file calls it.
+    """
+    out: dict[int, Any] = {}
+    for axis, name in wanted.items():
+        if not name.isidentifier():
+            out[axis] = Dim.AUTO
+            continue
+        if name not in dims:
+            dims[name] = Dim(name, min=1, max=max_size or 1 << 16)
+        out[axis] = dims[name]
+    return out or None
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,7 +26,7 @@ from peftc.errors import AdapterFormatError, ModelLoadError
 __all__ = ["RUN_FILE", "Source", "read_run", "resolve_source"]
 
 RUN_FILE = "run.json"
-_TASK_FROM_PEFT = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls"}
+_TASK_FROM_PEFT = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "SEQ_2_SEQ_LM": "seq2seq"}
 
 
 @dataclass
@@ -96,6 +96,7 @@ def resolve_source(src: str | Path, model: str | None = None, task: str | None =
     resolved_task = task or _TASK_FROM_PEFT.get(config.get("task_type") or "")
     if resolved_task is None:
         raise AdapterFormatError(
-            f"{config_path} has task_type={config.get('task_type')!r}; pass --task (causal-lm or seq-cls)"
+            f"{config_path} has task_type={config.get('task_type')!r}; "
+            "pass --task (causal-lm, seq-cls, token-cls or seq2seq)"
         )
     return Source(adapter_dir=src, base=str(base), task=resolved_task)

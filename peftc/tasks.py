@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TASKS", "TaskModule", "TaskSpec", "get_task", "graph_input_names"]
+__all__ = ["HEAD_TASKS", "TASKS", "TaskModule", "TaskSpec", "get_task", "graph_input_names"]
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,27 @@ class TaskSpec:
             return F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
+        if self.name in _PER_TOKEN:  # one label per position, -100 on padding and ignored sub-words
+            return F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), batch["labels"].reshape(-1), ignore_index=-100
+            )
         return F.cross_entropy(logits.float(), batch["labels"])
 
+
+#: Tasks whose logits are ``[batch, sequence, classes]`` with one label per position.
+_PER_TOKEN = ("token-cls", "seq2seq")
 
 TASKS = {
     "causal-lm": TaskSpec("causal-lm", "AutoModelForCausalLM", "text-generation", True),
     "seq-cls": TaskSpec("seq-cls", "AutoModelForSequenceClassification", "text-classification", False),
+    "token-cls": TaskSpec("token-cls", "AutoModelForTokenClassification", "token-classification", False),
+    # Encoder-decoder LMs have no single-graph capture: peftc.seq2seq captures the encoder and the
+    # decoder through its own wrappers (``capture(..., transform=...)``); TaskModule does not apply.
+    "seq2seq": TaskSpec("seq2seq", "AutoModelForSeq2SeqLM", "text2text-generation", False),
 }
+
+#: Tasks whose model ends in a classification head saved with the adapter (HF PEFT ``modules_to_save``).
+HEAD_TASKS = ("seq-cls", "token-cls")
 
 
 def get_task(name: str) -> TaskSpec:

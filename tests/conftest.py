@@ -59,6 +59,76 @@ def tiny_bert(num_labels: int = 3):
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_bert_token(num_labels: int = 5):
+    """BERT with a token-classification head (``classifier``: one label per position)."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    return BertForTokenClassification(cfg).eval()
+
+
+def tiny_t5():
+    """T5 encoder-decoder (relative positions), untied LM head as in T5 v1.1, so greedy decoding varies.
+
+    A wider init (``initializer_factor`` > 1) makes T5's unscaled attention so peaked that fp32
+    rounding alone moves logits by 1e-4 (measured against fp64): keep the default.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=128,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_bart():
+    """BART encoder-decoder (learned positions, 64 of them); ``init_std`` 0.2 so greedy decoding varies.
+
+    (0.2 keeps fp32 logits within 5e-6 of fp64; 0.3 drifts to 3e-5.)
+    """
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(
+        vocab_size=128,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        init_std=0.2,
+    )
+    return BartForConditionalGeneration(cfg).eval()
+
+
 FAMILIES = {
     ("gpt2", "causal-lm"): lambda: tiny_gpt2(),
     ("llama", "causal-lm"): lambda: tiny_llama(),

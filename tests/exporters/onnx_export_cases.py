@@ -128,10 +128,11 @@ def save_tokenizer(directory: Path) -> None:
 
 @functools.cache
 def _export(family: str, merge: bool) -> Path:
-    from peftc.export import export
+    from peftc.exporting import export
 
     built = build(family)
-    return export(built.run_dir, merge=merge, out=built.run_dir.parent / f"export-{'merged' if merge else 'unmerged'}")
+    out = built.run_dir.parent / f"export-{'merged' if merge else 'unmerged'}"
+    return export(built.run_dir, merge=merge, out=out, with_past=False)  # KV-cache graphs: test_with_past.py
 
 
 @functools.cache

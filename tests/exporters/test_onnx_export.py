@@ -25,7 +25,7 @@ from onnx_export_cases import (
 )
 
 from peftc.errors import ConfigError, ExportVerificationError, OutputExistsError
-from peftc.export import export
+from peftc.exporting import export
 
 pytest.importorskip("peft", reason="HF PEFT is the reference for these tests")
 
@@ -127,7 +127,7 @@ def _hf_peft_adapter_dir(family: str) -> tuple[Path, torch.nn.Module]:
 def test_export_from_hf_peft_adapter_dir(family):
     built = build(family)
     adapter_dir, peft_model = _hf_peft_adapter_dir(family)
-    out = export(adapter_dir, merge=True, model=str(built.base_dir), out=adapter_dir.parent / "onnx")
+    out = export(adapter_dir, merge=True, model=str(built.base_dir), out=adapter_dir.parent / "onnx", with_past=False)
     path = out / "model.onnx"
     for batch, seq, pads in TEST_SHAPES:
         inputs = make_inputs(built.task, onnx_input_names(path), batch, seq, pads)
@@ -142,11 +142,11 @@ def test_non_empty_out_is_refused_without_force_and_untouched():
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--force"):
-        export(built.run_dir, out=out)
+        export(built.run_dir, out=out, with_past=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
     # with force the old content is replaced by a complete artifact
-    export(built.run_dir, out=out, force=True)
+    export(built.run_dir, out=out, force=True, with_past=False)
     assert not (out / "keep.txt").exists()
     assert {"model.onnx", "manifest.json", "report.json", "config.json"} <= {p.name for p in out.iterdir()}
 
@@ -155,14 +155,14 @@ def test_out_over_the_source_is_refused_even_with_force():
     built = build("gpt2")
     for out in (built.run_dir, built.run_dir.parent, built.adapter_dir):
         with pytest.raises(OutputExistsError, match="which this export reads"):
-            export(built.run_dir, out=out, force=True)
+            export(built.run_dir, out=out, force=True, with_past=False)
     with pytest.raises(OutputExistsError, match="which this export reads"):
         export(built.run_dir, out=built.base_dir, force=True)
     assert (built.adapter_dir / "adapter_model.safetensors").is_file() and (built.base_dir / "config.json").is_file()
 
 
 def test_default_out_is_inside_the_run_dir():
-    from peftc.export import default_out
+    from peftc.exporting import default_out
 
     assert default_out("some/run") == Path("some/run/export-onnx")
 
@@ -180,7 +180,7 @@ def test_failed_verification_leaves_no_artifact(monkeypatch):
     parent = scratch("failing")
     out = parent / "out"
     with pytest.raises(ExportVerificationError) as info:
-        export(built.run_dir, out=out)
+        export(built.run_dir, out=out, with_past=False)
     assert info.value.exit_code == 3
     assert "max abs diff" in str(info.value) and "nothing was written" in str(info.value)
     report = info.value.report
@@ -200,7 +200,7 @@ def test_failed_forced_export_keeps_the_previous_artifact(monkeypatch):
     out.mkdir()
     (out / "previous.txt").write_text("old")
     with pytest.raises(ExportVerificationError):
-        export(built.run_dir, out=out, force=True)
+        export(built.run_dir, out=out, force=True, with_past=False)
     assert [p.name for p in parent.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["previous.txt"]
 
@@ -208,7 +208,7 @@ def test_failed_forced_export_keeps_the_previous_artifact(monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"format": "torchscript"}, "supported: onnx"),
+        ({"format": "tflite"}, "supported: onnx, torchscript, aoti"),
         ({"opset": 17}, "opset"),
         ({"atol": -1.0}, "atol"),
     ],
@@ -232,7 +232,7 @@ def test_large_models_get_external_data(monkeypatch):
 
     monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # every model counts as large
     built = build("gpt2")
-    out = export(built.run_dir, merge=True, out=scratch("external") / "out")
+    out = export(built.run_dir, merge=True, out=scratch("external") / "out", with_past=False)
     data = out / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > (out / "model.onnx").stat().st_size
     manifest = json.loads((out / "manifest.json").read_text())

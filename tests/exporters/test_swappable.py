@@ -148,11 +148,11 @@ def _second_run(family: str, name: str, r: int, alpha: float, seed: int, targets
 
 @functools.cache
 def _swappable(family: str) -> tuple[Path, list[Path]]:
-    from peftc.export import export
+    from peftc.exporting import export
 
     built = build(family)
     runs = [built.run_dir, _second_run(family, "run-r8", r=8, alpha=4, seed=11)]
-    out = export(runs, adapters_as_inputs=True, out=scratch(f"{family}-swappable") / "art")
+    out = export(runs, adapters_as_inputs=True, out=scratch(f"{family}-swappable") / "art", with_past=False)
     return out, runs
 
 
@@ -251,7 +251,7 @@ def test_check_adapter_accepts_the_exported_ones_and_names_the_first_mismatch():
 
 def test_sources_with_different_targets_are_refused(tmp_path):
     from peftc.adapters import AdapterState
-    from peftc.export import export
+    from peftc.exporting import export
 
     built = build("gpt2")
     state = AdapterState.load(built.run_dir / "adapter")
@@ -266,7 +266,7 @@ def test_sources_with_different_targets_are_refused(tmp_path):
 
 
 def test_merge_and_adapters_as_inputs_exclude_each_other(tmp_path):
-    from peftc.export import export
+    from peftc.exporting import export
 
     with pytest.raises(ConfigError, match="exclude each other"):
         export([build("gpt2").run_dir], merge=True, adapters_as_inputs=True, out=tmp_path / "x")
@@ -275,7 +275,7 @@ def test_merge_and_adapters_as_inputs_exclude_each_other(tmp_path):
 
 
 def test_different_bases_are_refused(tmp_path):
-    from peftc.export import export
+    from peftc.exporting import export
 
     built = build("gpt2")
     other_base = tmp_path / "other-base"
@@ -303,7 +303,9 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_cli_passes_every_src_with_adapters_as_inputs(capsys, monkeypatch, tmp_path):
-    import peftc.export
+    import sys
+
+    import peftc.exporting  # noqa: F401
 
     calls = []
 
@@ -311,7 +313,7 @@ def test_cli_passes_every_src_with_adapters_as_inputs(capsys, monkeypatch, tmp_p
         calls.append((src, kwargs))
         return tmp_path
 
-    monkeypatch.setattr(peftc.export, "export", fake_export)
+    monkeypatch.setattr(sys.modules["peftc.exporting"], "export", fake_export)
     code, out, _ = _cli(capsys, "export", "a", "b", "--adapters-as-inputs", "--out", str(tmp_path / "o"))
     assert code == 0 and "artifact directory" in out
     assert calls[-1][0] == ["a", "b"] and calls[-1][1]["adapters_as_inputs"] is True
@@ -357,10 +359,10 @@ def _ia3_run(name: str, seed: int) -> Path:
 
 @pytest.mark.slow
 def test_swappable_ia3_vectors_match_hf_peft(tmp_path):
-    from peftc.export import export
+    from peftc.exporting import export
 
     runs = [_ia3_run("ia3-a", 21), _ia3_run("ia3-b", 22)]
-    out = export(runs, adapters_as_inputs=True, out=tmp_path / "art")
+    out = export(runs, adapters_as_inputs=True, out=tmp_path / "art", with_past=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "IA3" and [a["rank"] for a in manifest["adapters"]] == [None, None]
     inputs = {i["name"]: i for i in manifest["adapter_inputs"]}

@@ -86,13 +86,20 @@ CASES = [
             modules_to_save=["classifier", "score"],
         ),
     ),
+    # grouped-query attention (num_key_value_heads=2 < 4 heads): keys/values are n + seq long after prepending
+    ("llama", "causal-lm", PromptTuningConfig(num_virtual_tokens=N_VT, task_type="CAUSAL_LM")),
+    (
+        "llama",
+        "causal-lm",
+        PromptEncoderConfig(num_virtual_tokens=N_VT, task_type="CAUSAL_LM", encoder_hidden_size=32),
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     "fam,task,cfg,hf_to_peftc",
-    [(*c, hf) for c, hf in zip(CASES, (True, False, True), strict=True)],
-    ids=["gpt2-pt", "gpt2-ptuning-mlp", "bert-ptuning-lstm-head"],
+    [(*c, hf) for c, hf in zip(CASES, (True, False, True, True, False), strict=True)],
+    ids=["gpt2-pt", "gpt2-ptuning-mlp", "bert-ptuning-lstm-head", "llama-gqa-pt", "llama-gqa-ptuning-mlp"],
 )
 def test_same_logits_and_cross_loading(fam, task, cfg, hf_to_peftc, tmp_path):
     cfg = copy.deepcopy(cfg)
@@ -127,12 +134,12 @@ def test_same_logits_and_cross_loading(fam, task, cfg, hf_to_peftc, tmp_path):
     assert diff <= ATOL
 
 
-@pytest.mark.skip(
-    reason="torch.export (2.13) cannot capture grouped-query LLaMA on inputs_embeds of length seq + n_virtual: "
-    "repeat_kv's contiguity check guards min(16(s+n), 32(s+n)) == 16(s+n), which its solver cannot prove over the "
-    "sequence range, so export reports a constraint violation (CaptureError). LLaMA with num_key_value_heads == "
-    "num_attention_heads, GPT-2 and BERT capture and match HF PEFT."
-)
-def test_llama_gqa():
-    program, _ = captured("llama", "causal-lm")
+def test_llama_gqa_captures_with_index_select_heads():
+    """The GQA capture repeats key/value heads with index_select (see passes/prompt.py), and only while capturing."""
+    program, model = captured("llama", "causal-lm")
     insertion_pipeline(PromptTuningConfig(num_virtual_tokens=N_VT, task_type="CAUSAL_LM"))(program)
+    hist = program.op_histogram()
+    assert hist.get("index_select.default", 0) == 2 * 2  # keys and values of both layers
+    assert model.config._attn_implementation != "sdpa_without_vmap_gqa"  # restored after the capture
+    inputs = batch_for(program, seq=30)  # a length other than the capture's
+    assert program(*inputs).shape == (3, N_VT + 30, 128)

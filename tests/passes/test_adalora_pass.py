@@ -279,7 +279,7 @@ def test_peftc_train_adalora_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from peftc.program import capture
-    from peftc.train import TrainConfig, train
+    from peftc.training import TrainConfig, train
 
     (tmp_path / "c.json").write_text(
         json.dumps(

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftc.errors import ConfigError, DataError, OutputExistsError, TargetNotFoundError
-from peftc.train import TrainConfig, train
+from peftc.training import TrainConfig, train
 
 SENTENCES = [
     ("what a wonderful film", "pos"),
@@ -205,7 +205,7 @@ class _Crash(Exception):
 
 
 def test_resume_reaches_the_uninterrupted_adapter(tmp_path, bert_dir, cls_data, monkeypatch):
-    import peftc.train as train_mod
+    import peftc.training as train_mod
 
     # 14 examples, batch 4 -> 4 steps per epoch: checkpoints at step 3 (mid-epoch) and 6; dropout on
     common = dict(model=bert_dir, data=cls_data, eval_data=cls_data, max_steps=6, save_every=3, batch_size=4,

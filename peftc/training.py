@@ -41,13 +41,21 @@ import torch
 
 from peftc import __version__
 from peftc.adapters import AdapterState
-from peftc.config import CONFIG_CLASSES, TASK_TYPES, MethodConfig, config_from_dict, load_config
+from peftc.config import (
+    CONFIG_CLASSES,
+    TASK_TYPES,
+    MethodConfig,
+    PromptLearningConfig,
+    config_from_dict,
+    load_config,
+)
 from peftc.dataset import Dataset, Encoded, batch_order, collate, count_targets, default_data, encode, read_jsonl
 from peftc.errors import ConfigError, DataError, ModelLoadError
 from peftc.files import atomic_dir, check_output_dir
 from peftc.models import PRESETS, LoadedModel, check_model_spec, load_model, save_base_model
 from peftc.program import Program, capture
 from peftc.runs import RUN_FILE
+from peftc.tasks import HEAD_TASKS
 
 __all__ = ["METHODS", "TrainConfig", "TrainResult", "evaluate", "train"]
 
@@ -65,7 +73,7 @@ METHODS = {
     "adaption-prompt": "ADAPTION_PROMPT",
 }
 #: Method-config fields the LoRA-style flags set; a flag on a method without the field is an error.
-_OVERRIDES = ("r", "lora_alpha", "lora_dropout", "target_modules")
+_OVERRIDES = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens")
 #: Fields that decide the training trajectory: a resumed run must use the values it started with.
 _RESUME_FIELDS = (
     "model",
@@ -85,6 +93,8 @@ _RESUME_FIELDS = (
     "lora_alpha",
     "lora_dropout",
     "target_modules",
+    "num_virtual_tokens",
+    "options",
 )
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -121,7 +131,8 @@ class TrainConfig:
         default=None,
     )
     data: str | None = _help(
-        "Training data, JSON lines: {'text': ...} (causal-lm) or {'text': ..., 'label': int|str} (seq-cls). "
+        "Training data, JSON lines: {'text': ...} (causal-lm), {'text': ..., 'label': int|str} (seq-cls) or "
+        "{'tokens': [...], 'labels': [...]} (token-cls). "
         "Default: the data shipped for the minilm and tiny-gpt2 presets.",
         default=None,
     )
@@ -146,6 +157,15 @@ class TrainConfig:
     lora_dropout: float | None = _help("Dropout on the LoRA input (default 0.05, or the config file's).", default=None)
     target_modules: list[str] | str | None = _help(
         "Modules to adapt: names/suffixes, or one regex string. Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    num_virtual_tokens: int | None = _help(
+        "Virtual tokens of prompt tuning, P-tuning and prefix tuning (default 20, or the config file's).",
+        default=None,
+    )
+    options: dict[str, Any] | None = _help(
+        "Any other method-config field by its HF PEFT name, e.g. {'init_r': 12, 'adapter_len': 10}; "
+        "overrides the config file (CLI: --set init_r=12, values parsed as JSON).",
         default=None,
     )
     save_every: int | None = _help("Write checkpoints/step-N every N optimizer steps.", default=None)
@@ -179,8 +199,8 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.task is not None and self.task not in ("causal-lm", "seq-cls"):
-            raise ConfigError(f"task {self.task!r} cannot be trained; use causal-lm or seq-cls")
+        if self.task is not None and self.task not in ("causal-lm", "seq-cls", "token-cls"):
+            raise ConfigError(f"task {self.task!r} cannot be trained; use causal-lm, seq-cls or token-cls")
         if self.method is not None and self.method.lower() not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
 
@@ -243,6 +263,8 @@ def _infer_task(model: str) -> str:
         archs = json.loads((Path(model).expanduser() / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         archs = []
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        return "token-cls"
     return "causal-lm" if any("CausalLM" in a or "LMHeadModel" in a for a in archs) else "seq-cls"
 
 
@@ -297,8 +319,15 @@ def _method_config(cfg: TrainConfig, task: str) -> MethodConfig:
         if name not in fields:
             raise ConfigError(f"--{name.replace('_', '-')} does not apply to method {method or peft_type!r}")
         data[name] = list(value) if isinstance(value, tuple) else value
+    for name, value in (cfg.options or {}).items():
+        if name not in fields or name in ("peft_type", "task_type", "inference_mode", "base_model_name_or_path"):
+            settable = sorted(f for f in fields if not f.startswith("_") and f not in ("peft_type", "task_type"))
+            raise ConfigError(
+                f"--set {name}: not a field of {peft_type} configs (or not settable); fields: {', '.join(settable)}"
+            )
+        data[name] = value
     data["task_type"] = TASK_TYPES[task]
-    if task == "seq-cls" and "modules_to_save" in fields and not data.get("modules_to_save"):
+    if task in HEAD_TASKS and "modules_to_save" in fields and not data.get("modules_to_save"):
         data["modules_to_save"] = ["classifier", "score"]  # HF PEFT's convention for classification heads
     data["inference_mode"] = False
     return config_from_dict(data, source=cfg.config_file or "training options")
@@ -345,7 +374,7 @@ def _build(
     method_config = _method_config(cfg, task)  # flag errors before the slow model load
     train_data = read_jsonl(data_path, task)
     eval_data = read_jsonl(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
-    id2label = train_data.id2label if task == "seq-cls" else None
+    id2label = train_data.id2label if task in HEAD_TASKS else None
     loaded = load_model(cfg.model, task, num_labels=len(id2label) if id2label else None, id2label=id2label)
     if loaded.tokenizer is None:
         raise ModelLoadError(
@@ -362,8 +391,10 @@ def _build(
     max_pos = getattr(loaded.model.config, "n_positions", None) or getattr(
         loaded.model.config, "max_position_embeddings", None
     )
+    if max_pos and isinstance(method_config, PromptLearningConfig):
+        max_pos -= method_config.num_virtual_tokens  # virtual tokens / the prefix take the first positions
     if max_pos and max_length > max_pos:
-        logger.warning("max_length=%d exceeds the model's %d positions; using %d", max_length, max_pos, max_pos)
+        logger.warning("max_length=%d exceeds the model's %d usable positions; using %d", max_length, max_pos, max_pos)
         max_length = max_pos
     pad_id = loaded.model.config.pad_token_id if task == "seq-cls" else None
     train_enc = encode(train_data, loaded.tokenizer, task, max_length, pad_id)
@@ -460,13 +491,13 @@ def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, 
         logits = program.forward_batch(batch)
         loss_sum += float(task.loss(logits, batch)) * n
         count += n
-        if task.name == "seq-cls":
+        if task.name in HEAD_TASKS:  # token-cls: labelled positions only (-100 never equals an argmax)
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
     if count == 0:
         return {}
     loss = loss_sum / count
     out = {"loss": loss}
-    if task.name == "seq-cls":
+    if task.name in HEAD_TASKS:
         out["accuracy"] = correct / count
     else:
         out["perplexity"] = math.exp(min(loss, 50.0))
