@@ -36,6 +36,8 @@ def _peft_config(method: str):
 
     if method == "lora":
         return peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", init_lora_weights=False)
+    if method == "adalora":
+        return peft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, task_type="CAUSAL_LM")
     if method == "ia3":
         return peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False)
     if method == "prompt-tuning":
@@ -66,7 +68,7 @@ def _hf_peft(family: str, method: str):
     model = peft.get_peft_model(factory(), _peft_config(method)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "prompt_encoder" in name or "ia3_l" in name or "adaption_" in name:  # adaption gate starts at 0
+            if any(k in name for k in ("prompt_encoder", "ia3_l", "adaption_", "lora_E")):  # E, gates: zero at init
                 param.add_(torch.randn_like(param))  # away from HF's init (IA3 ones, small prompts)
     model.save_pretrained(root / "adapter")
     return root, model
@@ -101,6 +103,7 @@ CASES = [
     pytest.param("llama", "p-tuning", False, id="llama-gqa-p-tuning", marks=pytest.mark.slow),
     pytest.param("llama", "adaption-prompt", False, id="llama-gqa-adaption-prompt", marks=pytest.mark.slow),
     pytest.param("llama", "prefix-tuning", False, id="llama-gqa-prefix-tuning"),
+    pytest.param("gpt2", "adalora", True, id="gpt2-adalora-merged", marks=pytest.mark.slow),
     pytest.param("gpt2", "prefix-projection", False, id="gpt2-prefix-projection", marks=pytest.mark.slow),
 ]
 
