@@ -169,13 +169,11 @@ def test_program_io_describes_inputs_and_outputs_like_onnx_io():
 
 
 def test_peftc_export_format_torchscript():
-    """``peftc export --format torchscript --merge``: a verified artifact directory (once export.py is wired)."""
+    """``peftc export --format torchscript --merge``: a verified artifact directory."""
     from onnx_export_cases import build, hf_logits, make_inputs
 
-    from peftc.exporting import SUPPORTED_FORMATS, export
+    from peftc.exporting import export
 
-    if "torchscript" not in SUPPORTED_FORMATS:
-        pytest.skip("peftc.export does not offer --format torchscript yet (see exporters/torchscript.py)")
     built = build("gpt2")
     out = export(built.run_dir, format="torchscript", merge=True, out=built.run_dir.parent / "export-torchscript")
     manifest = json.loads((out / "manifest.json").read_text())
