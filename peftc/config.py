@@ -58,6 +58,8 @@ class MethodConfig:
     """Fields every HF PEFT config has; subclasses add the method's own."""
 
     peft_type: ClassVar[str] = ""
+    #: Why no merge can fold this method into the weights (``None``: it merges exactly).
+    merge_refusal: ClassVar[str | None] = None
     #: HF PEFT fields this class does not implement, with the value that means "off".
     unsupported: ClassVar[dict[str, Any]] = {}
 
@@ -371,6 +373,11 @@ class PromptLearningConfig(MethodConfig):
     (as HF PEFT does), so a saved config always holds them.
     """
 
+    merge_refusal: ClassVar[str | None] = "it prepends virtual tokens to the inputs"
+    #: What a KV-cache graph does with ``position_ids`` (HF PEFT 0.21): ``"drop"`` them and number
+    #: positions from the cache length, or ``"shift"`` them by the prefix (:class:`peftc.kv.WithPastModule`).
+    cache_positions: ClassVar[str] = "drop"
+
     num_virtual_tokens: int = _help(
         "Number of virtual tokens prepended to every input (HF PEFT has no default; peftc uses 20).", default=20
     )
@@ -489,6 +496,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    merge_refusal: ClassVar[str | None] = "it prepends learned keys and values to every attention"
+    cache_positions: ClassVar[str] = "shift"
 
     encoder_hidden_size: int | None = _help(
         "Hidden size of the prefix_projection MLP (default: token_dim).", default=None
@@ -531,6 +540,7 @@ class AdaptionPromptConfig(MethodConfig):
     """
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+    merge_refusal: ClassVar[str | None] = "its gated attention over learned prompts is a separate softmax"
 
     target_modules: str | None = _help(
         "Name of the attention submodules to adapt: every module whose name ends with '.<target_modules>'. "

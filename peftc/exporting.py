@@ -48,15 +48,6 @@ DTYPES = {"float32": 1e-4, "float16": 2e-2}
 ADAPTER_SUBDIR = "adapter"
 #: Where a swappable artifact keeps ``<name>.onnx_adapter`` and a copy of each source adapter (``<name>/``).
 ADAPTERS_SUBDIR = "adapters"
-#: Methods that change the model's inputs (virtual tokens), which no merge can express.
-_INPUT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-#: Methods no merge can express, and why.
-_UNMERGEABLE = {
-    "PROMPT_TUNING": "it prepends virtual tokens to the inputs",
-    "P_TUNING": "it prepends virtual tokens to the inputs",
-    "PREFIX_TUNING": "it prepends learned keys and values to every attention",
-    "ADAPTION_PROMPT": "its gated attention over learned prompts is a separate softmax",
-}
 _HEAD_SUFFIXES = (".classifier.weight", ".score.weight", ".classifier.out_proj.weight")
 
 
@@ -173,10 +164,10 @@ def export(
     source = resolve_source(src, model, task)
     refuse_out_over_inputs(out, [Path(src), Path(source.adapter_dir), Path(source.base)])
     state = AdapterState.load(source.adapter_dir)
-    if merge and state.config.peft_type in _UNMERGEABLE:
+    if merge and state.config.merge_refusal:
         raise ConfigError(
             f"--merge cannot fold {state.config.peft_type} adapters into the weights "
-            f"({_UNMERGEABLE[state.config.peft_type]}); export without --merge"
+            f"({state.config.merge_refusal}); export without --merge"
         )
     # TorchScript / AOTInductor: a KV-cache graph only when asked (the C++ example feeds no cache)
     past = _with_past(with_past if format == "onnx" else bool(with_past), source.task)
@@ -683,24 +674,17 @@ def adapted_program(model: Any, task: str, state: AdapterState, with_past: bool 
     cache prefix (prefix tuning's keys/values, or the virtual tokens' keys/values) instead of
     virtual tokens, since a decode step carries no prompt.
     """
-    from peftc.kv import prompt_prefix
+    from peftc.config import PromptLearningConfig
+    from peftc.kv import cache_prefix
     from peftc.kv import with_past as past_transform
     from peftc.passes import insertion_pipeline
     from peftc.program import capture
 
     if not with_past:
         program = capture(model, task, mode="eval")
-    elif state.config.peft_type in _INPUT_METHODS:
-        if state.config.peft_type == "PREFIX_TUNING":
-            from peftc.passes.prefix import prefix_key_values
-
-            prefix = prefix_key_values(state, model.config)
-        else:
-            from peftc.passes.prompt import PROMPT_KEY
-
-            prefix = prompt_prefix(model, state.tensors[PROMPT_KEY].detach())
-        positions = "shift" if state.config.peft_type == "PREFIX_TUNING" else "drop"  # as HF PEFT 0.21
-        program = capture(model, task, mode="eval", transform=past_transform(prefix, positions))
+    elif isinstance(state.config, PromptLearningConfig):
+        transform = past_transform(cache_prefix(model, state), state.config.cache_positions)
+        program = capture(model, task, mode="eval", transform=transform)
         program.adapter = state
         return program
     else:

@@ -37,6 +37,7 @@ __all__ = [
     "PAST_DIM",
     "WithPastModule",
     "cache_geometry",
+    "cache_prefix",
     "is_with_past",
     "past_names",
     "present_names",
@@ -170,6 +171,23 @@ def with_past(
         return WithPastModule(model, names, prefix, positions)
 
     return transform
+
+
+def cache_prefix(model: nn.Module, state) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The constant cache prefix of a prompt-learning adapter ``state`` (an AdapterState) on ``model``.
+
+    Prefix tuning's adapter is the cache prefix itself (:func:`peftc.passes.prefix.prefix_key_values`);
+    prompt tuning's and P-tuning's virtual tokens give theirs through the model (:func:`prompt_prefix`).
+    """
+    from peftc.config import PrefixTuningConfig
+
+    if isinstance(state.config, PrefixTuningConfig):
+        from peftc.passes.prefix import prefix_key_values
+
+        return prefix_key_values(state, model.config)
+    from peftc.passes.prompt import PROMPT_KEY
+
+    return prompt_prefix(model, state.tensors[PROMPT_KEY].detach())
 
 
 @torch.no_grad()
