@@ -5,7 +5,7 @@ The model is GPT-2-small-shaped (hidden 768, 12 heads, vocab 50257, random init,
 c_attn, B perturbed so it is not the identity) is bound with peftc and exported twice:
 
 - merged: :class:`~peftc.passes.merge.MergeLoraPass`, the base graph with folded weights;
-- swappable: :class:`~peftc.passes.lift.LiftLoraToInputsPass`, A and s·B as graph inputs with rank-0
+- swappable: :class:`~peftc.passes.lift.LiftAdaptersToInputsPass`, A and s·B as graph inputs with rank-0
   defaults; the adapter is an ``.onnx_adapter`` activated with ``RunOptions.add_active_adapter``.
 
 Both run under ONNX Runtime (CPU, graph optimisation ALL, ``--threads`` intra-op threads) on the
@@ -73,7 +73,7 @@ def main() -> None:
     from peftc.exporters.onnx import export_program_onnx
     from peftc.exporters.swappable import write_adapter
     from peftc.passes import merge_pipeline
-    from peftc.passes.lift import LiftLoraToInputsPass, lifted_tensors
+    from peftc.passes.lift import LiftAdaptersToInputsPass, lifted_tensors
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(args.threads)
@@ -92,7 +92,7 @@ def main() -> None:
     )
     adapters = [{k: v.float().numpy() for k, v in lifted_tensors(program, st).items()} for st in (None, second)]
     swap_program = _program(model, args.rank, 1)
-    LiftLoraToInputsPass()(swap_program)
+    LiftAdaptersToInputsPass()(swap_program)
     merge_pipeline()(program)
     merged_path = tmp / "merged.onnx"
     export_program_onnx(program, merged_path, external_data=True)

@@ -15,43 +15,129 @@ init_r}``) holds tensors cut to the kept triplets; they bind at that rank (HF's
 ``resize_modules_by_rank_pattern``). Tensors still at ``init_r`` (a mid-training checkpoint: pruned
 triplets are zeros in E) bind too.
 
-Training support lives here as well: :class:`RankAllocator` (HF's importance-driven budget), the
-orthogonal regularisation, and :class:`AdaLoraTraining`, the hooks ``peftc.train`` calls.
+Training support (the RankAllocator, the orthogonal regularisation, the final resize) is the method's
+training hooks, in :mod:`peftc.passes.adalora_training`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import fx, nn
 
 from peftc.adapters import AdapterState, graph_path, peft_key
-from peftc.config import AdaLoraConfig
+from peftc.config import MethodConfig, help_field
 from peftc.errors import AdapterMismatchError, ConfigError
+from peftc.methods import LiftedTensor, Method, register_method
 from peftc.program import Program, Site
 
-from .base import add_call, add_param
-from .merge import MergeLoraPass
+from .base import PassManager, add_call, add_param
+from .lora import LoraConfig
+from .merge import MergeLowRankPass
+from .modules_to_save import ModulesToSavePass
 from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
 
 __all__ = [
+    "ADALORA",
     "ADALORA_DEFAULT_TARGETS",
+    "AdaLoraConfig",
     "AdaLoraPass",
-    "AdaLoraTraining",
     "MergeAdaLoraPass",
-    "RankAllocator",
-    "orthogonal_regularization",
-    "resize_by_rank_pattern",
 ]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA: ``h = Wx + b + dropout(x)(A⊙E)ᵀBᵀ·lora_alpha/(ranknum + 1e-5)`` with ranks pruned while training.
+
+    HF PEFT 0.21's ``AdaLoraConfig`` (a ``LoraConfig`` subclass). Every target starts at ``init_r``;
+    the RankAllocator prunes the total budget to ``target_r`` per module between ``tinit`` and
+    ``total_step - tfinal`` and records the kept triplets in ``rank_pattern``
+    (``{"<module>.lora_E": [bool] * init_r}``). ``r``, ``use_rslora`` and ``alpha_pattern`` are ignored,
+    as in HF PEFT.
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+
+    target_r: int = help_field("Target average rank per module after pruning.", default=8)
+    init_r: int = help_field("Initial rank of every module.", default=12)
+    tinit: int = help_field("Steps of initial fine-tuning before any pruning.", default=0)
+    tfinal: int = help_field("Steps of final fine-tuning after the budget reached target_r.", default=0)
+    deltaT: int = help_field("Steps between two budget allocations (masking).", default=1)
+    beta1: float = help_field("EMA coefficient of the sensitivity smoothing.", default=0.85)
+    beta2: float = help_field("EMA coefficient of the uncertainty quantification.", default=0.85)
+    orth_reg_weight: float = help_field("Weight of the orthogonal regularisation of A and B in the loss.", default=0.5)
+    total_step: int | None = help_field(
+        "Total training steps (required by HF PEFT; peftc train fills in the run's step count when unset).",
+        default=None,
+    )
+    rank_pattern: dict[str, list[bool]] | None = help_field(
+        "Triplets kept by the RankAllocator: {'<module>.lora_E': [bool] * init_r}; written by training.",
+        default=None,
+    )
+
+    def validate(self) -> None:
+        MethodConfig.validate(self)
+        for name in ("r", "init_r", "target_r", "deltaT"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"AdaLoRA {name} must be a positive integer, got {name}={getattr(self, name)}")
+        if self.target_r > self.init_r:
+            raise ConfigError(
+                f"AdaLoRA target_r={self.target_r} exceeds init_r={self.init_r}; pruning only lowers the rank, "
+                "so set target_r <= init_r"
+            )
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"AdaLoRA {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"AdaLoRA {name} must be in (0, 1), got {getattr(self, name)}")
+        if self.orth_reg_weight < 0:
+            raise ConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        if self.total_step is not None:
+            if self.total_step <= 0:
+                raise ConfigError(f"AdaLoRA total_step must be a positive integer, got {self.total_step}")
+            if self.tinit >= self.total_step - self.tfinal:
+                raise ConfigError(
+                    f"AdaLoRA schedule tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} leaves "
+                    "no budgeting phase; need tinit < total_step - tfinal: lower tinit/tfinal or raise total_step"
+                )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False):
+            raise ConfigError(f"AdaLoRA init_lora_weights must be true or false, got {self.init_lora_weights!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is set but layers_to_transform is not; set both (as HF PEFT requires)")
+        for key, mask in (self.rank_pattern or {}).items():
+            if len(mask) != self.init_r:
+                raise ConfigError(
+                    f"rank_pattern[{key!r}] has {len(mask)} entries but init_r={self.init_r}; "
+                    "the adapter was saved with another init_r"
+                )
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    def rank_for(self, name: str) -> int:
+        """Kept rank of module ``name``: ``sum(rank_pattern['<name>.lora_E'])``, else ``init_r``."""
+        pattern = self.rank_pattern or {}
+        mask = pattern.get(f"{name}.lora_E", pattern.get(f"{name}.lora_E.default"))  # saved / in-memory HF key
+        return self.init_r if mask is None else int(sum(bool(m) for m in mask))
+
+    def alpha_for(self, name: str) -> float:
+        return float(self.lora_alpha)
+
+    def scale_for(self, name: str) -> float:
+        """HF's ``scaling``: ``lora_alpha`` (``init_r`` when alpha <= 0); the forward also divides by ranknum."""
+        return float(self.lora_alpha) if self.lora_alpha > 0 else float(self.init_r)
+
 
 #: HF PEFT 0.21 ``TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING`` for the families peftc covers.
 ADALORA_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -71,9 +157,9 @@ ADALORA_DEFAULT_TARGETS: dict[str, list[str]] = {
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
-_PARTS = ("lora_A", "lora_B", "lora_E")
-#: File of a training checkpoint holding the RankAllocator's state.
-ALLOCATOR_FILE = "adalora_allocator.safetensors"
+#: A site's tensors (HF PEFT's ``ParameterDict`` entries, saved without ``.weight``).
+PARTS = ("lora_A", "lora_B", "lora_E")
+_PARTS = PARTS
 
 
 def ranknum_denominator(init_r: int | float, dtype: torch.dtype = torch.float32) -> float:
@@ -130,7 +216,14 @@ class AdaLoraPass(LinearAdapterPass):
         ranknum = float(saved_ranknum.reshape(-1)[0]) if saved_ranknum is not None else cfg.init_r
         denom = ranknum_denominator(ranknum, w.dtype)
         program.sites[site.name] = Site(
-            site.name, "ADALORA", site.module_type, fin, fout, held, cfg.scale_for(site.name), site.fan_in_fan_out
+            site.name,
+            AdaLoraConfig.peft_type,
+            site.module_type,
+            fin,
+            fout,
+            held,
+            cfg.scale_for(site.name),
+            site.fan_in_fan_out,
         )
         return [state.tensors[keys[p]] for p in _PARTS], denom
 
@@ -174,216 +267,72 @@ def _init_adalora(cfg: AdaLoraConfig, r: int, fin: int, fout: int, dtype: torch.
     return [nn.Parameter(t.to(dtype)) for t in (a, b, e)]
 
 
-class MergeAdaLoraPass(MergeLoraPass):
+class MergeAdaLoraPass(MergeLowRankPass):
     """Folds B·(A⊙E)·s/(ranknum+1e-5) into W at every AdaLoRA site and removes the branch."""
 
-    method = "ADALORA"
+    method = AdaLoraConfig.peft_type
     parts = _PARTS
 
-    def delta(self, program: Program, site, tagged: list[fx.Node]) -> torch.Tensor:
-        scale = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_scale")
-        denom = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_ranknum")
+    def delta(self, program: Program, site: Site, tagged: list[fx.Node]) -> torch.Tensor:
+        scale, denom = _branch_constants(tagged)
         a, b, e = (program.graph_module.get_parameter(graph_path(peft_key(site.name, p))) for p in _PARTS)
         return (b.float() @ (a.float() * e.float())) * scale / denom
 
 
-def _modules(state: AdapterState) -> list[str]:
-    """Module names (HF PEFT key prefixes without ``.lora_A``) of the state's AdaLoRA triplets, sorted."""
-    return sorted(k.removesuffix(".lora_A") for k in state.tensors if k.endswith(".lora_A"))
+def _branch_constants(tagged: list[fx.Node]) -> tuple[float, float]:
+    """(s, ranknum + 1e-5) of a site, read from its scale and ranknum nodes."""
+    scale = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_scale")
+    denom = next(n.args[1] for n in tagged if n.meta.get("peftc_role") == "lora_ranknum")
+    return scale, denom
 
 
-def _rank_key(prefix: str) -> str:
-    """``rank_pattern`` key of a triplet: ``<module>.lora_E`` (HF PEFT's saved form)."""
-    return prefix.removeprefix("base_model.model.") + ".lora_E"
+def adalora_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTensor]:
+    """A ``[r, in]``, E ``[r, 1]`` and B·s/(ranknum+1e-5) ``[out, r]`` as inputs; rank-0 defaults give the base."""
+    scale, denom = _branch_constants([n for n in program.graph.nodes if n.meta.get("peftc_site") == site.name])
+    keys = {p: peft_key(site.name, p) for p in _PARTS}
+    a, b, e = (state.tensors[keys[p]].detach() for p in _PARTS)
+    b_scaled = (b.float() * scale / denom).to(b.dtype).contiguous()
+    return [
+        LiftedTensor(f"{site.name}.lora_A", graph_path(keys["lora_A"]), a.clone(), a.new_zeros(0, a.shape[1]), 0),
+        LiftedTensor(f"{site.name}.lora_E", graph_path(keys["lora_E"]), e.clone(), e.new_zeros(0, 1), 0),
+        LiftedTensor(f"{site.name}.lora_B", graph_path(keys["lora_B"]), b_scaled, b.new_zeros(b.shape[0], 0), 1),
+    ]
 
 
-def orthogonal_regularization(state: AdapterState) -> torch.Tensor:
-    """Mean over every A and B of ``‖P Pᵀ − I‖_F`` (A: ``A Aᵀ``; B: ``Bᵀ B``), as HF's ``AdaLoraModel.forward``."""
-    total, count = None, 0
-    for key, p in state.tensors.items():
-        if not p.requires_grad or not (key.endswith(".lora_A") or key.endswith(".lora_B")):
-            continue
-        cov = p @ p.T if key.endswith(".lora_A") else p.T @ p
-        eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
-        norm = torch.norm(cov - eye, p="fro")
-        total = norm if total is None else total + norm
-        count += 1
-    return total / count if count else torch.zeros(())
+def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
+    a, b = parts.get("lora_A"), parts.get("lora_B")
+    out: dict[str, Any] = {}
+    if a:
+        out.update(rank=a[0], **{"in": a[-1]})
+    if b:
+        out["out"] = b[0]
+    return out
 
 
-class RankAllocator:
-    """HF PEFT's RankAllocator over an :class:`AdapterState`: importance EMAs, cubic budget, masking of E.
-
-    The importance of an entry is ``|w·∇w|``, smoothed (``beta1``) and multiplied by its uncertainty
-    (``beta2`` EMA of the deviation); a triplet's score is its E score plus the row/column means of its
-    A and B scores. At a masking step the lowest-scoring triplets over all modules are zeroed in E until
-    ``budget`` remain.
-    """
-
-    def __init__(self, config: AdaLoraConfig, state: AdapterState):
-        if config.total_step is None:
-            raise ConfigError("AdaLoRA total_step is unset; set it in the config (peftc train fills it in)")
-        self.config = config
-        self.state = state
-        self.prefixes = _modules(state)
-        self.init_bgt = sum(state.tensors[p + ".lora_A"].shape[0] for p in self.prefixes)
-        self.target_bgt = config.target_r * len(self.prefixes)
-        self.reset_ipt()
-
-    def reset_ipt(self) -> None:
-        self.ipt: dict[str, torch.Tensor] = {}
-        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
-        self.exp_avg_unc: dict[str, torch.Tensor] = {}
-
-    def budget_schedule(self, step: int) -> tuple[int, bool]:
-        """(budget, whether to mask) at ``step``: constant until tinit, cubic decay, target after total−tfinal."""
-        cfg = self.config
-        tinit, tfinal, total = cfg.tinit, cfg.tfinal, cfg.total_step
-        if step <= tinit:
-            return self.init_bgt, False
-        if step > total - tfinal:
-            return self.target_bgt, True
-        mul_coeff = 1 - (step - tinit) / (total - tfinal - tinit)
-        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt)
-        return budget, step % cfg.deltaT == 0
-
-    @torch.no_grad()
-    def update_ipt(self) -> None:
-        b1, b2 = self.config.beta1, self.config.beta2
-        for prefix in self.prefixes:
-            for part in _PARTS:
-                n = f"{prefix}.{part}"
-                p = self.state.tensors[n]
-                if n not in self.ipt:
-                    self.ipt[n] = torch.zeros_like(p)
-                    self.exp_avg_ipt[n] = torch.zeros_like(p)
-                    self.exp_avg_unc[n] = torch.zeros_like(p)
-                if p.grad is None:
-                    raise RuntimeError(f"AdaLoRA rank allocation needs the gradient of {n}; call it before zero_grad")
-                self.ipt[n] = (p * p.grad).abs().detach()
-                self.exp_avg_ipt[n] = b1 * self.exp_avg_ipt[n] + (1 - b1) * self.ipt[n]
-                self.exp_avg_unc[n] = b2 * self.exp_avg_unc[n] + (1 - b2) * (self.ipt[n] - self.exp_avg_ipt[n]).abs()
-
-    def _score(self, n: str) -> torch.Tensor:
-        return self.exp_avg_ipt[n] * self.exp_avg_unc[n]
-
-    @torch.no_grad()
-    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
-        """Zero E of the lowest-scoring triplets so ``budget`` remain; the kept-triplet masks by rank key."""
-        triplet: dict[str, torch.Tensor] = {}
-        for prefix in self.prefixes:
-            a = torch.mean(self._score(prefix + ".lora_A"), dim=1, keepdim=True)
-            b = torch.mean(self._score(prefix + ".lora_B"), dim=0, keepdim=False).view(-1, 1)
-            ab = torch.cat([a, b], dim=1).sum(dim=1, keepdim=False)
-            triplet[prefix] = (self._score(prefix + ".lora_E").view(-1) + ab.view(-1)).view(-1, 1)
-        k = self.init_bgt - budget
-        # HF PEFT calls kthvalue(k=0) there and fails; masking nothing is what that budget means.
-        threshold = torch.kthvalue(torch.cat([t.view(-1) for t in triplet.values()]), k=k)[0].item() if k > 0 else -1
-        pattern = {}
-        for prefix, score in triplet.items():
-            self.state.tensors[prefix + ".lora_E"].masked_fill_(score <= threshold, 0.0)
-            pattern[_rank_key(prefix)] = (~(score <= threshold)).view(-1).tolist()
-        return pattern
-
-    def update_and_allocate(self, step: int, force_mask: bool = False) -> tuple[int, dict[str, list[bool]] | None]:
-        if step < self.config.total_step - self.config.tfinal:
-            self.update_ipt()
-        budget, mask_ind = self.budget_schedule(step)
-        return budget, (self.mask_to_budget(budget) if mask_ind or force_mask else None)
-
-    @torch.no_grad()
-    def mask_using_rank_pattern(self, rank_pattern: dict[str, list[bool]]) -> None:
-        for prefix in self.prefixes:
-            mask = torch.tensor(rank_pattern[_rank_key(prefix)], dtype=torch.bool).unsqueeze(-1)
-            self.state.tensors[prefix + ".lora_E"].masked_fill_(~mask, 0.0)
+def _pipeline(config: AdaLoraConfig, state: AdapterState | None) -> PassManager:
+    return PassManager(
+        "adalora-insert", [AdaLoraPass(config, state), ModulesToSavePass(config.modules_to_save, config.bias)]
+    )
 
 
-class AdaLoraTraining:
-    """The hooks ``peftc.train`` calls for AdaLoRA: loss regularisation, rank allocation, final resize.
+def _hooks(config: AdaLoraConfig, state: AdapterState, total_steps: int) -> Any:
+    from .adalora_training import AdaLoraTraining
 
-    ``after_step(step)`` is HF's ``AdaLoraModel.update_and_allocate(global_step)``: call it after
-    ``optimizer.step()`` and before ``zero_grad`` with the 1-based optimizer step.
-    """
-
-    def __init__(self, config: AdaLoraConfig, state: AdapterState, total_steps: int):
-        if config.total_step is None:
-            config.total_step = total_steps
-            if config.tinit >= config.total_step - config.tfinal:
-                raise ConfigError(
-                    f"AdaLoRA tinit={config.tinit} and tfinal={config.tfinal} leave no pruning phase in this run's "
-                    f"{total_steps} steps; lower them or train longer"
-                )
-        self.config = config
-        self.state = state
-        self.allocator = RankAllocator(config, state)
-
-    def regularization(self) -> torch.Tensor | float:
-        """``orth_reg_weight · mean ‖PPᵀ − I‖_F``, added to every micro-batch loss."""
-        if self.config.orth_reg_weight == 0:
-            return 0.0
-        return self.config.orth_reg_weight * orthogonal_regularization(self.state)
-
-    def after_step(self, step: int) -> None:
-        cfg = self.config
-        final = cfg.total_step - cfg.tfinal
-        if step < final:
-            _, pattern = self.allocator.update_and_allocate(step)
-            if pattern:
-                cfg.rank_pattern = pattern
-        elif step == final:
-            _, cfg.rank_pattern = self.allocator.update_and_allocate(step, force_mask=True)
-            self.allocator.reset_ipt()
-        else:
-            if cfg.rank_pattern is None:  # resumed in the final phase: the allocator state is gone
-                _, cfg.rank_pattern = self.allocator.update_and_allocate(step, force_mask=True)
-            self.allocator.mask_using_rank_pattern(cfg.rank_pattern)
-
-    def save_state(self, directory: str | Path) -> None:
-        """Write the allocator's importance EMAs and ``rank_pattern`` into a checkpoint directory."""
-        alloc = self.allocator
-        tensors = {}
-        for slot, table in (("ipt", alloc.ipt), ("avg", alloc.exp_avg_ipt), ("unc", alloc.exp_avg_unc)):
-            tensors.update({f"{slot}::{k}": v.contiguous() for k, v in table.items()})
-        meta = {"rank_pattern": json.dumps(self.config.rank_pattern), "total_step": str(self.config.total_step)}
-        save_file(tensors, str(Path(directory, ALLOCATOR_FILE)), metadata=meta)
-
-    def load_state(self, directory: str | Path) -> None:
-        """Restore what :meth:`save_state` wrote, so a resumed run allocates ranks as an uninterrupted one."""
-        path = Path(directory, ALLOCATOR_FILE)
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {directory} has no {ALLOCATOR_FILE}; it was not written by an AdaLoRA run")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        alloc = self.allocator
-        alloc.reset_ipt()
-        tables = {"ipt": alloc.ipt, "avg": alloc.exp_avg_ipt, "unc": alloc.exp_avg_unc}
-        for key, value in tensors.items():
-            slot, _, name = key.partition("::")
-            tables[slot][name] = value
-        self.config.rank_pattern = json.loads(meta.get("rank_pattern", "null"))
-
-    def finalize(self, state: AdapterState) -> AdapterState:
-        """The adapter as HF PEFT saves it: tensors cut to the kept triplets of ``rank_pattern``."""
-        return resize_by_rank_pattern(state)
+    return AdaLoraTraining(config, state, total_steps)
 
 
-def resize_by_rank_pattern(state: AdapterState) -> AdapterState:
-    """A new state whose A/E rows and B columns are those ``config.rank_pattern`` keeps (HF's save-time resize)."""
-    pattern = state.config.rank_pattern
-    if not pattern:
-        return state
-    tensors = dict(state.tensors)
-    for prefix in _modules(state):
-        mask = pattern.get(_rank_key(prefix))
-        if mask is None:
-            continue
-        idx = torch.tensor(mask, dtype=torch.bool)
-        for part in _PARTS:
-            t = tensors[f"{prefix}.{part}"]
-            held = t.shape[1] if part == "lora_B" else t.shape[0]
-            if held == int(idx.sum()):
-                continue
-            cut = t.detach()[:, idx] if part == "lora_B" else t.detach()[idx]
-            tensors[f"{prefix}.{part}"] = nn.Parameter(cut.clone(), requires_grad=False)
-    return dataclasses.replace(state, tensors=tensors)
+ADALORA = register_method(
+    Method(
+        peft_type=AdaLoraConfig.peft_type,
+        config_class=AdaLoraConfig,
+        label="AdaLoRA",
+        cli_names={"adalora": {}},
+        pipeline=_pipeline,
+        markers=("lora_", "ranknum"),
+        merge_pass=MergeAdaLoraPass,
+        lift=adalora_lift,
+        lift_bypass=("lora_scale", "lora_ranknum"),
+        training_hooks=_hooks,
+        describe_site=_describe,
+    )
+)

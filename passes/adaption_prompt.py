@@ -26,20 +26,24 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
 from peftc.adapters import AdapterState, graph_path, peft_key
-from peftc.config import ADAPTION_PROMPT_TARGETS, AdaptionPromptConfig
+from peftc.config import MethodConfig, help_field
 from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
+from peftc.methods import Method, register_method
 from peftc.program import MODEL_PREFIX, Program, Site
 
-from .base import InPlacePass, PassResult, SiteDecision, add_call, add_param, finish
+from .base import InPlacePass, PassManager, PassResult, SiteDecision, add_call, add_param, finish
 from .targets import LinearSite, check_all_used, find_linear_sites, suffix_names
 
 __all__ = [
+    "ADAPTION_PROMPT_METHOD",
+    "ADAPTION_PROMPT_TARGETS",
+    "AdaptionPromptConfig",
     "ADAPTION_GATE",
     "ADAPTION_MARKER",
     "ADAPTION_PROMPT",
@@ -57,7 +61,6 @@ ADAPTION_PROMPT = "adaption_prompt"
 ADAPTION_GATE = "adaption_gate"
 #: Prefix of every tensor name this method saves (HF PEFT's ``is_adaption_prompt_trainable``).
 ADAPTION_MARKER = "adaption_"
-METHOD = "ADAPTION_PROMPT"
 #: HF PEFT's ``TRANSFORMERS_MODEL_CONFIG``: model type -> (k, v, o) projection submodules; one fused
 #: ``c_attn`` gives GPT-2's keys and values, and GPT-2 applies no output projection.
 PROJECTIONS: dict[str, tuple[str, str, str | None]] = {
@@ -66,6 +69,58 @@ PROJECTIONS: dict[str, tuple[str, str, str | None]] = {
     "gpt2": ("c_attn", "c_attn", None),
 }
 _SDPA = aten.scaled_dot_product_attention.default
+
+#: Model types HF PEFT 0.21's adaption prompt supports -> its default ``target_modules`` (the attention module).
+ADAPTION_PROMPT_TARGETS = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
+
+
+@dataclass
+class AdaptionPromptConfig(MethodConfig):
+    """LLaMA-Adapter: the top ``adapter_layers`` attention blocks attend to ``adapter_len`` learned, gated tokens.
+
+    ``out += o_proj(g·softmax(Q·k_proj(P)ᵀ/√d)·v_proj(P))`` with P ``[1, adapter_len, hidden]`` and the gate
+    g zero-initialised (GPT-2: ``c_attn`` gives the keys and values and no output projection is applied, as
+    in HF PEFT). HF PEFT 0.21's ``AdaptionPromptConfig``: supported model types are llama, mistral and gpt2.
+    HF PEFT has no defaults for ``adapter_len`` and ``adapter_layers``; peftc uses 10 (the paper's) and
+    every attention layer, and fills ``adapter_layers`` and ``target_modules`` in when the adapter is
+    created, so a saved config always holds them. It has no ``modules_to_save``: for seq-cls only the
+    adaption prompts train and the base model's head is kept, exactly as HF PEFT does.
+    """
+
+    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+
+    target_modules: str | None = help_field(
+        "Name of the attention submodules to adapt: every module whose name ends with '.<target_modules>'. "
+        "Default: self_attn (llama, mistral) or attn (gpt2).",
+        default=None,
+    )
+    adapter_len: int = help_field("Number of adaption prompt tokens per adapted layer.", default=10)
+    adapter_layers: int | None = help_field(
+        "Number of adapted attention layers, counted from the top (HF PEFT has no default; peftc: every layer).",
+        default=None,
+    )
+
+    def validate(self) -> None:
+        if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 1:
+            self.target_modules = self.target_modules[0]  # ``--target-modules self_attn`` parses to a list
+        super().validate()
+        if self.adapter_len <= 0:
+            raise ConfigError(
+                f"adaption prompt adapter_len must be a positive integer, got adapter_len={self.adapter_len}"
+            )
+        if self.adapter_layers is not None and self.adapter_layers <= 0:
+            raise ConfigError(
+                f"adaption prompt adapter_layers must be a positive integer (layers from the top), got "
+                f"adapter_layers={self.adapter_layers}"
+            )
+        if self.target_modules is not None and not self.target_modules.strip("."):
+            raise ConfigError(
+                f"adaption prompt target_modules must name the attention modules, e.g. 'self_attn' (matched as the "
+                f"end of a module name), got {self.target_modules!r}"
+            )
+
+
+METHOD = AdaptionPromptConfig.peft_type
 
 
 @dataclass
@@ -397,3 +452,23 @@ def is_adaption_prompt_node(node: fx.Node) -> bool:
     return str(node.meta.get("peftc_role", "")).startswith("adaption_") or (
         node.op == "get_attr" and str(node.target).rsplit(".", 1)[-1].startswith(ADAPTION_MARKER)
     )
+
+
+def _pipeline(config: AdaptionPromptConfig, state: AdapterState | None) -> PassManager:
+    """A graph rewrite of the top attention layers; HF PEFT trains nothing else (no head)."""
+    return PassManager("adaption-prompt-insert", [AdaptionPromptPass(config, state)])
+
+
+ADAPTION_PROMPT_METHOD = register_method(
+    Method(
+        peft_type=AdaptionPromptConfig.peft_type,
+        config_class=AdaptionPromptConfig,
+        label="LLaMA-Adapter",
+        cli_names={"adaption-prompt": {}, "llama-adapter": {}},
+        pipeline=_pipeline,
+        markers=(ADAPTION_MARKER,),
+        merge_refusal="its gated attention over learned prompts is a separate softmax",
+        lift_refusal="its learned prompts go through the layer's key and value projections, not a weight update",
+        describe_site=lambda parts: {k: v for k, v in parts.items()},
+    )
+)

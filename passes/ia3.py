@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
 from peftc.adapters import AdapterState, graph_path, peft_key
-from peftc.config import IA3Config
+from peftc.config import MethodConfig, help_field
 from peftc.errors import AdapterMismatchError, ConfigError
+from peftc.methods import LiftedTensor, Method, register_method
 from peftc.program import Program, Site
 
-from .base import add_call, add_param
+from .base import Pass, PassManager, add_call, add_param
+from .modules_to_save import ModulesToSavePass
 from .targets import LinearAdapterPass, LinearSite
 
 __all__ = [
+    "IA3",
+    "IA3Config",
     "IA3_DEFAULT_FEEDFORWARD",
     "IA3_DEFAULT_TARGETS",
     "IA3Pass",
@@ -41,6 +47,48 @@ aten = torch.ops.aten
 
 #: Suffix of the (IA)³ vector in HF PEFT's saved keys.
 IA3_MARKER = "ia3_l"
+
+
+@dataclass
+class IA3Config(MethodConfig):
+    """(IA)³: attention targets ``y = (Wx + b) ⊙ l`` (l ``[out, 1]``), feed-forward targets ``y = W(x ⊙ l) + b``."""
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = help_field(
+        "Modules to adapt: a list matches a whole name or a '.name' suffix, a string is a full regex. "
+        "Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    exclude_modules: list[str] | str | None = help_field("Modules never to adapt (same matching rules).", default=None)
+    feedforward_modules: list[str] | str | None = help_field(
+        "Targets treated as feed-forward, whose input (not output) is scaled, e.g. ['output.dense']: a list entry "
+        "matches a name ending with it, a string is a full regex; must be a subset of target_modules. "
+        "Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    fan_in_fan_out: bool = help_field("Weights stored as [in, out] (GPT-2 Conv1D); set automatically.", default=False)
+    modules_to_save: list[str] | None = help_field(
+        "Modules trained in full and saved with the adapter (the head, for seq-cls).", default=None
+    )
+    init_ia3_weights: bool = help_field(
+        "True: the (IA)³ vectors start at 1 (the base model). False: random.", default=True
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            missing = sorted(set(feedforward) - set(targets))
+            raise ConfigError(
+                f"feedforward_modules must be a subset of target_modules (as in HF PEFT): {missing} not in "
+                f"target_modules={targets}; add them to target_modules or remove them from feedforward_modules"
+            )
+
 
 #: HF PEFT 0.21 ``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING``.
 IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -166,7 +214,9 @@ class IA3Pass(LinearAdapterPass):
                 f"adapter tensor {key} has shape {list(got)} but module {site.name} needs {list(shape)} ({kind}); "
                 "the adapter was made for another base model or with other feedforward_modules"
             )
-        program.sites[site.name] = Site(site.name, "IA3", site.module_type, fin, fout, None, None, site.fan_in_fan_out)
+        program.sites[site.name] = Site(
+            site.name, IA3Config.peft_type, site.module_type, fin, fout, None, None, site.fan_in_fan_out
+        )
         return state.tensors[key]
 
     def _insert(self, program: Program, site: LinearSite, l_vec: nn.Parameter, ff: bool) -> None:
@@ -212,3 +262,46 @@ def _cast_like(program: Program, node: fx.Node, ref: fx.Node, like: fx.Node, sit
 def is_ia3_node(node: fx.Node) -> bool:
     """True for nodes the IA3 pass inserted (its mul, reshape, cast)."""
     return str(node.meta.get("peftc_role", "")).startswith("ia3_")
+
+
+def ia3_input_name(module: str) -> str:
+    """Graph input name of the IA3 vector of site ``module`` (static shape, default: ones)."""
+    return f"{module}.{IA3_MARKER}"
+
+
+def ia3_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTensor]:
+    """``l`` as an input of static shape; ones give the base model."""
+    key = peft_key(site.name, IA3_MARKER)
+    value = state.tensors[key].detach().clone().contiguous()
+    return [LiftedTensor(ia3_input_name(site.name), graph_path(key), value, torch.ones_like(value))]
+
+
+def _merge_pass() -> Pass:
+    from .merge_ia3 import MergeIA3Pass
+
+    return MergeIA3Pass()
+
+
+def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
+    shape = parts.get(IA3_MARKER) or []
+    feedforward = len(shape) == 2 and shape[0] == 1
+    return {"shape": shape, "scales": "input" if feedforward else "output"}
+
+
+def _pipeline(config: IA3Config, state: AdapterState | None) -> PassManager:
+    return PassManager("ia3-insert", [IA3Pass(config, state), ModulesToSavePass(config.modules_to_save)])
+
+
+IA3 = register_method(
+    Method(
+        peft_type=IA3Config.peft_type,
+        config_class=IA3Config,
+        label="IA3",
+        cli_names={"ia3": {}},
+        pipeline=_pipeline,
+        markers=("ia3_",),
+        merge_pass=_merge_pass,
+        lift=ia3_lift,
+        describe_site=_describe,
+    )
+)

@@ -12,22 +12,104 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
 from peftc.adapters import AdapterState, graph_path, peft_key
-from peftc.config import LoraConfig
-from peftc.errors import AdapterMismatchError
+from peftc.config import MethodConfig, help_field, pattern_value
+from peftc.errors import AdapterMismatchError, ConfigError
+from peftc.methods import LiftedTensor, Method, register_method
 from peftc.program import Program, Site
 
-from .base import add_call, add_param
+from .base import PassManager, add_call, add_param
+from .merge import MergeLowRankPass
+from .modules_to_save import ModulesToSavePass
 from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
 
-__all__ = ["LoraPass"]
+__all__ = ["LORA", "LoraConfig", "LoraPass", "MergeLoraPass", "lora_input_names", "lora_lift"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """LoRA: ``h = base(x) + s·B(A(dropout(x)))`` with ``s = lora_alpha / r`` (rsLoRA: ``/√r``)."""
+
+    peft_type: ClassVar[str] = "LORA"
+    unsupported: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "lora_bias": False,
+        "use_qalora": False,
+        "layer_replication": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "megatron_config": None,
+        "trainable_token_indices": None,
+        "target_parameters": None,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        # LoRA variants HF PEFT 0.21 adds (each changes the forward or the tensor shapes)
+        "velora_config": None,
+        "monteclora_config": None,
+        "use_bdlora": None,
+        "kasa_config": None,
+    }
+
+    r: int = help_field("LoRA rank.", default=8)
+    lora_alpha: float = help_field("LoRA scaling numerator: s = lora_alpha / r.", default=8)
+    lora_dropout: float = help_field("Dropout on the LoRA branch input while training.", default=0.0)
+    target_modules: list[str] | str | None = help_field(
+        "Modules to adapt: a list matches a whole name or a '.name' suffix, a string is a full regex. "
+        "Default: HF PEFT's table for the model type.",
+        default=None,
+    )
+    exclude_modules: list[str] | str | None = help_field("Modules never to adapt (same matching rules).", default=None)
+    fan_in_fan_out: bool = help_field("Weights stored as [in, out] (GPT-2 Conv1D); set automatically.", default=False)
+    bias: str = help_field("Which biases train: none, all or lora_only.", default="none")
+    use_rslora: bool = help_field("Rank-stabilised scaling s = lora_alpha / sqrt(r).", default=False)
+    modules_to_save: list[str] | None = help_field(
+        "Modules trained in full and saved with the adapter (the head, for seq-cls).", default=None
+    )
+    init_lora_weights: bool | str = help_field("True: A kaiming-uniform, B zero. False: both random.", default=True)
+    layers_to_transform: list[int] | int | None = help_field("Only adapt these layer indices.", default=None)
+    layers_pattern: list[str] | str | None = help_field("Name of the layer list, e.g. 'h' or 'layers'.", default=None)
+    rank_pattern: dict[str, int] = help_field("Per-module rank overrides: {name or regex: r}.", default_factory=dict)
+    alpha_pattern: dict[str, float] = help_field(
+        "Per-module alpha overrides: {name or regex: alpha}.", default_factory=dict
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r <= 0:
+            raise ConfigError(f"LoRA r must be a positive integer, got r={self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use true, false or 'gaussian'"
+            )
+        for key, rank in self.rank_pattern.items():
+            if rank <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank}")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    def rank_for(self, name: str) -> int:
+        return int(pattern_value(name, self.rank_pattern, self.r))
+
+    def alpha_for(self, name: str) -> float:
+        return float(pattern_value(name, self.alpha_pattern, self.lora_alpha))
+
+    def scale_for(self, name: str) -> float:
+        r, alpha = self.rank_for(name), self.alpha_for(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 class LoraPass(LinearAdapterPass):
@@ -68,7 +150,14 @@ class LoraPass(LinearAdapterPass):
                     f"needs {list(shape)} (r={r}, in={fin}, out={fout}); the adapter was made for another base model"
                 )
         program.sites[site.name] = Site(
-            site.name, "LORA", site.module_type, fin, fout, r, cfg.scale_for(site.name), site.fan_in_fan_out
+            site.name,
+            LoraConfig.peft_type,
+            site.module_type,
+            fin,
+            fout,
+            r,
+            cfg.scale_for(site.name),
+            site.fan_in_fan_out,
         )
         return state.tensors[key_a], state.tensors[key_b]
 
@@ -104,3 +193,68 @@ def _init_lora(cfg: LoraConfig, r: int, fin: int, fout: int, dtype: torch.dtype)
 
 def is_lora_node(node: fx.Node) -> bool:
     return str(node.meta.get("peftc_role", "")).startswith("lora_")
+
+
+class MergeLoraPass(MergeLowRankPass):
+    """Folds s·B·A into W at every LoRA site and removes the branch."""
+
+    method = LoraConfig.peft_type
+    parts = ("lora_A", "lora_B")
+
+    def delta(self, program: Program, site: Site, tagged: list[fx.Node]) -> torch.Tensor:
+        gm = program.graph_module
+        a = gm.get_parameter(graph_path(peft_key(site.name, "lora_A.weight")))
+        b = gm.get_parameter(graph_path(peft_key(site.name, "lora_B.weight")))
+        return (b.float() @ a.float()) * site.scale
+
+
+def lora_input_names(module: str) -> tuple[str, str]:
+    """Graph input names of the A and (pre-scaled) B tensors of LoRA site ``module``."""
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def lora_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTensor]:
+    """A ``[r, in]`` and B pre-scaled by ``s`` ``[out, r]`` as inputs; rank-0 defaults give the base model."""
+    name_a, name_b = lora_input_names(site.name)
+    key_a, key_b = peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")
+    a, b = state.tensors[key_a].detach(), state.tensors[key_b].detach()
+    return [
+        LiftedTensor(name_a, graph_path(key_a), a.clone().contiguous(), a.new_zeros(0, a.shape[1]), rank_dim=0),
+        LiftedTensor(
+            name_b,
+            graph_path(key_b),
+            (b.float() * site.scale).to(b.dtype).contiguous(),
+            b.new_zeros(b.shape[0], 0),
+            rank_dim=1,
+        ),
+    ]
+
+
+def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
+    a, b = parts.get("lora_A"), parts.get("lora_B")
+    out: dict[str, Any] = {}
+    if a:
+        out.update(rank=a[0], **{"in": a[-1]})
+    if b:
+        out["out"] = b[0]
+    return out
+
+
+def _pipeline(config: LoraConfig, state: AdapterState | None) -> PassManager:
+    return PassManager("lora-insert", [LoraPass(config, state), ModulesToSavePass(config.modules_to_save, config.bias)])
+
+
+LORA = register_method(
+    Method(
+        peft_type=LoraConfig.peft_type,
+        config_class=LoraConfig,
+        label="LoRA",
+        cli_names={"lora": {}},
+        pipeline=_pipeline,
+        markers=("lora_",),
+        merge_pass=MergeLoraPass,
+        lift=lora_lift,
+        lift_bypass=("lora_scale",),
+        describe_site=_describe,
+    )
+)

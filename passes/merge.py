@@ -1,7 +1,10 @@
-"""Merge: fold each LoRA branch into its base weight, ``W' = W + s·B·A`` (Conv1D: ``W + s·(B·A)ᵀ``).
+"""Merge infrastructure: fold a weight-update branch into its base weight, ``W' = W + ΔW`` (Conv1D: ``W + ΔWᵀ``).
 
-The merged graph is the base model's graph op for op; only weights differ. The folded weight is a
-new tensor, so the base model's parameters are never changed. A tied weight (GPT-2's lm_head and
+:class:`MergeLowRankPass` is the one fold loop every method with an additive weight update uses (LoRA:
+``ΔW = s·B·A``; AdaLoRA, LoHa, LoKr their own ``ΔW``): a subclass names its method and computes
+``delta``; the loop removes the branch and binds the folded weight. The merged graph is the base
+model's graph op for op; only weights differ. The folded weight is a new tensor, so the base model's
+parameters are never changed. A tied weight (GPT-2's lm_head and
 wte) is untied at the merged site only, so the other user of the tensor keeps the base value.
 """
 
@@ -11,29 +14,28 @@ import torch
 from torch import fx, nn
 
 from peftc.adapters import graph_path, peft_key
-from peftc.program import MODEL_PREFIX, Program
+from peftc.program import MODEL_PREFIX, Program, Site
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr, set_attr
 
-__all__ = ["MergeLoraPass", "bind_folded", "param_tensor"]
+__all__ = ["MergeLowRankPass", "bind_folded", "param_tensor"]
 
 aten = torch.ops.aten
 
 
-class MergeLoraPass(InPlacePass):
-    """Folds s·B·A into W at every LoRA site and removes the branch."""
+class MergeLowRankPass(InPlacePass):
+    """Folds ΔW into W at every site of ``method`` and removes the branch (subclasses give ``delta``)."""
 
-    #: The ``Site.method`` this pass folds; subclasses fold other low-rank branches the same way.
-    method = "LORA"
-    #: Attributes of a site that hold the branch's tensors; removed once folded.
-    parts: tuple[str, ...] = ("lora_A", "lora_B")
+    #: The ``Site.method`` (peft_type) this pass folds.
+    method: str = ""
+    #: Attributes of a site that hold the branch's tensors (``lora_A`` …); removed once folded.
+    parts: tuple[str, ...] = ()
+    #: ``peftc_role`` of the node that adds the branch to the base output (``base + branch``).
+    out_role: str = "lora_out"
 
-    def delta(self, program: Program, site, tagged: list[fx.Node]) -> torch.Tensor:
+    def delta(self, program: Program, site: Site, tagged: list[fx.Node]) -> torch.Tensor:
         """The branch as a weight update ``[out, in]``, in float32."""
-        gm = program.graph_module
-        a = gm.get_parameter(graph_path(peft_key(site.name, "lora_A.weight")))
-        b = gm.get_parameter(graph_path(peft_key(site.name, "lora_B.weight")))
-        return (b.float() @ a.float()) * site.scale
+        raise NotImplementedError
 
     def plan(self, program: Program) -> list[SiteDecision]:
         return [
@@ -52,7 +54,7 @@ class MergeLoraPass(InPlacePass):
             with torch.no_grad():
                 delta = self.delta(program, site, tagged)
             bases: list[fx.Node] = []
-            for out in (n for n in tagged if n.meta.get("peftc_role") == "lora_out"):
+            for out in (n for n in tagged if n.meta.get("peftc_role") == self.out_role):
                 bases.append(out.args[0])
                 out.replace_all_uses_with(out.args[0])
             if bases:

@@ -17,7 +17,7 @@ from peftc.adapters import graph_path, peft_key
 from peftc.program import Program
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr
-from .ia3 import IA3_MARKER
+from .ia3 import IA3_MARKER, IA3Config
 from .merge import bind_folded, param_tensor
 
 __all__ = ["MergeIA3Pass"]
@@ -32,7 +32,7 @@ class MergeIA3Pass(InPlacePass):
     def plan(self, program: Program) -> list[SiteDecision]:
         decisions = []
         for site in program.sites.values():
-            if site.method != "IA3":
+            if site.method != IA3Config.peft_type:
                 continue
             ff = any(
                 n.meta.get("peftc_site") == site.name and n.meta.get("peftc_role") == "ia3_in"
@@ -42,7 +42,7 @@ class MergeIA3Pass(InPlacePass):
         return decisions
 
     def run(self, program: Program) -> PassResult:
-        sites = [s for s in program.sites.values() if s.method == "IA3"]
+        sites = [s for s in program.sites.values() if s.method == IA3Config.peft_type]
         if not sites:
             return PassResult(program, False)
         graph, gm = program.graph, program.graph_module

@@ -16,14 +16,12 @@ from __future__ import annotations
 from torch import nn
 
 from peftc.errors import AdapterMismatchError, TargetNotFoundError
+from peftc.methods import adapter_markers
 from peftc.program import MODEL_PREFIX, Program
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
 
 __all__ = ["ModulesToSavePass", "base_param_key", "trainable_base_params"]
-
-#: Name fragments that mark a method's own tensors (not copies of base parameters).
-ADAPTER_MARKERS = ("lora_", "ia3_", "prompt_embeddings", "prompt_encoder.", "adaption_", "prefix_", "ranknum")
 
 
 #: Sub-module names of HF PEFT's ModulesToSaveWrapper that appear in keys it saves with bias="all".
@@ -50,7 +48,7 @@ def trainable_base_params(program: Program, modules_to_save: list[str] | None, b
     names = []
     lora_modules = {s for s in program.sites}
     for path, _ in program.graph_module.named_parameters():
-        if not path.startswith(MODEL_PREFIX) or any(m in path for m in ADAPTER_MARKERS):
+        if not path.startswith(MODEL_PREFIX) or any(m in path for m in adapter_markers()):
             continue
         name = path.removeprefix(MODEL_PREFIX)
         module = name.rpartition(".")[0]
@@ -102,7 +100,8 @@ class ModulesToSavePass(InPlacePass):
             used.add(key)
         for key in [k for k in state.tensors if k not in used and _wrapper_alias(k, used)]:
             del state.tensors[key]  # HF PEFT's duplicates of a head's bias (bias="all"); not written back
-        unused = sorted(k for k in state.tensors if k not in used and not any(m in k for m in ADAPTER_MARKERS))
+        markers = adapter_markers()
+        unused = sorted(k for k in state.tensors if k not in used and not any(m in k for m in markers))
         if unused:
             raise AdapterMismatchError(
                 f"adapter tensor {unused[0]} matches no parameter this adapter trains here; "

@@ -34,22 +34,72 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peftc.adapters import AdapterState
-from peftc.config import PrefixTuningConfig, PromptLearningConfig
+from peftc.config import PromptLearningConfig, help_field
 from peftc.errors import AdapterMismatchError, ConfigError
+from peftc.methods import Method, register_method
 from peftc.program import Program
 from peftc.tasks import TaskModule
 
+from .base import PassManager
+from .modules_to_save import ModulesToSavePass
 from .prompt import PROMPT_KEY, PromptModule, PromptPass, fill_model_fields
 
-__all__ = ["PrefixModule", "PrefixPass", "PrefixTaskModule", "prefix_key_values", "split_prefix"]
+__all__ = [
+    "PREFIX_TUNING",
+    "PrefixModule",
+    "PrefixPass",
+    "PrefixTaskModule",
+    "PrefixTuningConfig",
+    "prefix_key_values",
+    "split_prefix",
+]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning: every attention layer also attends to ``num_virtual_tokens`` learned keys and values.
+
+    P ``[num_virtual_tokens, num_layers·2·token_dim]`` (with ``prefix_projection``: the output of
+    Emb→Lin→tanh→Lin) is split per layer into K and V ``[heads, n, token_dim/heads]`` and fed as past key
+    values. For grouped-query attention ``token_dim`` and ``num_attention_heads`` are filled with the
+    key/value size and head count (HF PEFT's rule). The saved adapter holds P (the encoder's *output*).
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    cache_positions: ClassVar[str] = "shift"
+    holds_key_values: ClassVar[bool] = True
+
+    encoder_hidden_size: int | None = help_field(
+        "Hidden size of the prefix_projection MLP (default: token_dim).", default=None
+    )
+    prefix_projection: bool = help_field(
+        "Compute the prefix with Emb(n, token_dim)→Lin→tanh→Lin instead of training it directly.", default=False
+    )
+    init_weights: str | None = help_field(
+        "None: random init (HF PEFT's). 'zero': the prefix (projection: the last Lin) starts at zero.", default=None
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise ConfigError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size}")
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"prefix tuning init_weights={self.init_weights!r} is not supported; use null or 'zero'")
+        if self.token_dim and self.num_attention_heads and self.token_dim % self.num_attention_heads:
+            raise ConfigError(
+                f"prefix tuning token_dim={self.token_dim} is not a multiple of num_attention_heads="
+                f"{self.num_attention_heads}; each head gets token_dim / num_attention_heads values"
+            )
+
 
 #: Child names HF PEFT takes as the classification head (``PeftModelForSequenceClassification``).
 _HEAD_NAMES = ("classifier", "score")
@@ -229,9 +279,9 @@ def prefix_key_values(
         AdapterMismatchError: ``prompt_embeddings`` is missing or has the wrong shape for ``model_config``.
     """
     state = program_or_state.adapter if isinstance(program_or_state, Program) else program_or_state
-    if state is None or state.config.peft_type != "PREFIX_TUNING":
+    if state is None or not isinstance(state.config, PrefixTuningConfig):
         found = "no adapter" if state is None else state.config.peft_type
-        raise ConfigError(f"prefix_key_values needs a PREFIX_TUNING adapter, got {found}")
+        raise ConfigError(f"prefix_key_values needs a {PrefixTuningConfig.peft_type} adapter, got {found}")
     cfg = copy.deepcopy(state.config)
     fill_model_fields(cfg, model_config)
     tensors = state.to_saved(state) if state.to_saved is not None else state.tensors
@@ -250,3 +300,29 @@ def prefix_key_values(
     if dtype is not None:
         prefix = prefix.to(dtype)
     return [(k.contiguous(), v.contiguous()) for k, v in split_prefix(prefix.unsqueeze(0), cfg)]
+
+
+def _pipeline(config: PrefixTuningConfig, state: AdapterState | None) -> PassManager:
+    """Learned keys/values fed as past key values by re-capturing, then the head (modules_to_save)."""
+    return PassManager("prefix-tuning-insert", [PrefixPass(config, state), ModulesToSavePass(config.modules_to_save)])
+
+
+def _cache_prefix(model: nn.Module, state: AdapterState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return prefix_key_values(state, model.config)
+
+
+PREFIX_TUNING = register_method(
+    Method(
+        peft_type=PrefixTuningConfig.peft_type,
+        config_class=PrefixTuningConfig,
+        label="prefix tuning",
+        cli_names={"prefix-tuning": {}},
+        pipeline=_pipeline,
+        markers=(PROMPT_KEY, "prompt_encoder."),
+        merge_refusal="it prepends learned keys and values to every attention",
+        lift_refusal="its keys and values lengthen every attention, not a weight",
+        transforms_inputs=True,
+        cache_prefix=_cache_prefix,
+        describe_site=lambda parts: {"virtual_tokens": (parts.get(PROMPT_KEY) or [None])[0]},
+    )
+)

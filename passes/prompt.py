@@ -1,4 +1,8 @@
-"""Prompt tuning and P-tuning: ``inputs_embeds = [P; E(x)]``, an input transform applied at capture.
+"""What the prompt methods share: ``inputs_embeds = [P; E(x)]``, an input transform applied at capture.
+
+The methods themselves (config, registration) are :mod:`peftc.passes.prompt_tuning` and
+:mod:`peftc.passes.p_tuning`; prefix tuning (:mod:`peftc.passes.prefix`) builds on the same pass.
+
 
 Both methods prepend ``n = num_virtual_tokens`` learned vectors P ``[n, token_dim]`` to the token
 embeddings E(x). Prompt tuning trains P directly; P-tuning computes P = encoder(Emb ``[n, d]``) with
@@ -40,7 +44,6 @@ capture only, an SDPA attention that repeats heads with ``index_select``: the sa
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,14 +52,25 @@ import torch
 from torch import nn
 
 from peftc.adapters import AdapterState
-from peftc.config import PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
-from peftc.errors import AdapterMismatchError, ConfigError, ModelLoadError
+from peftc.config import PromptLearningConfig
+from peftc.errors import AdapterMismatchError, ConfigError
+from peftc.methods import Method
 from peftc.program import Program, Site, capture
 from peftc.tasks import TaskModule
 
-from .base import InPlacePass, PassResult, SiteDecision
+from .base import InPlacePass, PassManager, PassResult, SiteDecision
+from .modules_to_save import ModulesToSavePass
 
-__all__ = ["PROMPT_KEY", "PromptModule", "PromptPass", "PromptTaskModule", "export_attention", "fill_model_fields"]
+__all__ = [
+    "PROMPT_KEY",
+    "PromptModule",
+    "PromptPass",
+    "PromptTaskModule",
+    "export_attention",
+    "fill_model_fields",
+    "prompt_cache_prefix",
+    "prompt_method",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +174,7 @@ def fill_model_fields(config: PromptLearningConfig, model_config: Any) -> None:
         config.token_dim = get("hidden_size", "n_embd", "d_model")
     if config.num_attention_heads is None:
         config.num_attention_heads = get("num_attention_heads", "n_head", "num_heads")
-    if config.peft_type == "PREFIX_TUNING" and get("num_key_value_heads") is not None and config.token_dim:
+    if config.holds_key_values and get("num_key_value_heads") is not None and config.token_dim:
         # HF PEFT's rule for grouped-query attention (peft#1901): the prefix holds keys/values, so its width and
         # head count are the key/value heads' (always recomputed, as HF PEFT does)
         head_dim = get("head_dim") or config.token_dim // config.num_attention_heads
@@ -176,40 +190,12 @@ def fill_model_fields(config: PromptLearningConfig, model_config: Any) -> None:
 
 
 def _init_embedding(config: PromptLearningConfig, module: PromptModule, word_embeddings: nn.Embedding) -> None:
-    """HF PEFT's PromptEmbedding init: RANDOM keeps N(0, 1); SAMPLE_VOCAB / TEXT copy vocabulary rows."""
-    if not isinstance(config, PromptTuningConfig) or config.prompt_tuning_init == "RANDOM":
+    """HF PEFT's PromptEmbedding init: N(0, 1), or the rows of the vocabulary tokens the config picks."""
+    ids = config.initial_token_ids(module.num_tokens, word_embeddings.num_embeddings)
+    if ids is None:
         return
-    n = module.num_tokens
-    if config.prompt_tuning_init == "SAMPLE_VOCAB":
-        ids = torch.randint(0, word_embeddings.num_embeddings, (n,), dtype=torch.long)
-    else:
-        ids = _text_token_ids(config, n, word_embeddings.num_embeddings)
     weight = word_embeddings(ids.to(word_embeddings.weight.device)).detach().clone().to(torch.float32)
     module.embedding.weight = nn.Parameter(weight)
-
-
-def _text_token_ids(config: PromptTuningConfig, n: int, vocab: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    kwargs = dict(config.tokenizer_kwargs or {})
-    kwargs.pop("trust_remote_code", None)  # as HF PEFT: never run code from a checkpoint
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, local_files_only=True, **kwargs)
-    except Exception as e:  # transformers raises OSError/ValueError/… for a missing or broken tokenizer
-        raise ModelLoadError(
-            f"cannot load the tokenizer tokenizer_name_or_path={config.tokenizer_name_or_path!r} for "
-            f"prompt_tuning_init='TEXT' ({type(e).__name__}); give a local tokenizer directory"
-        ) from e
-    ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
-    if not ids:
-        raise ConfigError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} tokenizes to no tokens")
-    ids = (ids * math.ceil(n / len(ids)))[:n]
-    if max(ids) >= vocab:
-        raise ConfigError(
-            f"the tokenizer {config.tokenizer_name_or_path} gives token id {max(ids)} but the model has only "
-            f"{vocab} embeddings; use the model's own tokenizer"
-        )
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _hf_key(key: str) -> str:
@@ -370,16 +356,8 @@ class PromptPass(InPlacePass):
         return PromptTaskModule(model, input_names, module)
 
     def _fresh_module(self, cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:
-        if isinstance(cfg, PromptEncoderConfig):
-            return PromptModule(
-                n,
-                d,
-                cfg.encoder_reparameterization_type,
-                cfg.encoder_hidden_size,
-                num_layers=cfg.encoder_num_layers,
-                dropout=cfg.encoder_dropout,
-            )
-        return PromptModule(n, d)
+        encoder = cfg.encoder_spec()  # P-tuning: its encoder's type, hidden size and LSTM options
+        return PromptModule(n, d, **encoder) if encoder else PromptModule(n, d)
 
     def _init(self, cfg: PromptLearningConfig, module: PromptModule, model: nn.Module) -> None:
         _init_embedding(cfg, module, model.get_input_embeddings())
@@ -429,3 +407,33 @@ def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, cfg: Pr
             f"{cfg.num_virtual_tokens} on this model (token_dim={cfg.token_dim}, num_layers={cfg.num_layers}) needs "
             f"{list(shape)}; the adapter was made for another model"
         )
+
+
+def _prompt_pipeline(config: PromptLearningConfig, state: AdapterState | None) -> PassManager:
+    """An input transform applied by re-capturing (see passes/prompt.py), then the head (modules_to_save)."""
+    name = config.peft_type.lower().replace("_", "-")
+    return PassManager(f"{name}-insert", [PromptPass(config, state), ModulesToSavePass(config.modules_to_save)])
+
+
+def prompt_cache_prefix(model: Any, state: AdapterState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """With-past exports: the virtual tokens' keys/values through ``model`` (they attend only to each other)."""
+    from peftc.kv import prompt_prefix
+
+    return prompt_prefix(model, state.tensors[PROMPT_KEY].detach())
+
+
+def prompt_method(config_class: type[PromptLearningConfig], label: str, cli_name: str) -> Method:
+    """The descriptor of a method that prepends virtual token embeddings (prompt tuning, P-tuning)."""
+    return Method(
+        peft_type=config_class.peft_type,
+        config_class=config_class,
+        label=label,
+        cli_names={cli_name: {}},
+        pipeline=_prompt_pipeline,
+        markers=(PROMPT_KEY, "prompt_encoder."),
+        merge_refusal="it prepends virtual tokens to the inputs",
+        lift_refusal="its virtual tokens change the sequence length, not a weight",
+        transforms_inputs=True,
+        cache_prefix=prompt_cache_prefix,
+        describe_site=lambda parts: {"virtual_tokens": (parts.get(PROMPT_KEY) or [None])[0]},
+    )

@@ -119,6 +119,7 @@ def export(
     from peftc.exporters.manifest import MANIFEST_FILE, REPORT_FILE, adapter_info, build_manifest, onnx_io, write_json
     from peftc.exporters.onnx import export_program_onnx
     from peftc.exporters.verify import compare_outputs, make_cases, run_torch, verify_onnx
+    from peftc.methods import get_method
     from peftc.models import load_model
     from peftc.passes import merge_pipeline
     from peftc.runs import resolve_source
@@ -164,10 +165,11 @@ def export(
     source = resolve_source(src, model, task)
     refuse_out_over_inputs(out, [Path(src), Path(source.adapter_dir), Path(source.base)])
     state = AdapterState.load(source.adapter_dir)
-    if merge and state.config.merge_refusal:
+    method = get_method(state)
+    if merge and method.merge_refusal:
         raise ConfigError(
-            f"--merge cannot fold {state.config.peft_type} adapters into the weights "
-            f"({state.config.merge_refusal}); export without --merge"
+            f"--merge cannot fold {method.label} adapters into the weights ({method.merge_refusal}); "
+            "export without --merge"
         )
     # TorchScript / AOTInductor: a KV-cache graph only when asked (the C++ example feeds no cache)
     past = _with_past(with_past if format == "onnx" else bool(with_past), source.task)
@@ -336,7 +338,6 @@ def export_swappable(
         OutputExistsError: ``out`` is not empty and ``force`` is not set.
         ExportVerificationError: an adapter or the base does not reproduce its torch reference.
     """
-    import numpy as np
     import onnx
 
     from peftc.exporters.manifest import MANIFEST_FILE, REPORT_FILE, adapter_info, build_manifest, onnx_io, write_json
@@ -344,8 +345,9 @@ def export_swappable(
     from peftc.exporters.swappable import ADAPTER_SUFFIX, adapter_inputs, check_adapter, run_onnx_adapter, write_adapter
     from peftc.exporters.verify import compare_outputs, make_cases, run_torch
     from peftc.kv import WithPastModule
+    from peftc.methods import get_method
     from peftc.models import load_model
-    from peftc.passes.lift import RANK_DIM, LiftLoraToInputsPass, lifted_tensors
+    from peftc.passes.lift import RANK_DIM, LiftAdaptersToInputsPass, lifted_tensors
     from peftc.runs import resolve_source
     from peftc.tasks import TaskModule, graph_input_names
 
@@ -365,9 +367,10 @@ def export_swappable(
     first = sources[0]
     method = states[0].config.peft_type
     for s, source, state in zip(srcs, sources, states, strict=True):
-        if state.config.peft_type not in ("LORA", "IA3"):
+        if get_method(state).lift is None:
             raise ConfigError(
-                f"{s} is a {state.config.peft_type} adapter; --adapters-as-inputs exports LoRA and IA3 adapters only"
+                f"{s} is a {get_method(state).label} adapter, which cannot be a graph input "
+                f"({get_method(state).lift_refusal}); export it without --adapters-as-inputs"
             )
         if state.config.peft_type != method:
             raise ConfigError(
@@ -405,17 +408,8 @@ def export_swappable(
     base_names = graph_input_names(loaded.model, program.task)
     base = WithPastModule(loaded.model, base_names) if past else TaskModule(loaded.model, base_names)
     base_reference = run_torch(base.eval(), cases, token_inputs)
-    LiftLoraToInputsPass()(program)
-    defaults = {}
-    for name, value in lifted[0].items():
-        if name.endswith(".lora_A"):
-            defaults[name] = np.zeros((0, value.shape[1]), value.dtype)
-        elif name.endswith(".lora_B"):
-            defaults[name] = np.zeros((value.shape[0], 0), value.dtype)
-        elif name.endswith(".ia3_l"):
-            defaults[name] = np.ones_like(value)
-        else:  # a saved module (head): the base model's own value
-            defaults[name] = loaded.model.get_parameter(name).detach().float().numpy().copy()
+    LiftAdaptersToInputsPass()(program)
+    defaults = {name: t.detach().float().numpy().copy() for name, t in program.input_defaults.items()}
 
     with atomic_dir(out, force) as tmp:
         tick = time.perf_counter()
@@ -674,15 +668,15 @@ def adapted_program(model: Any, task: str, state: AdapterState, with_past: bool 
     cache prefix (prefix tuning's keys/values, or the virtual tokens' keys/values) instead of
     virtual tokens, since a decode step carries no prompt.
     """
-    from peftc.config import PromptLearningConfig
     from peftc.kv import cache_prefix
     from peftc.kv import with_past as past_transform
+    from peftc.methods import get_method
     from peftc.passes import insertion_pipeline
     from peftc.program import capture
 
     if not with_past:
         program = capture(model, task, mode="eval")
-    elif isinstance(state.config, PromptLearningConfig):
+    elif get_method(state).transforms_inputs:
         transform = past_transform(cache_prefix(model, state), state.config.cache_positions)
         program = capture(model, task, mode="eval", transform=transform)
         program.adapter = state

@@ -397,8 +397,14 @@ def _is_tensor_value(val: Any, torch: Any) -> bool:
 
 
 def _site_label(method: str, rank: Any) -> str:
-    names = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "IA3": "IA3"}
-    label = names.get(str(method).upper(), str(method))
+    """``"LoRA r=8"``: the method's label (from the registry; ``method`` is a peft_type) and the rank."""
+    from peftc.errors import ConfigError
+    from peftc.methods import get_method
+
+    try:
+        label = get_method(method).label
+    except ConfigError:
+        label = str(method)
     return f"{label} r={rank}" if rank is not None else label
 
 
@@ -409,6 +415,8 @@ def onnx_block_graph(model: Any, title: str = "", depth: int | None = None) -> B
     (``pkg.torch.onnx.name_scopes``); without them, by ``/``-separated node-name scopes. Ops that read
     an adapter initializer or graph input (``…lora_A``, ``…lora_B``, ``…ia3_l``) mark their block.
     """
+    from peftc.methods import method_of_tensor
+
     graph = model.graph
     init_dims = {i.name: list(i.dims) for i in graph.initializer}
     input_dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
@@ -432,7 +440,8 @@ def onnx_block_graph(model: Any, title: str = "", depth: int | None = None) -> B
                 continue
             m = _ADAPTER_NAME.search(tensor)
             if m and (tensor in init_dims or tensor in graph_inputs):
-                method = "IA3" if m["part"] == "ia3_l" else "LORA"
+                owner = method_of_tensor(m["part"] + ".")
+                method = owner.peft_type if owner is not None else "adapter"
                 rank = None
                 if m["part"] == "lora_A":
                     dims = input_dims.get(tensor) if tensor in graph_inputs else init_dims.get(tensor)

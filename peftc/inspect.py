@@ -15,7 +15,6 @@ does it for programs, e.g. around a pass (take :func:`program_facts` before an i
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,42 +42,38 @@ __all__ = [
     "render_diff",
 ]
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.weight)?$")
 
+def adapter_sites(tensors: dict[str, Any], method: Any = None) -> list[dict[str, Any]]:
+    """Group an adapter's tensors (or ONNX initializers/inputs) by site: ``{module, method, …facts}``.
 
-def adapter_sites(tensors: dict[str, Any]) -> list[dict[str, Any]]:
-    """Group LoRA tensors by module: ``{module, in, out, rank}``; other tensors as full copies."""
+    Each key is matched to the method that owns it (``method``, an adapter's own method, is asked first;
+    then the registry), and the site's facts (rank, in, out…) come from the method's ``describe_site``.
+    Tensors no method owns are full copies of base parameters (``modules_to_save``).
+    """
+    from peftc.methods import get_method, method_of_tensor
+
+    own = get_method(method) if method is not None else None
     sites: dict[str, dict[str, Any]] = {}
+    parts: dict[str, dict[str, list[int]]] = {}
+    owners: dict[str, Any] = {}
     for key, t in tensors.items():
         shape = list(getattr(t, "shape", t))
-        m = _LORA_KEY.match(key)
-        if m:
-            site = sites.setdefault(m["module"], {"module": m["module"]})
-            site.setdefault("method", "LORA")
-            if m["which"] == "A":
-                site["rank"], site["in"] = shape[0], shape[1]
-            else:
-                site["out"] = shape[0]
-        else:
-            name = key.removeprefix("base_model.model.")
-            module, _, leaf = name.rpartition(".")
-            if leaf in _METHOD_TENSORS:  # one tensor of a site (IA3 vector, LLaMA-Adapter prompt/gate, AdaLoRA E)
-                site = sites.setdefault(module, {"module": module})
-                site["method"], site[leaf] = _METHOD_TENSORS[leaf], shape  # AdaLoRA: E marks a LoRA-shaped site
-            elif name == "prompt_embeddings":
-                sites[name] = {"module": name, "method": "virtual tokens", "shape": shape}
-            else:
-                sites[name] = {"module": name, "method": "full copy", "shape": shape}
+        name = key.removeprefix("base_model.model.")
+        owner = own if own is not None and own.owns(key) else method_of_tensor(key)
+        if owner is None:
+            sites[name] = {"module": name, "method": "full copy", "shape": shape}
+            continue
+        marker = next(m for m in owner.markers if m in name)
+        module, _, rest = name.partition(marker)
+        module = module.rstrip(".") or owner.label
+        part = (marker + rest).removesuffix(".weight")
+        parts.setdefault(module, {})[part] = shape
+        owners[module] = owner
+        sites.setdefault(module, {"module": module})
+    for module, owner in owners.items():
+        facts = owner.describe_site(parts[module]) if owner.describe_site else dict(parts[module])
+        sites[module].update(method=owner.peft_type, **facts)
     return list(sites.values())
-
-
-#: Tensor names (last key part) of the non-LoRA methods' sites.
-_METHOD_TENSORS = {
-    "ia3_l": "IA3",
-    "adaption_prompt": "ADAPTION_PROMPT",
-    "adaption_gate": "ADAPTION_PROMPT",
-    "lora_E": "ADALORA",
-}
 
 
 def program_summary(program: Any) -> dict[str, Any]:
@@ -108,12 +103,14 @@ def onnx_summary(path: str | Path) -> dict[str, Any]:
 
     init_names = {i.name for i in model.graph.initializer}
     params = sum(_numel(i.dims) for i in model.graph.initializer)
-    lora = {i.name: list(i.dims) for i in model.graph.initializer if "lora_" in i.name}
+    from peftc.methods import method_of_tensor
+
+    lora = {i.name: list(i.dims) for i in model.graph.initializer if method_of_tensor(i.name) is not None}
     lora.update(
         {
             v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in model.graph.input
-            if "lora_" in v.name
+            if method_of_tensor(v.name) is not None
         }
     )
     return {
@@ -159,7 +156,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
             "path": str(path),
             "method": state.config.peft_type,
             "config": state.config.to_dict(),
-            "sites": adapter_sites(state.tensors),
+            "sites": adapter_sites(state.tensors, state.config),
             "parameters": {"trainable": state.num_parameters()},
         }
     raise AdapterFormatError(
@@ -207,7 +204,7 @@ def _inspect_run(path: Path, keep: dict[str, Any] | None = None) -> dict[str, An
     try:
         loaded = load_model(source.base, source.task, id2label=source.id2label)
     except PeftcError as e:
-        info["sites"] = adapter_sites(state.tensors)
+        info["sites"] = adapter_sites(state.tensors, state.config)
         info["warning"] = f"base model not loadable, graph not shown: {e}"
         return info
     program = capture(loaded.model, source.task, mode="eval")
@@ -231,9 +228,9 @@ def _plan(
     spec: str, task: str | None, target_modules: list[str] | str | None, r: int
 ) -> tuple[dict[str, Any], Any, Any]:
     """:func:`plan_model`'s result, the base program it planned on, and the LoRA pass it asked."""
-    from peftc.config import TASK_TYPES, LoraConfig
+    from peftc.config import TASK_TYPES
     from peftc.models import PRESETS, load_model
-    from peftc.passes import LoraPass
+    from peftc.passes.lora import LoraConfig, LoraPass
     from peftc.program import capture
 
     task = task or (PRESETS[spec][1] if spec in PRESETS else "seq-cls")
@@ -252,7 +249,7 @@ def _plan(
         "kind": "plan",
         "model": spec,
         "task": task,
-        "method": "LORA",
+        "method": LoraConfig.peft_type,
         "decisions": [d.__dict__ for d in decisions],
         "parameters": program.parameter_counts(),
     }

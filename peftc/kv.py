@@ -176,18 +176,16 @@ def with_past(
 def cache_prefix(model: nn.Module, state) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The constant cache prefix of a prompt-learning adapter ``state`` (an AdapterState) on ``model``.
 
-    Prefix tuning's adapter is the cache prefix itself (:func:`peftc.passes.prefix.prefix_key_values`);
-    prompt tuning's and P-tuning's virtual tokens give theirs through the model (:func:`prompt_prefix`).
+    Each input-transforming method says how (:attr:`peftc.methods.Method.cache_prefix`): prefix tuning's
+    adapter is the cache prefix itself; prompt tuning's and P-tuning's virtual tokens give theirs through
+    the model (:func:`prompt_prefix`).
     """
-    from peftc.config import PrefixTuningConfig
+    from peftc.methods import get_method
 
-    if isinstance(state.config, PrefixTuningConfig):
-        from peftc.passes.prefix import prefix_key_values
-
-        return prefix_key_values(state, model.config)
-    from peftc.passes.prompt import PROMPT_KEY
-
-    return prompt_prefix(model, state.tensors[PROMPT_KEY].detach())
+    method = get_method(state)
+    if method.cache_prefix is None:
+        raise ValueError(f"{method.label} adapters enter through the model's layers, not as a cache prefix")
+    return method.cache_prefix(model, state)
 
 
 @torch.no_grad()

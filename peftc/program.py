@@ -71,6 +71,8 @@ class Program:
     source: ModelRef | None = field(default=None, repr=False)
     #: Longest sequence the graph accepts when capture had to lower it below the model's table size.
     max_sequence: int | None = None
+    #: Graph input name -> the value that makes the base model (lifted adapter inputs; see passes/lift.py).
+    input_defaults: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:

@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 SEQ2SEQ_TASK = "seq2seq"
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
-#: Methods the two-graph export takes: graph passes over linear layers (prompt methods change the inputs).
-_METHODS = ("LORA", "ADALORA", "IA3")
 _ENCODER_SEQ = "encoder_sequence"
 
 
@@ -159,16 +157,18 @@ def adapted_programs(model: nn.Module, state: AdapterState) -> tuple[Any, Any]:
     the base model's.
 
     Raises:
-        ConfigError: a method other than LoRA, AdaLoRA or IA3, or a model without an encoder.
+        ConfigError: a method that changes the inputs (prompt methods), or a model without an encoder.
         AdapterMismatchError, TargetNotFoundError: the adapter does not fit the model.
     """
+    from peftc.methods import get_method, methods
     from peftc.passes import insertion_pipeline
     from peftc.program import capture
 
-    if state.config.peft_type not in _METHODS:
+    if get_method(state).transforms_inputs:
+        layer_methods = [m.label for m in methods() if not m.transforms_inputs]
         raise ConfigError(
-            f"seq2seq export takes {', '.join(_METHODS)} adapters, not {state.config.peft_type}; "
-            "export an adapter of one of those methods"
+            f"seq2seq export takes adapters of methods that rewrite layers ({', '.join(layer_methods)}), not "
+            f"{get_method(state).label}; export an adapter of one of those methods"
         )
     parts = split_state(state, model)
     programs = []

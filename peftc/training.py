@@ -41,14 +41,7 @@ import torch
 
 from peftc import __version__
 from peftc.adapters import AdapterState
-from peftc.config import (
-    CONFIG_CLASSES,
-    TASK_TYPES,
-    MethodConfig,
-    PromptLearningConfig,
-    config_from_dict,
-    load_config,
-)
+from peftc.config import TASK_TYPES, MethodConfig, PromptLearningConfig, config_from_dict, load_config
 from peftc.dataset import Dataset, Encoded, batch_order, collate, count_targets, default_data, encode, read_jsonl
 from peftc.errors import ConfigError, DataError, ModelLoadError
 from peftc.files import atomic_dir, check_output_dir
@@ -57,21 +50,10 @@ from peftc.program import Program, capture
 from peftc.runs import RUN_FILE
 from peftc.tasks import HEAD_TASKS
 
-__all__ = ["METHODS", "TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
 
 logger = logging.getLogger(__name__)
 
-#: ``--method`` name -> HF PEFT ``peft_type``. A method trains when its config class is registered
-#: in :data:`peftc.config.CONFIG_CLASSES` and its pipeline in :data:`peftc.passes.PIPELINES`.
-METHODS = {
-    "lora": "LORA",
-    "adalora": "ADALORA",
-    "ia3": "IA3",
-    "prompt-tuning": "PROMPT_TUNING",
-    "prefix-tuning": "PREFIX_TUNING",
-    "p-tuning": "P_TUNING",
-    "adaption-prompt": "ADAPTION_PROMPT",
-}
 #: Method-config fields the LoRA-style flags set; a flag on a method without the field is an error.
 _OVERRIDES = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens")
 #: Fields that decide the training trajectory: a resumed run must use the values it started with.
@@ -201,8 +183,10 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.task is not None and self.task not in ("causal-lm", "seq-cls", "token-cls"):
             raise ConfigError(f"task {self.task!r} cannot be trained; use causal-lm, seq-cls or token-cls")
-        if self.method is not None and self.method.lower() not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.method is not None:
+            from peftc.methods import method_by_name
+
+            method_by_name(self.method)  # an unknown name: ConfigError listing the known ones
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,22 +278,23 @@ def _method_config(cfg: TrainConfig, task: str) -> MethodConfig:
     data: dict[str, Any] = {}
     if cfg.config_file:
         data = load_config(cfg.config_file).to_dict()
+    from peftc.methods import cli_names, get_method, method_by_name
+
     method = cfg.method.lower() if cfg.method else None
-    peft_type = METHODS[method] if method else data.get("peft_type", "LORA")
+    if method:
+        chosen = method_by_name(method)
+    else:
+        chosen = get_method(data["peft_type"]) if data else method_by_name(cli_names()[0])
+    peft_type = chosen.peft_type
     if data and data.get("peft_type") != peft_type:
         raise ConfigError(
             f"--config-file {cfg.config_file} holds peft_type={data.get('peft_type')!r} but --method is "
             f"{cfg.method!r}; pass the matching --method or another config file"
         )
-    from peftc.passes import PIPELINES  # importing the passes registers every method they implement
-
-    if peft_type not in CONFIG_CLASSES or peft_type not in PIPELINES:
-        available = [m for m, t in METHODS.items() if t in CONFIG_CLASSES and t in PIPELINES]
-        raise ConfigError(
-            f"method {method or peft_type!r} cannot be trained by this peftc; available: {', '.join(available)}"
-        )
+    for name, value in (chosen.cli_names.get(method, {}) if method else {}).items():
+        data.setdefault(name, value)  # what the --method name presets (dora: use_dora=True)
     data["peft_type"] = peft_type
-    fields = {f.name for f in dataclasses.fields(CONFIG_CLASSES[peft_type])}
+    fields = {f.name for f in dataclasses.fields(chosen.config_class)}
     for name in _OVERRIDES:
         value = getattr(cfg, name)
         if value is None:
@@ -583,7 +568,7 @@ def _save_checkpoint(
     target = run_dir / CHECKPOINTS / f"step-{trainer['step']}"
     with atomic_dir(target, force=True) as tmp:
         s.state.write_into(tmp)
-        if hasattr(hooks, "save_state"):  # a method's own training state (AdaLoRA: the rank allocator)
+        if hooks is not None:  # the method's own training state (AdaLoRA: the rank allocator)
             hooks.save_state(tmp)
         by_id = {id(p): n for n, p in s.params}
         tensors: dict[str, torch.Tensor] = {}
@@ -731,18 +716,17 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    from peftc.passes import training_hooks
+    from peftc.methods import get_method
 
-    # a method's optional hooks (AdaLoRA: orthogonal regularisation, rank allocation, final resize)
-    hooks = training_hooks(s.config, s.state, total_steps)
-    regularization = getattr(hooks, "regularization", None)
+    # the method's hooks (AdaLoRA: orthogonal regularisation, rank allocation, final resize)
+    hooks = get_method(s.config).hooks(s.config, s.state, total_steps)
+    regularization = hooks.regularization
 
     step, epoch, batch_pos, window, last_eval = 0, 0, 0, [], {}
     writer = _RunWriter(run_dir, cfg.force, resumed=ckpt is not None, loaded=s.loaded)
     if ckpt is not None:
         trainer = _restore_checkpoint(ckpt, s, opt, sched)
-        if hasattr(hooks, "load_state"):
-            hooks.load_state(ckpt)
+        hooks.load_state(ckpt)
         step, epoch, batch_pos = trainer["step"], trainer["epoch"], trainer["batch"]
         window, last_eval = list(trainer["window"]), dict(trainer["last_eval"])
         writer.truncate_metrics(step)
@@ -784,8 +768,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
-                if hasattr(hooks, "after_step"):
-                    hooks.after_step(step + 1)  # needs this step's gradients
+                hooks.after_step(step + 1)  # needs this step's gradients
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 batch_pos += len(group)
@@ -835,8 +818,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     train_loss = sum(window) / len(window) if window else None
     adapter_dir = run_dir / ADAPTER_DIR
     final = dataclasses.replace(s.state, config=dataclasses.replace(s.config, inference_mode=True))
-    if hasattr(hooks, "finalize"):
-        final = hooks.finalize(final)  # e.g. AdaLoRA cuts tensors to the kept ranks, as HF PEFT saves them
+    final = hooks.finalize(final)  # e.g. AdaLoRA cuts tensors to the kept ranks, as HF PEFT saves them
     final.save(adapter_dir, force=True)
     seconds = time.perf_counter() - started
     metrics = {"step": step, "epoch": round(final_epoch, 4), "train_loss": train_loss, "eval": last_eval}
@@ -844,7 +826,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         "peftc_version": __version__,
         "task": task,
         "model": {"spec": cfg.model, "source": s.base_source, "preset": s.loaded.preset},
-        "method": METHODS_BY_TYPE.get(s.config.peft_type, s.config.peft_type.lower()),
+        "method": cfg_dict["method"] or next(iter(get_method(s.config).cli_names)),
         "peft_type": s.config.peft_type,
         "input_names": list(s.eval_prog.input_names),
         "train_config": cfg_dict,
@@ -874,6 +856,3 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
 
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "examples") or "no eval data"
-
-
-METHODS_BY_TYPE = {v: k for k, v in METHODS.items()}

@@ -40,7 +40,7 @@ def _lora_program(r: int, alpha: float, seed: int, targets=None):
 
 
 def test_lift_pass_makes_a_and_scaled_b_graph_inputs():
-    from peftc.passes.lift import RANK_DIM, LiftLoraToInputsPass, lifted_tensors
+    from peftc.passes.lift import RANK_DIM, LiftAdaptersToInputsPass, lifted_tensors
 
     program = _lora_program(r=4, alpha=8, seed=3)
     base = tiny_gpt2()
@@ -59,8 +59,8 @@ def test_lift_pass_makes_a_and_scaled_b_graph_inputs():
         for n, v in values.items()
     }
     sites = list(program.sites)
-    result = LiftLoraToInputsPass()(program)
-    assert result.modified and program.history[-1] == "LiftLoraToInputsPass"
+    result = LiftAdaptersToInputsPass()(program)
+    assert result.modified and program.history[-1] == "LiftAdaptersToInputsPass"
 
     names = [n for s in sites for n in (f"{s}.lora_A", f"{s}.lora_B")]
     assert program.input_names == ["input_ids", "attention_mask", "position_ids", *names]
@@ -97,17 +97,17 @@ def test_lift_pass_makes_a_and_scaled_b_graph_inputs():
     examples = zip(names, program.example_inputs[3:], strict=True)
     assert all(t.shape[0 if n.endswith("A") else 1] >= 2 for n, t in examples)  # rank >= 2 for export
 
-    assert not LiftLoraToInputsPass()(program).modified  # nothing left to lift
+    assert not LiftAdaptersToInputsPass()(program).modified  # nothing left to lift
 
 
 def test_lift_pass_without_lora_sites_changes_nothing():
-    from peftc.passes.lift import LiftLoraToInputsPass
+    from peftc.passes.lift import LiftAdaptersToInputsPass
 
     from peftc.program import capture
 
     program = capture(tiny_gpt2(), "causal-lm", mode="eval")
     before = list(program.input_names)
-    assert not LiftLoraToInputsPass()(program).modified
+    assert not LiftAdaptersToInputsPass()(program).modified
     assert program.input_names == before
 
 

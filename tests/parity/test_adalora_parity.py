@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import FAMILIES, batch_for, captured, real_positions
 from peftc.passes import insertion_pipeline, merge_pipeline
-from peftc.passes.adalora import AdaLoraTraining, resize_by_rank_pattern
+from peftc.passes.adalora_training import AdaLoraTraining, resize_by_rank_pattern
 from torch import nn
 
 from peftc.adapters import AdapterState

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import batch_for, captured, real_positions
 from peftc.passes import MergeAdaLoraPass, insertion_pipeline, merge_pipeline
-from peftc.passes.adalora import AdaLoraTraining, ranknum_denominator, resize_by_rank_pattern
+from peftc.passes.adalora import ranknum_denominator
+from peftc.passes.adalora_training import AdaLoraTraining, resize_by_rank_pattern
 from torch import nn
 
 from peftc.adapters import AdapterState

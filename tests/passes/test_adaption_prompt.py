@@ -13,14 +13,15 @@ import warnings
 import pytest
 import torch
 from conftest import batch_for, captured, real_positions
-from peftc.passes import PIPELINES, AdaptionPromptPass, insertion_pipeline, merge_pipeline
+from peftc.passes import AdaptionPromptPass, insertion_pipeline, merge_pipeline
 from peftc.passes.adaption_prompt import attention_modules, is_adaption_prompt_node
 from peftc.passes.base import graph_fingerprint
 from safetensors.torch import load_file
 
 from peftc.adapters import AdapterState
-from peftc.config import CONFIG_CLASSES, AdaptionPromptConfig, LoraConfig, config_from_dict
+from peftc.config import AdaptionPromptConfig, LoraConfig, config_from_dict
 from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
+from peftc.methods import get_method
 
 aten = torch.ops.aten
 PROMPT, GATE = "adaption_prompt", "adaption_gate"
@@ -295,7 +296,7 @@ def test_config_json_round_trip_and_registry():
     cfg = config_from_dict(hf_json)
     assert isinstance(cfg, AdaptionPromptConfig) and (cfg.adapter_len, cfg.adapter_layers) == (4, 1)
     assert cfg.to_dict() == hf_json
-    assert CONFIG_CLASSES["ADAPTION_PROMPT"] is AdaptionPromptConfig and "ADAPTION_PROMPT" in PIPELINES
+    assert get_method("ADAPTION_PROMPT").config_class is AdaptionPromptConfig
     assert AdaptionPromptConfig(target_modules=["self_attn"]).target_modules == "self_attn"  # --target-modules
 
 

@@ -11,13 +11,14 @@ import copy
 import pytest
 import torch
 from conftest import batch_for, real_positions, tiny_bert, tiny_gpt2, tiny_llama
-from peftc.passes import PIPELINES, EvalModePass, IA3Pass, MergeIA3Pass, insertion_pipeline, merge_pipeline
+from peftc.passes import EvalModePass, IA3Pass, MergeIA3Pass, insertion_pipeline, merge_pipeline
 from peftc.passes.base import graph_fingerprint
 from peftc.passes.ia3 import is_feedforward
 
 from peftc.adapters import AdapterState
-from peftc.config import CONFIG_CLASSES, IA3Config, config_from_dict
+from peftc.config import IA3Config, config_from_dict
 from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
+from peftc.methods import get_method
 
 aten = torch.ops.aten
 FAMILIES = {"gpt2": (tiny_gpt2, "causal-lm"), "llama": (tiny_llama, "causal-lm"), "bert": (tiny_bert, "seq-cls")}
@@ -307,7 +308,7 @@ def test_config_round_trip_and_registry():
         "task_type": "CAUSAL_LM",
     }
     cfg = config_from_dict(hf_json)
-    assert isinstance(cfg, IA3Config) and CONFIG_CLASSES["IA3"] is IA3Config and "IA3" in PIPELINES
+    assert isinstance(cfg, IA3Config) and get_method("IA3").config_class is IA3Config
     assert cfg.to_dict() == hf_json
     assert IA3Config(target_modules={"v", "k"}).target_modules == ["k", "v"]
     assert all(IA3Config.field_help().values())

@@ -13,13 +13,14 @@ import warnings
 import pytest
 import torch
 from conftest import FAMILIES, batch_for, captured, real_positions, tiny_bert, tiny_gpt2
-from peftc.passes import PIPELINES, PrefixPass, insertion_pipeline, prefix_key_values
+from peftc.passes import PrefixPass, insertion_pipeline, prefix_key_values
 from peftc.passes.prefix import PrefixModule
 from safetensors.torch import load_file
 
 from peftc.adapters import AdapterState
 from peftc.config import LoraConfig, PrefixTuningConfig, config_from_dict, load_config
 from peftc.errors import AdapterMismatchError, ConfigError
+from peftc.methods import get_method
 
 N_VT = 5
 
@@ -62,7 +63,7 @@ def test_hf_peft_config_json_loads_both_ways(tmp_path):
     back = peft.PeftConfig.from_pretrained(tmp_path / "ours")
     assert type(back).__name__ == "PrefixTuningConfig"
     assert (back.num_virtual_tokens, back.token_dim, back.prefix_projection) == (3, 64, False)
-    assert "PREFIX_TUNING" in PIPELINES
+    assert get_method("PREFIX_TUNING").config_class is PrefixTuningConfig
 
 
 # -- the prefix module vs HF PEFT's PrefixEncoder ------------------------------------------------------
