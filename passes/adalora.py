@@ -34,7 +34,7 @@ from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.methods import LiftedTensor, Method, register_method
 from peftc.program import Program, Site
 
-from .base import PassManager, add_call, add_param
+from .base import PassManager, add_call, add_param, fake_like
 from .lora import LoraConfig
 from .merge import MergeLowRankPass
 from .modules_to_save import ModulesToSavePass
@@ -240,21 +240,13 @@ class AdaLoraPass(LinearAdapterPass):
                 x = add_call(program, aten.dropout.default, (x, cfg.lora_dropout, True), base, tag, "lora_dropout")
             ae = add_call(program, aten.mul.Tensor, (a_node, e_node), base, tag, "lora_AE")
             if "val" not in ae.meta:  # both inputs are parameters: no fake mode to infer it from
-                ae.meta["val"] = _fake_like(site.x, tensors[0])
+                ae.meta["val"] = fake_like(tensors[0], site.x)
             xa = add_call(program, aten.linear.default, (x, ae), base, tag, "lora_A")
             xab = add_call(program, aten.linear.default, (xa, b_node), base, tag, "lora_B")
             scaled = add_call(program, aten.mul.Tensor, (xab, cfg.scale_for(site.name)), base, tag, "lora_scale")
             normed = add_call(program, aten.div.Tensor, (scaled, denom), base, tag, "lora_ranknum")
             out = add_call(program, aten.add.Tensor, (base, normed), base, tag, "lora_out")
         base.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-
-
-def _fake_like(node: fx.Node, tensor: torch.Tensor) -> torch.Tensor:
-    """A fake tensor shaped like ``tensor`` in the fake mode of ``node``'s value."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([node.meta["val"]])
-    return mode.from_tensor(tensor.detach(), static_shapes=True)
 
 
 def _init_adalora(cfg: AdaLoraConfig, r: int, fin: int, fout: int, dtype: torch.dtype) -> list[nn.Parameter]:

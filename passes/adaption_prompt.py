@@ -379,8 +379,8 @@ class AdaptionPromptPass(InPlacePass):
             return add_call(program, target, args, out, tag, f"adaption_{role}", kwargs=kwargs or None)
 
         with graph.inserting_before(out.next):
-            p_node = _param(program, graph_path(peft_key(tag, ADAPTION_PROMPT)), prompt, like=out, site=tag)
-            g_node = _param(program, graph_path(peft_key(tag, ADAPTION_GATE)), gate, like=out, site=tag)
+            p_node = add_param(program, graph_path(peft_key(tag, ADAPTION_PROMPT)), prompt, tag, like=out)
+            g_node = add_param(program, graph_path(peft_key(tag, ADAPTION_GATE)), gate, tag, like=out)
             # a loaded adapter in another dtype (fp32 file, bf16 model): HF PEFT copies it into parameters of
             # the model's dtype, so it computes with the rounded values; so does the graph
             p_node = _cast(program, p_node, _adapter_dtype(program, site), out, tag)
@@ -419,18 +419,6 @@ class AdaptionPromptPass(InPlacePass):
             total = call(aten.add.Tensor, (out, mixed), "out")
             result = _cast(program, total, q_dtype, out, tag)
         out.replace_all_uses_with(result, delete_user_cb=lambda user: user is not total)
-
-
-def _param(program: Program, path: str, tensor: nn.Parameter, like: fx.Node, site: str) -> fx.Node:
-    """A get_attr for ``tensor`` carrying a fake ``meta["val"]`` so the nodes built on it get one too."""
-    from torch._guards import detect_fake_mode
-
-    node = add_param(program, path, tensor, site)
-    val = like.meta.get("val")
-    mode = detect_fake_mode([val]) if isinstance(val, torch.Tensor) else None
-    if mode is not None:
-        node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
-    return node
 
 
 def _adapter_dtype(program: Program, site: AttentionSite) -> torch.dtype:

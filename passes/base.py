@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from peftc.errors import PassError, PeftcError
-from peftc.program import Program
+from peftc.program import Program, get_tensor
 
 __all__ = [
     "FunctionalPass",
@@ -33,6 +33,8 @@ __all__ = [
     "PassManager",
     "PassResult",
     "SiteDecision",
+    "fake_like",
+    "fake_mode_of",
     "fake_value",
     "graph_fingerprint",
 ]
@@ -113,12 +115,23 @@ def verify_graph(program: Program) -> None:
             raise AssertionError(f"node without meta['val']: {node.format_node()}")
 
 
-def fake_value(node: fx.Node, graph_module: fx.GraphModule) -> Any:
-    """Compute ``meta["val"]`` for a new node from its inputs' fake values (no real compute)."""
+def fake_mode_of(nodes: Iterable[fx.Node]) -> Any:
+    """The fake-tensor mode of the ``meta["val"]`` of ``nodes`` (``None`` when none carries one)."""
     from torch._guards import detect_fake_mode
 
-    vals = [a.meta.get("val") for a in node.all_input_nodes]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    vals = [n.meta.get("val") for n in nodes]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def fake_like(tensor: torch.Tensor, like: fx.Node) -> Any:
+    """A fake tensor shaped like ``tensor`` in the fake mode of ``like``'s value (``None`` without one)."""
+    mode = fake_mode_of([like])
+    return None if mode is None else mode.from_tensor(tensor.detach(), static_shapes=True)
+
+
+def fake_value(node: fx.Node, graph_module: fx.GraphModule) -> Any:
+    """Compute ``meta["val"]`` for a new node from its inputs' fake values (no real compute)."""
+    mode = fake_mode_of(node.all_input_nodes)
     if mode is None:
         return None
 
@@ -126,18 +139,13 @@ def fake_value(node: fx.Node, graph_module: fx.GraphModule) -> Any:
         if not isinstance(arg, fx.Node):
             return arg
         if arg.op == "get_attr":
-            return mode.from_tensor(_get_attr(graph_module, arg.target), static_shapes=True)
+            return mode.from_tensor(get_tensor(graph_module, arg.target), static_shapes=True)
         return arg.meta["val"]
 
     args = fx.node.map_arg(node.args, to_fake)
     kwargs = fx.node.map_arg(node.kwargs, to_fake)
     with mode:
         return node.target(*args, **kwargs)
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 class PassManager:
@@ -193,12 +201,22 @@ def add_call(
     return node
 
 
-def add_param(program: Program, path: str, tensor: torch.nn.Parameter | torch.Tensor, site: str) -> fx.Node:
-    """Register ``tensor`` at ``path`` in the graph module and return a get_attr node for it."""
+def add_param(
+    program: Program, path: str, tensor: torch.nn.Parameter | torch.Tensor, site: str, like: fx.Node | None = None
+) -> fx.Node:
+    """Register ``tensor`` at ``path`` in the graph module and return a get_attr node for it.
+
+    With ``like``, the node carries a fake ``meta["val"]`` in ``like``'s fake mode, so nodes built on it
+    get one too.
+    """
     set_attr(program.graph_module, path, tensor)
     node = program.graph.get_attr(path)
     node.meta["peftc_site"] = site
     node.meta["peftc_role"] = "param"
+    if like is not None:
+        val = fake_like(tensor, like)
+        if val is not None:
+            node.meta["val"] = val
     return node
 
 

@@ -226,29 +226,18 @@ class IA3Pass(LinearAdapterPass):
             # y = W (x ⊙ l) + b: l [1, in] broadcasts over the last dim of x (2-D for Conv1D, 3-D for Linear).
             x = site.x
             with graph.inserting_before(base):
-                l_node = _param(program, path, l_vec, like=x, site=tag)
+                l_node = add_param(program, path, l_vec, tag, like=x)
                 out = add_call(program, aten.mul.Tensor, (x, l_node), base, tag, "ia3_in")
                 out = _cast_like(program, out, x, base, tag)
             base.replace_input_with(x, out)
         else:
             # y = (W x + b) ⊙ flatten(l): scales the bias too, exactly as HF PEFT does.
             with graph.inserting_before(base.next):
-                l_node = _param(program, path, l_vec, like=base, site=tag)
+                l_node = add_param(program, path, l_vec, tag, like=base)
                 flat = add_call(program, aten.reshape.default, (l_node, [-1]), base, tag, "ia3_flat")
                 mul = add_call(program, aten.mul.Tensor, (base, flat), base, tag, "ia3_out")
                 out = _cast_like(program, mul, base, base, tag)
             base.replace_all_uses_with(out, delete_user_cb=lambda user: user is not mul)
-
-
-def _param(program: Program, path: str, tensor: nn.Parameter, like: fx.Node, site: str) -> fx.Node:
-    """A get_attr for ``tensor`` carrying a fake ``meta["val"]`` so the nodes built on it get one too."""
-    from torch._guards import detect_fake_mode
-
-    node = add_param(program, path, tensor, site)
-    mode = detect_fake_mode([like.meta.get("val")]) if isinstance(like.meta.get("val"), torch.Tensor) else None
-    if mode is not None:
-        node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
-    return node
 
 
 def _cast_like(program: Program, node: fx.Node, ref: fx.Node, like: fx.Node, site: str) -> fx.Node:

@@ -30,7 +30,7 @@ from peftc.errors import ConfigError
 from peftc.methods import LiftedTensor, adapter_markers, get_method
 from peftc.program import MODEL_PREFIX, Program
 
-from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr
+from .base import InPlacePass, PassResult, SiteDecision, fake_mode_of, finish, remove_attr
 
 __all__ = ["RANK_DIM", "LiftAdaptersToInputsPass", "lifted_inputs", "lifted_tensors"]
 
@@ -162,7 +162,7 @@ def _add_placeholders(program: Program, specs: list[tuple[str, torch.Tensor]]) -
     """Append graph inputs after the existing ones and keep the pytree signature in step."""
     graph = program.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    fake_mode = _fake_mode(graph)
+    fake_mode = fake_mode_of(n for n in graph.nodes if n.op == "placeholder")
     out: dict[str, fx.Node] = {}
     for name, tensor in specs:
         with graph.inserting_after(last):
@@ -182,10 +182,3 @@ def _add_placeholders(program: Program, specs: list[tuple[str, torch.Tensor]]) -
         if hasattr(program.graph_module, "_in_spec"):
             program.graph_module._in_spec = in_spec
     return out
-
-
-def _fake_mode(graph: fx.Graph):
-    from torch._guards import detect_fake_mode
-
-    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])

@@ -14,11 +14,11 @@ import torch
 from torch import fx, nn
 
 from peftc.adapters import graph_path, peft_key
-from peftc.program import MODEL_PREFIX, Program, Site
+from peftc.program import MODEL_PREFIX, Program, Site, get_tensor
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr, set_attr
 
-__all__ = ["MergeLowRankPass", "bind_folded", "param_tensor"]
+__all__ = ["MergeLowRankPass", "bind_folded"]
 
 aten = torch.ops.aten
 
@@ -70,14 +70,9 @@ class MergeLowRankPass(InPlacePass):
     @staticmethod
     def _fold(program: Program, name: str, bases: list[fx.Node], delta: torch.Tensor) -> None:
         index = 1 if bases[0].target == aten.linear.default else 2
-        w = param_tensor(program.graph_module, bases[0].args[index].target)
+        w = get_tensor(program.graph_module, bases[0].args[index].target)
         merged = nn.Parameter((w.detach().float() + delta).to(w.dtype), requires_grad=False)
         bind_folded(program, name, "weight", bases, index, merged)
-
-
-def param_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def bind_folded(
@@ -97,7 +92,7 @@ def bind_folded(
             raise ValueError(f"the {param} of site {name} is not a parameter of the graph")
         others = [u for u in node.users if u not in bases]
         if others and node.target == own_path:
-            alias = _other_name(gm, param_tensor(gm, node.target), own_path)
+            alias = _other_name(gm, get_tensor(gm, node.target), own_path)
             with graph.inserting_before(node):
                 alias_node = graph.get_attr(alias)
             alias_node.meta.update(node.meta)

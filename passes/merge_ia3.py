@@ -14,11 +14,11 @@ import torch
 from torch import fx, nn
 
 from peftc.adapters import graph_path, peft_key
-from peftc.program import Program
+from peftc.program import Program, get_tensor
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, remove_attr
 from .ia3 import IA3_MARKER, IA3Config
-from .merge import bind_folded, param_tensor
+from .merge import bind_folded
 
 __all__ = ["MergeIA3Pass"]
 
@@ -88,7 +88,7 @@ class MergeIA3Pass(InPlacePass):
             node = first.args[index]
             if not isinstance(node, fx.Node) or node.op != "get_attr":
                 raise ValueError(f"the {param} of IA3 site {name} is not a parameter of the graph")
-            t = param_tensor(gm, node.target).detach()
+            t = get_tensor(gm, node.target).detach()
             scale = (l_vec.T if fan_in_fan_out else l_vec) if param == "weight" else l_vec.reshape(t.shape)
             merged = nn.Parameter(torch.mul(t, scale).to(t.dtype), requires_grad=False)
             bind_folded(program, name, param, bases, index, merged)

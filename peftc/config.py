@@ -249,6 +249,8 @@ def load_config(path: str | Path) -> MethodConfig:
 
 def __getattr__(name: str) -> Any:
     """``peftc.config.LoraConfig`` & co.: each method's config class, defined in the method's own module."""
+    if name.startswith("__"):  # import machinery probing (``__path__``…): never load the registry for it
+        raise AttributeError(name)
     from peftc.methods import method_config_classes
 
     classes = method_config_classes()

@@ -1,22 +1,27 @@
-"""Atomic directory output and file hashing.
+"""Atomic output, JSON reading with clear errors, and file hashing.
 
 Every directory peftc writes (adapters, run dirs, artifacts) is built in a temporary sibling and
 renamed into place at the end, so a crash or a failed verification never leaves half an output,
-and an existing non-empty directory is replaced only with ``force``.
+and an existing non-empty directory is replaced only with ``force``; single files are replaced
+atomically (:func:`write_atomic`). JSON files a user hands peftc are read by :func:`read_json`,
+which names the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from peftc.errors import OutputExistsError
+from peftc.errors import OutputExistsError, PeftcError
 
-__all__ = ["atomic_dir", "check_output_dir", "sha256_file"]
+__all__ = ["atomic_dir", "check_output_dir", "read_json", "sha256_file", "write_atomic"]
 
 
 def check_output_dir(path: str | Path, force: bool) -> Path:
@@ -57,3 +62,32 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | Path, what: str = "file", error: type[PeftcError] = PeftcError) -> Any:
+    """The JSON value in ``path``; ``error`` (one line naming the file, ``what`` it is, and the fault) otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); expected JSON") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e

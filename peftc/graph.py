@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc.errors import ConfigError, OutputExistsError, PeftcError
+from peftc.files import write_atomic
 
 __all__ = [
     "Block",
@@ -535,12 +536,12 @@ def write_graph(graph: BlockGraph, target: str | Path, force: bool = False) -> G
     text = graph.to_dot()
     summary = f"{sum(b.kind == 'block' for b in graph.blocks.values())} blocks, {graph.adapter_sites} adapter sites"
     if suffix in _TEXT_FORMATS:
-        _write_atomic(target, text.encode())
+        write_atomic(target, text.encode())
         return GraphOutcome(target, False, f"graph: {target} (DOT, {summary})")
     dot = shutil.which("dot")
     if dot is None:
         dot_path = target.with_suffix(".dot")
-        _write_atomic(dot_path, text.encode())
+        write_atomic(dot_path, text.encode())
         return GraphOutcome(
             dot_path,
             False,
@@ -593,15 +594,3 @@ def check_target(target: str | Path, force: bool = False) -> Path:
     if written.exists() and not force:
         raise OutputExistsError(f"--graph: {written} exists; pass --force to replace it, or choose another file")
     return target
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

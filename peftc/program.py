@@ -24,7 +24,7 @@ from torch.export import Dim
 from peftc.errors import CaptureError
 from peftc.tasks import TaskModule, TaskSpec, get_task, graph_input_names
 
-__all__ = ["MODEL_PREFIX", "ModelRef", "Program", "Site", "capture", "example_inputs", "torch_dims"]
+__all__ = ["MODEL_PREFIX", "ModelRef", "Program", "Site", "capture", "example_inputs", "get_tensor", "torch_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,12 @@ class Program:
     def max_positions(self) -> int | None:
         """Longest sequence the graph takes: the model's position table size, or less when capture lowered it."""
         return self.max_sequence or _max_positions(self.model_config)
+
+
+def get_tensor(module: nn.Module, path: str) -> Any:
+    """The attribute at dotted ``path`` under ``module`` (a parameter, buffer or constant of a graph module)."""
+    owner, _, attr = path.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
 class ModelRef:

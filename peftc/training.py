@@ -44,7 +44,7 @@ from peftc.adapters import AdapterState
 from peftc.config import TASK_TYPES, MethodConfig, PromptLearningConfig, config_from_dict, load_config
 from peftc.dataset import Dataset, Encoded, batch_order, collate, count_targets, default_data, encode, read_jsonl
 from peftc.errors import ConfigError, DataError, ModelLoadError
-from peftc.files import atomic_dir, check_output_dir
+from peftc.files import atomic_dir, check_output_dir, write_atomic
 from peftc.models import PRESETS, LoadedModel, check_model_spec, load_model, save_base_model
 from peftc.program import Program, capture
 from peftc.runs import RUN_FILE
@@ -540,13 +540,7 @@ class _RunWriter:
                     kept.append(line)
             except ValueError:
                 continue  # a line cut short by the crash
-        _write_atomic(path, "".join(x + "\n" for x in kept))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_atomic(path, "".join(x + "\n" for x in kept))
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
@@ -837,7 +831,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     }
     if s.id2label:
         run["id2label"] = {str(k): v for k, v in s.id2label.items()}
-    _write_atomic(run_dir / RUN_FILE, json.dumps(run, indent=2, sort_keys=True))
+    write_atomic(run_dir / RUN_FILE, json.dumps(run, indent=2, sort_keys=True))
     result = TrainResult(
         run_dir=run_dir,
         adapter_dir=adapter_dir,
