@@ -9,7 +9,6 @@ program's adapter parameters *are* the state's tensors, so training updates the 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from torch import nn
 
 from peftc.config import MethodConfig, config_from_dict
 from peftc.errors import AdapterFormatError, ConfigError
-from peftc.files import atomic_dir
+from peftc.files import atomic_dir, read_json
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterState", "graph_path", "peft_key"]
 
@@ -83,10 +82,7 @@ class AdapterState:
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise AdapterFormatError(f"{directory} has no {CONFIG_FILE}; is it an HF PEFT adapter directory?")
-        try:
-            data = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterFormatError(f"{config_path} is not valid JSON: {e}") from e
+        data = read_json(config_path, "adapter config", AdapterFormatError)
         try:
             config = config_from_dict(data, source=str(config_path))
         except ConfigError as e:
@@ -103,6 +99,8 @@ class AdapterState:
             raw = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterFormatError(f"{weights} is corrupt or truncated ({e}); re-save the adapter") from e
+        for key, value in raw.items():
+            _check_tensor(weights, key, value)
         tensors = {k: nn.Parameter(v, requires_grad=False) for k, v in raw.items()}
         return cls(config=config, tensors=tensors, name=name or directory.name, loaded=True)
 
@@ -122,3 +120,20 @@ class AdapterState:
         for t in self.tensors.values():
             t.requires_grad_(on and t.is_floating_point())
         return self
+
+
+def _check_tensor(path: Path, key: str, value: torch.Tensor) -> None:
+    """An adapter tensor must be floating point and finite: name the one that is not, before any use."""
+    if not value.is_floating_point():
+        raise AdapterFormatError(
+            f"{path}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}; adapters are floating point "
+            "(re-save the adapter from its training run)"
+        )
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = value[~finite]
+        kind = "NaN" if bool(torch.isnan(bad).any()) else "inf"
+        raise AdapterFormatError(
+            f"{path}: tensor {key} holds {int((~finite).sum())} {kind} value(s) (shape {list(value.shape)}); "
+            "the training run diverged or the file is damaged — retrain or use an earlier checkpoint"
+        )

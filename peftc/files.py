@@ -21,7 +21,7 @@ from typing import Any
 
 from peftc.errors import OutputExistsError, PeftcError
 
-__all__ = ["atomic_dir", "check_output_dir", "read_json", "sha256_file", "write_atomic"]
+__all__ = ["atomic_dir", "check_output_dir", "current_umask", "read_json", "sha256_file", "write_atomic"]
 
 
 def check_output_dir(path: str | Path, force: bool) -> Path:
@@ -42,6 +42,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     path = check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700); the output follows the umask
     try:
         yield tmp
     except BaseException:
@@ -54,6 +55,13 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     tmp.rename(path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: Python has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | Path) -> str:
@@ -71,6 +79,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -152,7 +152,7 @@ def test_config_not_json_is_refused(saved):
     (directory / CONFIG_FILE).write_bytes(b"\xff\xfe\x00\x00")
     with pytest.raises(AdapterFormatError) as info:
         AdapterState.load(directory)
-    _one_line(info, "is not valid JSON")
+    _one_line(info, "is not UTF-8 text", "expected JSON")
 
 
 @pytest.mark.parametrize(
@@ -196,3 +196,29 @@ def test_missing_pieces_are_refused(saved, tmp_path):
     with pytest.raises(AdapterFormatError) as info:
         AdapterState.load(directory)
     _one_line(info, f"has no {CONFIG_FILE}")
+
+
+@pytest.mark.parametrize(
+    "value,fragments",
+    [
+        (float("nan"), ["holds 1 NaN value(s)", "retrain or use an earlier checkpoint"]),
+        (float("inf"), ["holds 1 inf value(s)"]),
+        (None, ["has dtype int64", "adapters are floating point"]),
+    ],
+    ids=["nan", "inf", "int64"],
+)
+def test_non_finite_or_integer_tensors_are_refused_by_name(saved, value, fragments):
+    from safetensors.torch import load_file, save_file
+
+    _, directory = saved
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    if value is None:
+        tensors[key] = torch.ones_like(tensors[key], dtype=torch.int64)
+    else:
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    with pytest.raises(AdapterFormatError) as info:
+        AdapterState.load(directory)
+    _one_line(info, key, *fragments)
