@@ -300,5 +300,5 @@ def test_seq2seq_refuses_prompt_methods(tmp_path):
     from peftc.seq2seq import adapted_programs
 
     state = AdapterState(PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
-    with pytest.raises(ConfigError, match="PROMPT_TUNING"):
+    with pytest.raises(ConfigError, match="rewrite layers .* not prompt tuning"):
         adapted_programs(tiny_t5(), state)
