@@ -12,12 +12,15 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from peftc import __version__
 from peftc.errors import PeftcError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftc.training.options import MethodFlag
 
 __all__ = ["main"]
 
@@ -140,7 +143,7 @@ def _train_options() -> list[click.Option]:
     return options
 
 
-def _method_flag_option(flag: Any) -> click.Option:
+def _method_flag_option(flag: MethodFlag) -> click.Option:
     """``--r``, ``--lora-alpha``…: help, type and default of the method-config field (``MethodFlag``)."""
     if flag.preset is not None:
         shown = f"{flag.preset}, a peftc training preset (HF PEFT: {flag.default})"
@@ -161,7 +164,8 @@ def _click_type(hint: Any) -> click.ParamType:
     import types
     import typing
 
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     simple = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
     if len(args) == 1 and args[0] in simple:
         return simple[args[0]]
@@ -180,7 +184,7 @@ def _train_epilog() -> str:
     flags = method_flags()
     applies = "; ".join(f"{flag.flag}: {', '.join(flag.methods)}" for flag in flags)
     presets = ", ".join(f"{name}={value}" for name, value in TRAIN_PRESETS.items())
-    hf = ", ".join(f"{flag.default}" for flag in flags if flag.name in TRAIN_PRESETS)
+    hf = ", ".join(f"{flag.name}={flag.default}" for flag in flags if flag.name in TRAIN_PRESETS)
     return (
         f"Method flags set the method-config field of the same name and apply to the methods whose config has "
         f"it ({applies}); set any other field with --set FIELD=VALUE.\n\n"

@@ -169,6 +169,7 @@ def check_resume(options: dict[str, Any], saved: dict[str, Any], ckpt: Path) -> 
     Raises:
         ConfigError: naming the first option that differs, with both values.
     """
+    options = json.loads(json.dumps(options))  # as saved: tuples become lists (target_modules=("q", "v"))
     for name in TRAJECTORY_FIELDS:
         if saved.get(name) != options.get(name):
             raise ConfigError(

@@ -370,8 +370,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                     )
                 if cfg.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                else:  # a group without targets leaves no gradients
+                    norms = [p.grad.norm() for p in params if p.grad is not None]
+                    grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()

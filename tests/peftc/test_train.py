@@ -355,3 +355,14 @@ def test_minilm_short_run_learns_and_matches_peft(tmp_path):
         want = ref(**{k: batch[k] for k in prog.input_names}).logits
         got = prog.forward_batch(batch)
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_resume_check_compares_options_as_saved(tmp_path):
+    """A tuple option (Python API) equals the list its run saved; another value is refused, naming it."""
+    from peftc.training.checkpoints import check_resume
+
+    saved = json.loads(json.dumps({"target_modules": ["query", "value"], "lr": 1e-3}))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"
+    check_resume({"target_modules": ("query", "value"), "lr": 1e-3}, saved, ckpt)
+    with pytest.raises(ConfigError, match=r"--resume: target_modules=\['query'\] but the run in .*run was started"):
+        check_resume({"target_modules": ("query",), "lr": 1e-3}, saved, ckpt)
