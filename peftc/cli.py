@@ -12,12 +12,15 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from peftc import __version__
 from peftc.errors import PeftcError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftc.training.options import MethodFlag
 
 __all__ = ["main"]
 
@@ -54,55 +57,144 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
         _quiet_libraries()
 
 
-@cli.command()
-@click.option(
-    "--model", default="minilm", show_default=True, help="Local HF model directory or preset (minilm, tiny-gpt2)."
-)
-@click.option(
-    "--task",
-    type=click.Choice(["causal-lm", "seq-cls", "token-cls"]),
-    help="Task; default: the preset's task, else seq-cls.",
-)
-@click.option(
-    "--method",
-    help="PEFT method: lora, adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, adaption-prompt "
-    "(LLaMA-Adapter) (default: the --config file's method, else lora).",
-)
-@click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False), help="HF PEFT config JSON; flags override it."
-)
-@click.option(
-    "--data", type=click.Path(dir_okay=False), help="Training data (JSON lines); default: the preset's embedded set."
-)
-@click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation data (JSON lines).")
-@click.option("--out", default="peftc-run", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--epochs", type=int, help="Training epochs.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--lr", type=float, help="Peak learning rate (AdamW).")
-@click.option("--batch-size", type=int, help="Examples per micro-batch.")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--warmup-ratio", type=float, help="Fraction of steps with linear warm-up.")
-@click.option("--max-grad-norm", type=float, help="Gradient clipping norm.")
-@click.option("--weight-decay", type=float, help="AdamW weight decay.")
-@click.option("--seed", type=int, help="Random seed.")
-@click.option("--max-length", type=int, help="Truncate examples to this many tokens.")
-@click.option("--r", type=int, help="LoRA rank.")
-@click.option("--lora-alpha", type=float, help="LoRA alpha (scale = alpha / r).")
-@click.option("--lora-dropout", type=float, help="Dropout on the LoRA branch.")
-@click.option("--target-modules", help="Comma-separated module names, or a regex; default: HF PEFT's table.")
-@click.option("--num-virtual-tokens", type=int, help="Virtual tokens (prompt tuning, P-tuning, prefix tuning).")
-@click.option(
-    "--set",
-    "options",
-    metavar="FIELD=VALUE",
-    multiple=True,
-    help="Any method-config field by its HF PEFT name (repeatable; VALUE parsed as JSON, else a string), "
-    "e.g. --set init_r=12 --set prefix_projection=true.",
-)
-@click.option("--save-every", type=int, help="Checkpoint every N optimizer steps.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+class _TrainCommand(click.Command):
+    """``peftc train``: its options are built on first use from :class:`~peftc.training.TrainConfig`'s fields and
+    the method registry (importing the registry loads torch; ``peftc --help`` and the other commands stay fast).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._built = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._built:
+            self.params[:0] = _train_options()
+            self._built = True
+        return super().get_params(ctx)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = _train_epilog()
+        super().format_epilog(ctx, formatter)
+
+
+class _TrainOption(click.Option):
+    """An option that passes ``None`` when not given (the API decides) but shows the API's default in ``--help``."""
+
+    def __init__(self, *args: Any, shown_default: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shown_default = shown_default
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if self.shown_default is not None:
+            extra["default"] = self.shown_default
+        return extra
+
+
+#: TrainConfig fields whose flag is not ``--<field-name>``, or whose help on the command line differs.
+_TRAIN_FLAG_NAMES = {"config_file": "--config", "options": "--set", "progress": "--no-progress"}
+_TRAIN_CLI_HELP = {
+    "options": "Any other method-config field by its HF PEFT name (repeatable; VALUE parsed as JSON, else a "
+    "string), e.g. --set init_r=12 --set prefix_projection=true.",
+    "progress": "No progress bar, no eval lines after each epoch.",
+}
+
+
+def _train_options() -> list[click.Option]:
+    """One option per TrainConfig field: help and default from the field (a method-config field's from the method)."""
+    import dataclasses
+    import typing
+
+    from peftc.methods import cli_names
+    from peftc.training import TrainConfig
+    from peftc.training.options import TRAINABLE_TASKS, method_flags
+
+    hints = typing.get_type_hints(TrainConfig)
+    flags = {flag.name: flag for flag in method_flags()}
+    names = cli_names()
+    options = []
+    for f in dataclasses.fields(TrainConfig):
+        decl = [_TRAIN_FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-")), f.name]
+        if f.name in flags:
+            options.append(_method_flag_option(flags[f.name]))
+            continue
+        help_text = _TRAIN_CLI_HELP.get(f.name, f.metadata["help"])
+        kwargs: dict[str, Any] = {"help": help_text}
+        if f.default is not None and not isinstance(f.default, bool):
+            kwargs["shown_default"] = str(f.default)
+        if f.name == "progress":
+            decl, kwargs = ["--no-progress", "no_progress"], {"is_flag": True, "help": help_text}
+        elif hints[f.name] is bool:
+            kwargs = {"is_flag": True, "help": help_text}
+        elif f.name == "options":
+            kwargs = {"metavar": "FIELD=VALUE", "multiple": True, "help": help_text}
+        elif f.name == "task":
+            kwargs.update(type=click.Choice(TRAINABLE_TASKS), metavar="TASK")
+        elif f.name == "method":
+            kwargs.update(type=click.Choice(names, case_sensitive=False), metavar="METHOD")
+            kwargs["help"] = f"{help_text} One of: {', '.join(names)}."
+        elif f.name in ("config_file", "data", "eval_data"):
+            kwargs["type"] = click.Path(dir_okay=False)
+        elif f.name == "out":
+            kwargs["type"] = click.Path(file_okay=False)
+        else:
+            kwargs["type"] = _click_type(hints[f.name])
+        options.append(_TrainOption(decl, **kwargs))
+    return options
+
+
+def _method_flag_option(flag: MethodFlag) -> click.Option:
+    """``--r``, ``--lora-alpha``…: help, type and default of the method-config field (``MethodFlag``)."""
+    if flag.preset is not None:
+        shown = f"{flag.preset}, a peftc training preset (HF PEFT: {flag.default})"
+    else:
+        shown = None if flag.default is None else str(flag.default)
+    kwargs: dict[str, Any] = {"help": flag.help, "shown_default": shown}
+    if _admits_list(flag.hint):  # target_modules: a list of names or one regex
+        kwargs.update(
+            metavar="NAMES|REGEX", callback=lambda ctx, param, value: _parse_targets(value) if value else None
+        )
+    else:
+        kwargs["type"] = _click_type(flag.hint)
+    return _TrainOption([flag.flag, flag.name], **kwargs)
+
+
+def _click_type(hint: Any) -> click.ParamType:
+    """The click type of a field's type hint (``int | None`` -> ``click.INT``)."""
+    import types
+    import typing
+
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    simple = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
+    if len(args) == 1 and args[0] in simple:
+        return simple[args[0]]
+    return click.STRING
+
+
+def _admits_list(hint: Any) -> bool:
+    import typing
+
+    return any(typing.get_origin(a) is list for a in (typing.get_args(hint) or (hint,)))
+
+
+def _train_epilog() -> str:
+    from peftc.training.options import TRAIN_PRESETS, method_flags
+
+    flags = method_flags()
+    applies = "; ".join(f"{flag.flag}: {', '.join(flag.methods)}" for flag in flags)
+    presets = ", ".join(f"{name}={value}" for name, value in TRAIN_PRESETS.items())
+    hf = ", ".join(f"{flag.name}={flag.default}" for flag in flags if flag.name in TRAIN_PRESETS)
+    return (
+        f"Method flags set the method-config field of the same name and apply to the methods whose config has "
+        f"it ({applies}); set any other field with --set FIELD=VALUE.\n\n"
+        f"Training presets: without --config, peftc trains with {presets} wherever the method's config has these "
+        f"fields; they differ from HF PEFT's defaults ({hf}). A --config file is taken as written; a method "
+        f"flag or --set overrides both."
+    )
+
+
+@cli.command(cls=_TrainCommand)
 def train(**options: Any) -> None:
     """Fine-tune an adapter on the captured graph; writes adapter/ (HF PEFT format), metrics.jsonl, checkpoints/.
 
@@ -113,16 +205,12 @@ def train(**options: Any) -> None:
     from peftc.training import train as run_train
 
     options["progress"] = not options.pop("no_progress")
-    targets = options.pop("target_modules")
-    if targets is not None:
-        options["target_modules"] = _parse_targets(targets)
     options["options"] = _parse_settings(options.pop("options")) or None
     cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
     result = run_train(cfg)
     click.echo(f"run directory: {result.run_dir}")
-    metrics = getattr(result, "metrics", None) or {}
-    if metrics:
-        click.echo("final eval: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    if result.metrics:
+        click.echo("final eval: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
 
 
 def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from conftest import tiny_gpt2
@@ -206,3 +207,64 @@ def test_inspect_plan_changes_nothing_and_lists_reasons(capsys, base_and_adapter
     assert decisions["transformer.h.0.attn.c_attn"]["action"] == "rewrite"
     assert decisions["transformer.wte"]["action"] == "skip"
     assert "not a Linear" in decisions["transformer.wte"]["reason"]
+
+
+def _train_params() -> dict[str, click.Option]:
+    from peftc.cli import cli
+
+    command = cli.commands["train"]
+    return {p.name: p for p in command.get_params(click.Context(command, info_name="train"))}
+
+
+def test_train_help_lists_every_method_and_takes_method_flags_from_the_configs(capsys):
+    from peftc.methods import cli_names, methods
+    from peftc.training.options import METHOD_FLAGS
+
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    flat = "".join(out.split())  # click wraps lines (also at hyphens: llama-adapter)
+    names = cli_names()
+    assert len(names) == sum(len(m.cli_names) for m in methods())
+    for name in names:
+        assert f"{name}," in flat or f"{name}." in flat, name
+    params = _train_params()
+    assert list(params["method"].type.choices) == names
+    for flag in METHOD_FLAGS:  # help and type of the first registered config that has the field
+        config_class = next(m.config_class for m in methods() if flag in m.config_class.field_help())
+        assert params[flag].help == config_class.field_help()[flag], flag
+        assert "".join(config_class.field_help()[flag].split()) in flat
+    assert params["r"].type is click.INT and params["lora_alpha"].type is click.FLOAT
+    # defaults are shown; peftc's training presets say that they differ from HF PEFT's
+    for shown in ("--epochsINTEGER", "[default:3]", "--lrFLOAT", "[default:0.002]", "[default:16]", "[default:8]"):
+        assert shown in flat, shown
+    assert "[default:16,apeftctrainingpreset(HFPEFT:8)]" in flat
+    assert "[default:0.05,apeftctrainingpreset(HFPEFT:0.0)]" in flat
+    assert "*ForTokenClassification->token-cls" in flat  # the --task inference rule
+
+
+def test_train_flags_map_onto_train_config(capsys, monkeypatch):
+    import peftc.training
+    from peftc.training import TrainResult
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        return TrainResult(Path("r"), Path("r/adapter"), 0, 0.0, None, {"loss": 0.5}, 0.0, 0)
+
+    monkeypatch.setattr(peftc.training, "train", fake_train)
+    code, out, _ = run_cli(
+        capsys, "train", "--method", "AdaLoRA", "--lora-alpha", "4", "--target-modules", "c_attn,c_proj",
+        "--set", "init_r=3", "--no-progress", "--log-every", "2", "--config", "c.json",
+    )  # fmt: skip
+    assert code == 0 and "final eval: loss=0.5" in out
+    (cfg,) = seen
+    assert (cfg.method, cfg.lora_alpha, cfg.target_modules, cfg.options) == (
+        "adalora",
+        4.0,
+        ["c_attn", "c_proj"],
+        {"init_r": 3},
+    )
+    assert (cfg.progress, cfg.log_every, cfg.config_file, cfg.epochs, cfg.r) == (False, 2, "c.json", 3, None)
+    code, _, err = run_cli(capsys, "train", "--method", "bogus")
+    assert code == 2 and "lora" in err and "adalora" in err

@@ -205,7 +205,7 @@ class _Crash(Exception):
 
 
 def test_resume_reaches_the_uninterrupted_adapter(tmp_path, bert_dir, cls_data, monkeypatch):
-    import peftc.training as train_mod
+    import peftc.training.loop as train_mod
 
     # 14 examples, batch 4 -> 4 steps per epoch: checkpoints at step 3 (mid-epoch) and 6; dropout on
     common = dict(model=bert_dir, data=cls_data, eval_data=cls_data, max_steps=6, save_every=3, batch_size=4,
@@ -222,17 +222,17 @@ def test_resume_reaches_the_uninterrupted_adapter(tmp_path, bert_dir, cls_data, 
     assert any(k.endswith("::exp_avg_sq") for k in load_file(str(ckpt / "optimizer.safetensors")))
 
     # the same run, crashing right after its step-3 checkpoint...
-    original = train_mod._save_checkpoint
+    original = train_mod.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         path = original(*args, **kwargs)
         raise _Crash(path)
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
     out = tmp_path / "crashed"
     with pytest.raises(_Crash):
         train(TrainConfig(**common, out=str(out)))
-    monkeypatch.setattr(train_mod, "_save_checkpoint", original)
+    monkeypatch.setattr(train_mod, "save_checkpoint", original)
     assert not (out / "adapter").exists() and not (out / "run.json").exists()
     assert (out / "checkpoints" / "step-3").is_dir()
     with (out / "metrics.jsonl").open("a") as f:  # a crash can leave records past the checkpoint
@@ -355,3 +355,14 @@ def test_minilm_short_run_learns_and_matches_peft(tmp_path):
         want = ref(**{k: batch[k] for k in prog.input_names}).logits
         got = prog.forward_batch(batch)
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_resume_check_compares_options_as_saved(tmp_path):
+    """A tuple option (Python API) equals the list its run saved; another value is refused, naming it."""
+    from peftc.training.checkpoints import check_resume
+
+    saved = json.loads(json.dumps({"target_modules": ["query", "value"], "lr": 1e-3}))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"
+    check_resume({"target_modules": ("query", "value"), "lr": 1e-3}, saved, ckpt)
+    with pytest.raises(ConfigError, match=r"--resume: target_modules=\['query'\] but the run in .*run was started"):
+        check_resume({"target_modules": ("query",), "lr": 1e-3}, saved, ckpt)

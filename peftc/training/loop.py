@@ -1,0 +1,456 @@
+"""The training loop: set a run up, step AdamW over the captured graph, evaluate, finish the run.
+
+The loop trains the *captured graph*, not the eager model: the base model is captured in train mode
+(dropout baked in), the method's insertion pipeline adds the adapter, and AdamW updates the adapter's
+tensors (the only trainable parameters). A second, eval-mode capture bound to the same
+:class:`~peftc.adapters.AdapterState` shares those tensors, so evaluation always sees the current
+adapter without copying anything.
+
+One optimizer step over ``grad_accum`` micro-batches minimises the mean loss over all their targets
+(each micro-batch's mean loss weighted by its share of the targets, so accumulation equals one big
+batch); the learning rate warms up linearly over ``warmup_ratio`` of the steps, then decays linearly to
+0. The method's :class:`~peftc.methods.TrainingHooks` add a loss term, act after each step and shape
+the saved adapter (AdaLoRA: orthogonal regularisation, rank allocation, tensors cut to the kept ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc import __version__
+from peftc.adapters import AdapterState
+from peftc.config import MethodConfig, PromptLearningConfig
+from peftc.dataset import Dataset, Encoded, batch_order, collate, count_targets, encode, read_jsonl
+from peftc.errors import ConfigError, ModelLoadError
+from peftc.files import check_output_dir
+from peftc.methods import get_method
+from peftc.models import LoadedModel, check_model_spec, load_model
+from peftc.program import Program, capture
+from peftc.tasks import HEAD_TASKS, TaskSpec
+from peftc.training.checkpoints import (
+    check_resume,
+    checkpoint_step,
+    latest_checkpoint,
+    read_trainer_state,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from peftc.training.options import TrainConfig, infer_task, method_config, method_name, resolve_data
+from peftc.training.rundir import ADAPTER_DIR, BASE_MODEL_DIR, RunWriter
+
+__all__ = ["TrainResult", "evaluate", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes:
+        run_dir: the run directory.
+        adapter_dir: ``run_dir/adapter`` (loadable by ``peft.PeftModel.from_pretrained``).
+        step: optimizer steps done in total (including those before a resume).
+        epoch: epochs done (fractional when ``max_steps`` stops mid-epoch).
+        train_loss: mean training loss over the last ``log_every`` steps.
+        eval_metrics: the last evaluation (``loss`` plus ``accuracy`` or ``perplexity``); empty
+            when there is no eval data.
+        seconds: wall time of this call.
+        trainable_parameters: parameters the optimizer updated.
+        resumed_from: the checkpoint step this call continued from, if any.
+        id2label: class names of a seq-cls run.
+    """
+
+    run_dir: Path
+    adapter_dir: Path
+    step: int
+    epoch: float
+    train_loss: float | None
+    eval_metrics: dict[str, float]
+    seconds: float
+    trainable_parameters: int
+    resumed_from: int | None = None
+    id2label: dict[int, str] | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The final evaluation metrics (what the CLI prints)."""
+        return {k: v for k, v in self.eval_metrics.items() if k != "examples"}
+
+
+# -- setup ---------------------------------------------------------------------------------------
+
+
+def _set_threads() -> None:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cpus)))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Setup:
+    """A run ready to step: the programs, the adapter, the encoded data."""
+
+    loaded: LoadedModel
+    train_prog: Program
+    eval_prog: Program
+    state: AdapterState
+    config: MethodConfig
+    train_enc: Encoded
+    eval_enc: Encoded | None
+    train_data: Dataset
+    id2label: dict[int, str] | None
+    base_source: str
+    params: list[tuple[str, torch.nn.Parameter]]
+
+
+def _build(
+    cfg: TrainConfig,
+    task: str,
+    config: MethodConfig,
+    data_path: str,
+    eval_path: str | None,
+    run_dir: Path,
+    checkpoint: Path | None,
+) -> _Setup:
+    """Read and encode the data, load and capture the model twice, insert (or bind) the adapter."""
+    train_data = read_jsonl(data_path, task)
+    eval_data = read_jsonl(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
+    id2label = train_data.id2label if task in HEAD_TASKS else None
+    loaded = load_model(cfg.model, task, num_labels=len(id2label) if id2label else None, id2label=id2label)
+    if loaded.tokenizer is None:
+        raise ModelLoadError(
+            f"{loaded.source} has no tokenizer (tokenizer.json, vocab.txt or tokenizer_config.json); "
+            "save the model's tokenizer into the directory with tokenizer.save_pretrained"
+        )
+    vocab = getattr(loaded.model.config, "vocab_size", None)
+    if vocab and len(loaded.tokenizer) > vocab:
+        raise ModelLoadError(
+            f"the tokenizer in {loaded.source or cfg.model} has {len(loaded.tokenizer)} tokens but the model's "
+            f"vocab_size is {vocab}; save the tokenizer the model was trained with"
+        )
+    max_length = cfg.max_length
+    max_pos = getattr(loaded.model.config, "n_positions", None) or getattr(
+        loaded.model.config, "max_position_embeddings", None
+    )
+    if max_pos and isinstance(config, PromptLearningConfig):
+        max_pos -= config.num_virtual_tokens  # virtual tokens / the prefix take the first positions
+    if max_pos and max_length > max_pos:
+        logger.warning("max_length=%d exceeds the model's %d usable positions; using %d", max_length, max_pos, max_pos)
+        max_length = max_pos
+    pad_id = loaded.model.config.pad_token_id if task == "seq-cls" else None
+    train_enc = encode(train_data, loaded.tokenizer, task, max_length, pad_id)
+    eval_enc = encode(eval_data, loaded.tokenizer, task, max_length, pad_id) if eval_data else None
+
+    base_source = str((run_dir / BASE_MODEL_DIR).resolve()) if loaded.preset == "tiny-gpt2" else loaded.source
+    config.base_model_name_or_path = base_source
+    train_prog = capture(loaded.model, task, mode="train")
+    eval_prog = capture(loaded.model, task, mode="eval")
+    from peftc.passes import insertion_pipeline
+
+    if checkpoint is not None:
+        state = AdapterState.load(checkpoint)
+        state.config = config
+        state.trainable_(True)
+        insertion_pipeline(config, state)(train_prog)
+    else:
+        _seed_everything(cfg.seed)  # the fresh adapter's init depends on the seed only
+        insertion_pipeline(config)(train_prog)
+        state = train_prog.adapter
+    insertion_pipeline(config, state)(eval_prog)
+    params = [(n, p) for n, p in train_prog.graph_module.named_parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"method {config.peft_type} left nothing to train in {cfg.model}")
+    return _Setup(
+        loaded, train_prog, eval_prog, state, config, train_enc, eval_enc, train_data, id2label, base_source, params
+    )
+
+
+# -- optimisation --------------------------------------------------------------------------------
+
+
+def _optimizer(cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.AdamW:
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _step_loss(
+    program: Program,
+    task_spec: TaskSpec,
+    micro: list[dict[str, torch.Tensor]],
+    regularization: Callable[[], torch.Tensor | float],
+) -> float:
+    """Forward/backward a group of micro-batches; the mean loss over all their targets.
+
+    ``regularization()`` is the method's extra loss term, added to every micro-batch loss.
+    """
+    counts = [count_targets(b, task_spec.name) for b in micro]
+    total = sum(counts)
+    value = 0.0
+    for batch, count in zip(micro, counts, strict=True):
+        if count == 0:
+            continue
+        loss = task_spec.loss(program.forward_batch(batch), batch) + regularization()
+        weight = count / total
+        (loss * weight).backward()
+        value += float(loss.detach()) * weight
+    return value
+
+
+@torch.no_grad()
+def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, float]:
+    """Loss (mean over examples / next-token targets) plus accuracy (seq-cls) or perplexity (causal-lm).
+
+    Args:
+        program: an eval-mode program with the adapter bound.
+        enc: encoded evaluation data.
+        batch_size: examples per forward.
+    """
+    task = program.task
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))  # less padding
+    loss_sum, count, correct = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate(enc, order[start : start + batch_size], program.input_names)
+        n = count_targets(batch, task.name)
+        if n == 0:
+            continue
+        logits = program.forward_batch(batch)
+        loss_sum += float(task.loss(logits, batch)) * n
+        count += n
+        if task.name in HEAD_TASKS:  # token-cls: labelled positions only (-100 never equals an argmax)
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    if count == 0:
+        return {}
+    loss = loss_sum / count
+    out = {"loss": loss}
+    if task.name in HEAD_TASKS:
+        out["accuracy"] = correct / count
+    else:
+        out["perplexity"] = math.exp(min(loss, 50.0))
+    out["examples"] = len(enc)
+    return out
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _find_checkpoint(cfg: TrainConfig, run_dir: Path, options: dict[str, Any]) -> Path | None:
+    """The checkpoint a ``--resume`` continues from (checked against ``options``), or ``None``."""
+    if not cfg.resume:
+        check_output_dir(run_dir, cfg.force)
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        if run_dir.exists() and not run_dir.is_dir():
+            check_output_dir(run_dir, False)
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.force:
+            raise ConfigError(
+                f"--resume: {run_dir} holds no checkpoint (checkpoints/step-N); checkpoints are written "
+                "with --save-every N; pass --force to start over"
+            )
+        logger.info("--resume: no checkpoint in %s; starting a new run", run_dir)
+        return None
+    check_resume(options, read_trainer_state(ckpt)["train_config"], ckpt)
+    return ckpt
+
+
+def train(cfg: TrainConfig | None = None) -> TrainResult:
+    """Train an adapter and write a run directory (see :mod:`peftc.runs` for the layout).
+
+    Args:
+        cfg: the options; ``None`` or ``TrainConfig()`` fine-tunes MiniLM on the shipped sentiment data.
+
+    Returns:
+        A :class:`TrainResult` with the final metrics and where the adapter is.
+
+    Raises:
+        ConfigError: impossible options, a ``--resume`` whose options differ from the run's.
+        DataError: a data file is unreadable or has a malformed line (``file:line`` in the message).
+        ModelLoadError: the base model or its tokenizer cannot be loaded.
+        CaptureError: ``torch.export`` cannot capture the model.
+        TargetNotFoundError: ``target_modules`` matched nothing.
+        OutputExistsError: ``out`` is not empty and neither ``force`` nor ``resume`` was given.
+    """
+    cfg = cfg or TrainConfig()
+    started = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _set_threads()
+    cfg.validate()
+    run_dir = Path(cfg.out).expanduser()
+    check_model_spec(cfg.model)
+    task = cfg.task or infer_task(cfg.model)
+    data_path, eval_path = resolve_data(cfg, task)
+    config = method_config(cfg, task)  # flag errors before the slow model load
+    options = {
+        **cfg.to_dict(),
+        "task": task,
+        "data": data_path,
+        "eval_data": eval_path,
+        "method": method_name(config, cfg.method.lower() if cfg.method else None),
+    }
+    ckpt = _find_checkpoint(cfg, run_dir, options)
+
+    s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt)
+    opt = _optimizer(cfg, s.params)
+    n_batches = math.ceil(len(s.train_enc) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    from transformers import get_linear_schedule_with_warmup
+
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    hooks = get_method(s.config).hooks(s.config, s.state, total_steps)
+
+    step, epoch, batch_pos, window, last_eval = 0, 0, 0, [], {}
+    writer = RunWriter(run_dir, cfg.force, resumed=ckpt is not None, loaded=s.loaded)
+    if ckpt is not None:
+        trainer = restore_checkpoint(ckpt, s.params, opt, sched, hooks)
+        step, epoch, batch_pos = trainer["step"], trainer["epoch"], trainer["batch"]
+        window, last_eval = list(trainer["window"]), dict(trainer["last_eval"])
+        writer.truncate_metrics(step)
+        logger.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, step, epoch, batch_pos)
+    else:
+        _seed_everything(cfg.seed)
+
+    counts = s.train_prog.parameter_counts()
+    logger.info(
+        "training %s (%s, %s) on %d examples: %d steps, %d trainable of %d parameters",
+        cfg.model,
+        task,
+        options["method"],
+        len(s.train_enc),
+        total_steps,
+        counts["trainable"],
+        counts["total"],
+    )
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    task_spec = s.train_prog.task
+    params = [p for _, p in s.params]
+    try:
+        while step < total_steps:
+            batches = batch_order(len(s.train_enc), cfg.batch_size, cfg.seed, epoch)
+            while batch_pos < n_batches and step < total_steps:
+                group = batches[batch_pos : batch_pos + cfg.grad_accum]
+                micro = [collate(s.train_enc, idx, s.train_prog.input_names) for idx in group]
+                loss = _step_loss(s.train_prog, task_spec, micro, hooks.regularization)
+                if not math.isfinite(loss):
+                    raise ConfigError(
+                        f"training diverged: loss is {loss} at step {step + 1}; lower --lr (now {cfg.lr})"
+                    )
+                if cfg.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                else:  # a group without targets leaves no gradients
+                    norms = [p.grad.norm() for p in params if p.grad is not None]
+                    grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                hooks.after_step(step + 1)  # needs this step's gradients
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                batch_pos += len(group)
+                writer.open()
+                window.append(loss)
+                window = window[-cfg.log_every :]
+                ep = epoch + batch_pos / n_batches
+                if step % cfg.log_every == 0 or step == total_steps:
+                    mean = sum(window) / len(window)
+                    record = {"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean, "lr": lr}
+                    writer.log({**record, "grad_norm": grad_norm})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if s.eval_enc is not None and (batch_pos >= n_batches or step == total_steps):
+                    last_eval = evaluate(s.eval_prog, s.eval_enc, max(cfg.batch_size, 32))
+                    writer.log({"type": "eval", "step": step, "epoch": round(ep, 4), **last_eval})
+                    if cfg.progress:
+                        bar.write(f"epoch {ep:.2f} step {step}: eval {_fmt(last_eval)}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    e, b = (epoch + 1, 0) if batch_pos >= n_batches else (epoch, batch_pos)
+                    trainer = {
+                        "step": step,
+                        "epoch": e,
+                        "batch": b,
+                        "window": window,
+                        "last_eval": last_eval,
+                        "train_config": options,
+                        "total_steps": total_steps,
+                    }
+                    save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
+            if batch_pos >= n_batches:
+                epoch, batch_pos = epoch + 1, 0
+    finally:
+        bar.close()
+    writer.open()  # a no-op unless nothing ran (a resume of a finished run with no checkpoint)
+
+    final_epoch = epoch + batch_pos / n_batches
+    train_loss = sum(window) / len(window) if window else None
+    adapter_dir = run_dir / ADAPTER_DIR
+    final = dataclasses.replace(s.state, config=dataclasses.replace(s.config, inference_mode=True))
+    final = hooks.finalize(final)  # e.g. AdaLoRA cuts tensors to the kept ranks, as HF PEFT saves them
+    final.save(adapter_dir, force=True)
+    seconds = time.perf_counter() - started
+    resumed_from = checkpoint_step(ckpt) if ckpt is not None else None
+    run = {
+        "peftc_version": __version__,
+        "task": task,
+        "model": {"spec": cfg.model, "source": s.base_source, "preset": s.loaded.preset},
+        "method": options["method"],
+        "peft_type": s.config.peft_type,
+        "input_names": list(s.eval_prog.input_names),
+        "train_config": options,
+        "metrics": {"step": step, "epoch": round(final_epoch, 4), "train_loss": train_loss, "eval": last_eval},
+        "parameters": counts,
+        "seconds": round(seconds, 2),
+        "resumed_from": resumed_from,
+    }
+    if s.id2label:
+        run["id2label"] = {str(k): v for k, v in s.id2label.items()}
+    writer.write_run(run)
+    logger.info("done: %d steps in %.0fs; final eval: %s; adapter in %s", step, seconds, _fmt(last_eval), adapter_dir)
+    return TrainResult(
+        run_dir=run_dir,
+        adapter_dir=adapter_dir,
+        step=step,
+        epoch=final_epoch,
+        train_loss=train_loss,
+        eval_metrics=last_eval,
+        seconds=seconds,
+        trainable_parameters=counts["trainable"],
+        resumed_from=resumed_from,
+        id2label=s.id2label,
+    )
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "examples") or "no eval data"

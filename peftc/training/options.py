@@ -1,0 +1,355 @@
+"""What a run is asked to do: :class:`TrainConfig`, and what it resolves to (task, data files, method config).
+
+``peftc train``'s flags are :class:`TrainConfig`'s fields (``max_steps`` → ``--max-steps``); the CLI reads
+their help and defaults from here. Five method-config fields have a flag of their own
+(:data:`METHOD_FLAGS`: ``--r``, ``--lora-alpha``, …); their help, type and default are the method config's
+(:func:`method_flags`, through the method registry), and every other field is set with
+``--set FIELD=VALUE``.
+
+The method config is built in this order, each step overriding the ones before:
+
+1. the ``--config`` file (an HF PEFT ``adapter_config.json``; every field it leaves out takes HF PEFT's
+   default), if any;
+2. what the ``--method`` name presets (``dora``: ``use_dora=True``);
+3. without a ``--config`` file, :data:`TRAIN_PRESETS`: peftc's training presets that differ from HF PEFT's
+   defaults;
+4. the method flags;
+5. ``--set FIELD=VALUE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftc.config import TASK_TYPES, MethodConfig, config_from_dict, load_config
+from peftc.dataset import DEFAULT_DATA, default_data
+from peftc.errors import ConfigError, DataError
+from peftc.models import PRESETS
+from peftc.tasks import HEAD_TASKS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftc.methods import Method
+
+__all__ = [
+    "METHOD_FLAGS",
+    "TRAINABLE_TASKS",
+    "TRAIN_PRESETS",
+    "TRAJECTORY_FIELDS",
+    "MethodFlag",
+    "TrainConfig",
+    "infer_task",
+    "method_config",
+    "method_flags",
+    "method_name",
+    "resolve_data",
+]
+
+TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls")
+
+#: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
+#: method whose config lacks the field is an error. Every other field: ``--set FIELD=VALUE``.
+METHOD_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens")
+
+#: peftc train's presets for method-config fields, where they differ from HF PEFT's defaults (LoraConfig:
+#: ``lora_alpha=8``, ``lora_dropout=0.0``). They fill a field of every method whose config has it (lora,
+#: adalora, …) when no ``--config`` file is given and no flag or ``--set`` sets it: ``alpha = 2r`` trains
+#: faster at the same learning rate, and a little dropout regularises the small data sets a run usually has.
+#: A ``--config`` file is taken as written (what it leaves out is HF PEFT's default, as HF PEFT reads it).
+TRAIN_PRESETS: dict[str, Any] = {"lora_alpha": 16, "lora_dropout": 0.05}
+
+#: Options that decide the training trajectory: ``--resume`` refuses to continue a run with other values.
+TRAJECTORY_FIELDS = (
+    "model",
+    "task",
+    "method",
+    "config_file",
+    "data",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup_ratio",
+    "max_grad_norm",
+    "weight_decay",
+    "seed",
+    "max_length",
+    *METHOD_FLAGS,
+    "options",
+)
+
+#: Method-config fields that ``--set`` may not touch (peftc train decides them).
+_NOT_SETTABLE = ("peft_type", "task_type", "inference_mode", "base_model_name_or_path")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _method_field() -> Any:
+    """A :class:`TrainConfig` field that sets the method-config field of the same name (help: the method's)."""
+    return field(default=None, metadata={"method_field": True})
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``peftc train`` takes; each field is one CLI flag (``max_steps`` → ``--max-steps``).
+
+    ``None`` means "the default for this model/method" (see each field's help). The method-config fields
+    (:data:`METHOD_FLAGS`) are documented by the method configs: ``TrainConfig.field_help()`` shows them.
+    """
+
+    model: str = _help(f"Base model: a preset ({', '.join(PRESETS)}) or a local HF model directory.", default="minilm")
+    task: str | None = _help(
+        f"{', '.join(TRAINABLE_TASKS)}. Default: the preset's task; for a model directory, from the architectures "
+        "in its config.json: *ForTokenClassification -> token-cls, *CausalLM or *LMHeadModel -> causal-lm, "
+        "anything else -> seq-cls.",
+        default=None,
+    )
+    method: str | None = _help(
+        "PEFT method, by its registered name (peftc.methods.cli_names()). Default: the method of the --config "
+        "file, else lora.",
+        default=None,
+    )
+    config_file: str | None = _help(
+        "An HF PEFT adapter_config.json-style file with method options; method flags and --set override its "
+        "fields, and it replaces peftc's training presets.",
+        default=None,
+    )
+    data: str | None = _help(
+        "Training data, JSON lines: {'text': ...} (causal-lm), {'text': ..., 'label': int|str} (seq-cls) or "
+        "{'tokens': [...], 'labels': [...]} (token-cls). "
+        f"Default: the data shipped for {' and '.join(f'--model {m} --task {t}' for m, t in DEFAULT_DATA)}.",
+        default=None,
+    )
+    eval_data: str | None = _help(
+        "Evaluation data (same format), evaluated after every epoch. Default: the shipped eval set when "
+        "--data is the default, else no evaluation.",
+        default=None,
+    )
+    out: str = _help("Run directory to write.", default="peftc-run")
+    epochs: int = _help("Passes over the training data (ignored when --max-steps is given).", default=3)
+    max_steps: int | None = _help("Stop after this many optimizer steps (cycling the data as needed).", default=None)
+    lr: float = _help("Peak learning rate of AdamW (linear warmup, then linear decay to 0).", default=2e-3)
+    batch_size: int = _help("Examples per micro-batch.", default=16)
+    grad_accum: int = _help("Micro-batches accumulated into one optimizer step.", default=1)
+    warmup_ratio: float = _help("Fraction of the optimizer steps spent warming the learning rate up.", default=0.06)
+    max_grad_norm: float = _help("Clip the global gradient norm to this (0 disables clipping).", default=1.0)
+    weight_decay: float = _help("AdamW weight decay on matrices (never on biases or norms).", default=0.0)
+    seed: int = _help("Seed of the adapter init, dropout and data order.", default=42)
+    max_length: int = _help("Truncate texts to this many tokens.", default=128)
+    r: int | None = _method_field()
+    lora_alpha: float | None = _method_field()
+    lora_dropout: float | None = _method_field()
+    target_modules: list[str] | str | None = _method_field()
+    num_virtual_tokens: int | None = _method_field()
+    options: dict[str, Any] | None = _help(
+        "Any other method-config field by its HF PEFT name, e.g. {'init_r': 12, 'adapter_len': 10}; "
+        "overrides the config file (CLI: --set init_r=12, values parsed as JSON).",
+        default=None,
+    )
+    save_every: int | None = _help("Write checkpoints/step-N every N optimizer steps.", default=None)
+    resume: bool = _help("Continue from the newest checkpoint in --out.", default=False)
+    force: bool = _help("Replace a non-empty --out.", default=False)
+    progress: bool = _help("Show a progress bar and print the eval metrics after each epoch.", default=True)
+    log_every: int = _help("Write the mean training loss to metrics.jsonl every N optimizer steps.", default=10)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values no run can use."""
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "log_every": self.log_every,
+            "max_length": self.max_length,
+        }
+        for name in ("max_steps", "save_every", "r"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ConfigError(f"lr must be in (0, 1), got {self.lr!r}; LoRA usually trains well at 1e-4..2e-3")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.task is not None and self.task not in TRAINABLE_TASKS:
+            raise ConfigError(f"task {self.task!r} cannot be trained; use {', '.join(TRAINABLE_TASKS)}")
+        if self.method is not None:
+            from peftc.methods import method_by_name
+
+            method_by_name(self.method)  # an unknown name: ConfigError listing the known ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Field name -> help text; a method-config field's is the method config's (:func:`method_flags`)."""
+        flags = {flag.name: flag.help for flag in method_flags()}
+        return {
+            f.name: flags[f.name] if f.metadata.get("method_field") else f.metadata["help"]
+            for f in dataclasses.fields(cls)
+        }
+
+
+@dataclass(frozen=True)
+class MethodFlag:
+    """A method-config field with a ``peftc train`` flag of its own, as the method configs declare it.
+
+    Attributes:
+        name: the field (``lora_alpha``); the flag is ``--lora-alpha``.
+        help: the field's help text, from the first registered method config that has the field.
+        hint: that field's type (``float``; ``list[str] | str | None``).
+        default: that field's default (HF PEFT's).
+        preset: peftc train's preset (:data:`TRAIN_PRESETS`), or ``None`` when it trains with ``default``.
+        methods: the ``--method`` names whose config has the field.
+    """
+
+    name: str
+    help: str
+    hint: Any
+    default: Any
+    preset: Any
+    methods: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def method_flags() -> list[MethodFlag]:
+    """Each of :data:`METHOD_FLAGS` with the help, type and default of the method-config field it sets."""
+    import typing
+
+    from peftc.methods import methods
+
+    out = []
+    for name in METHOD_FLAGS:
+        declared: tuple[dataclasses.Field, Any] | None = None
+        names: list[str] = []
+        for method in methods():
+            found = {f.name: f for f in dataclasses.fields(method.config_class)}.get(name)
+            if found is None:
+                continue
+            names.extend(method.cli_names)
+            if declared is None:
+                declared = (found, typing.get_type_hints(method.config_class)[name])
+        if declared is None:  # pragma: no cover - a registry without LoRA or prompt methods
+            continue
+        f, hint = declared
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append(MethodFlag(name, f.metadata.get("help", ""), hint, default, TRAIN_PRESETS.get(name), tuple(names)))
+    return out
+
+
+def infer_task(model: str) -> str:
+    """The task of ``--model`` without ``--task`` (the rule :class:`TrainConfig`'s ``task`` help states)."""
+    if model in PRESETS:
+        return PRESETS[model][1]
+    try:
+        archs = json.loads((Path(model).expanduser() / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        return "token-cls"
+    return "causal-lm" if any("CausalLM" in a or "LMHeadModel" in a for a in archs) else "seq-cls"
+
+
+def resolve_data(cfg: TrainConfig, task: str) -> tuple[str, str | None]:
+    """Absolute paths of the training and evaluation data (the shipped sets when ``--data`` is not given).
+
+    Raises:
+        DataError: no ``--data`` and no shipped set for this model and task.
+    """
+    if cfg.data is not None:
+        return str(Path(cfg.data).expanduser().resolve()), (
+            str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else None
+        )
+    shipped = default_data(cfg.model, task)
+    if shipped is None:
+        raise DataError(
+            f"no training data: pass --data FILE (JSON lines); built-in data exists only for "
+            f"{', '.join(f'--model {m} --task {t}' for m, t in DEFAULT_DATA)}"
+        )
+    eval_path = str(Path(cfg.eval_data).expanduser().resolve()) if cfg.eval_data else str(shipped[1])
+    return str(shipped[0]), eval_path
+
+
+def method_config(cfg: TrainConfig, task: str) -> MethodConfig:
+    """The method config of a run, from ``--config``, ``--method``, the presets, the flags and ``--set``.
+
+    ``base_model_name_or_path`` is filled in once the model is loaded.
+
+    Raises:
+        ConfigError: an unknown method, a config file of another method, a flag or ``--set`` field the
+            method's config does not have, or a value the config refuses.
+    """
+    from peftc.methods import cli_names, get_method, method_by_name
+
+    data: dict[str, Any] = load_config(cfg.config_file).to_dict() if cfg.config_file else {}
+    requested = cfg.method.lower() if cfg.method else None
+    if requested:
+        chosen = method_by_name(requested)
+    else:
+        chosen = get_method(data["peft_type"]) if data else method_by_name(cli_names()[0])
+    peft_type = chosen.peft_type
+    if data and data.get("peft_type") != peft_type:
+        raise ConfigError(
+            f"--config {cfg.config_file} holds peft_type={data.get('peft_type')!r} but --method is "
+            f"{cfg.method!r}; pass the matching --method or another config file"
+        )
+    fields = {f.name for f in dataclasses.fields(chosen.config_class)}
+    if requested:
+        data.update(chosen.cli_names[requested])  # an explicit --method dora means use_dora=True, whatever the file
+    if not cfg.config_file:
+        data.update({k: v for k, v in TRAIN_PRESETS.items() if k in fields and k not in data})
+    data["peft_type"] = peft_type
+    for flag in METHOD_FLAGS:
+        value = getattr(cfg, flag)
+        if value is None:
+            continue
+        if flag not in fields:
+            takers = next((f.methods for f in method_flags() if f.name == flag), ())
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} does not apply to method {requested or peft_type!r}"
+                + (f"; it applies to {', '.join(takers)}" if takers else "")
+            )
+        data[flag] = list(value) if isinstance(value, tuple) else value
+    for name, value in (cfg.options or {}).items():
+        if name not in fields or name in _NOT_SETTABLE:
+            settable = sorted(f for f in fields if not f.startswith("_") and f not in ("peft_type", "task_type"))
+            raise ConfigError(
+                f"--set {name}: not a field of {peft_type} configs (or not settable); fields: {', '.join(settable)}"
+            )
+        data[name] = value
+    data["task_type"] = TASK_TYPES[task]
+    if task in HEAD_TASKS and "modules_to_save" in fields and not data.get("modules_to_save"):
+        data["modules_to_save"] = ["classifier", "score"]  # HF PEFT's convention for classification heads
+    data["inference_mode"] = False
+    return config_from_dict(data, source=cfg.config_file or "training options")
+
+
+def method_name(config: MethodConfig, requested: str | None = None) -> str:
+    """The ``--method`` name of ``config`` in the registry: the name whose presets ``config`` has, most specific first.
+
+    ``requested`` (the name the user gave) wins among equally specific names (``llama-adapter`` and
+    ``adaption-prompt``); a LoRA config with ``use_dora=True`` is ``dora`` whatever was requested.
+    """
+    from peftc.methods import get_method
+
+    method: Method = get_method(config)
+    matching = [
+        (len(presets), name == requested, -i, name)
+        for i, (name, presets) in enumerate(method.cli_names.items())
+        if all(getattr(config, k, config.extra.get(k)) == v for k, v in presets.items())
+    ]
+    return max(matching)[3] if matching else next(iter(method.cli_names))
