@@ -110,7 +110,7 @@ def marked(graph) -> dict[str, dict[str, list[str]]]:
 
 
 def test_block_key_cuts_module_paths_at_layer_children():
-    from peftc.graph import block_key
+    from peftc.inspect.graph import block_key
 
     assert block_key("transformer.h.0.attn.c_attn") == "transformer.h.0.attn"
     assert block_key("model.layers.11.mlp.act_fn") == "model.layers.11.mlp"
@@ -123,7 +123,7 @@ def test_program_graph_groups_blocks_and_marks_lora_sites():
     from peftc.passes import insertion_pipeline
 
     from peftc.config import LoraConfig
-    from peftc.graph import program_block_graph
+    from peftc.inspect.graph import program_block_graph
 
     program, _ = captured("gpt2", "causal-lm")
     insertion_pipeline(LoraConfig(r=R, task_type="CAUSAL_LM"))(program)
@@ -234,7 +234,7 @@ def fake_dot(directory: Path, body: str) -> Path:
 
 
 def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
-    from peftc.graph import write_graph
+    from peftc.inspect.graph import write_graph
     from peftc.inspect import graph_of
 
     program, _ = captured("gpt2", "causal-lm")
@@ -253,7 +253,7 @@ def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
 
 
 def test_write_graph_renders_through_dot_on_path(tmp_path, monkeypatch):
-    from peftc.graph import write_graph
+    from peftc.inspect.graph import write_graph
     from peftc.inspect import graph_of
 
     program, _ = captured("gpt2", "causal-lm")
@@ -430,7 +430,7 @@ def test_onnx_without_exporter_metadata_groups_by_name_scopes():
     import onnx
     from onnx import TensorProto, helper
 
-    from peftc.graph import onnx_block_graph
+    from peftc.inspect.graph import onnx_block_graph
 
     w = helper.make_tensor("transformer.h.0.attn.c_attn.weight", TensorProto.FLOAT, [4, 4], [0.0] * 16)
     a = helper.make_tensor("transformer.h.0.attn.c_attn.lora_A.weight", TensorProto.FLOAT, [4, 2], [0.0] * 8)
@@ -478,7 +478,7 @@ def test_diff_model_against_its_plan(built):
 
 def test_existing_graph_file_needs_force(tmp_path):
     from peftc.errors import OutputExistsError
-    from peftc.graph import write_graph
+    from peftc.inspect.graph import write_graph
     from peftc.inspect import graph_of
 
     program, _ = captured("gpt2", "causal-lm")
