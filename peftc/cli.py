@@ -258,8 +258,8 @@ def export(
 )
 @click.option(
     "--method",
-    help="Method to --plan: lora, dora, adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, adaption-prompt "
-    "(any peftc train --method name; default lora).",
+    help="Method to --plan: lora, adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, adaption-prompt "
+    "(LLaMA-Adapter): any peftc train --method name (default lora).",
 )
 @click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task for a model dir or preset.")
 @click.option("--model", help="Base model of an adapter dir for --graph/--diff (default: base_model_name_or_path).")

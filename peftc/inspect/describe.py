@@ -80,6 +80,16 @@ def onnx_method(model: Any) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == "peftc.peft_type"), None) or None
 
 
+def onnx_file(path: Path) -> Path:
+    """The ``.onnx`` file itself, or an artifact dir's model (``model.onnx`` first)."""
+    if path.is_file():
+        return path
+    models = sorted(path.glob("*.onnx"))
+    if not models:
+        raise AdapterFormatError(f"artifact dir {path} holds no .onnx model; export one with `peftc export`")
+    return path / "model.onnx" if (path / "model.onnx").is_file() else models[0]
+
+
 def _load_onnx(path: Path) -> Any:
     import onnx
 
@@ -136,9 +146,8 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise AdapterFormatError(f"{path / 'manifest.json'} is not valid JSON: {e}") from e
     info: dict[str, Any] = {"kind": "artifact", "path": str(path), "manifest": manifest}
-    models = sorted(path.glob("*.onnx"))
-    if models:
-        info.update(onnx_summary(models[0], method=manifest.get("method")))
+    if any(path.glob("*.onnx")):
+        info.update(onnx_summary(onnx_file(path), method=manifest.get("method")))
     report = path / "report.json"
     if report.is_file():
         info["report"] = json.loads(report.read_text())
@@ -225,7 +234,11 @@ def render(info: dict[str, Any]) -> str:
             f"verified={rep.get('verified')}"
         )
     if info.get("last_eval"):
-        lines.append("last eval: " + ", ".join(f"{k}={v}" for k, v in info["last_eval"].items()))
+        first = {k: info["last_eval"][k] for k in ("step", "epoch") if k in info["last_eval"]}
+        shown = {**first, **info["last_eval"]}  # where it was taken first, then the metrics
+        lines.append(
+            "last eval: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        )
     if info.get("op_histogram"):
         ops = list(info["op_histogram"].items())
         lines.append(f"ops: {sum(v for _, v in ops)} nodes, {len(ops)} kinds")

@@ -454,8 +454,14 @@ def onnx_block_graph(model: Any, title: str = "", depth: int | None = None, meth
             found = adapter_tensor(tensor) if tensor in init_dims or tensor in graph_inputs else None
             if found is not None:
                 dims = input_dims.get(tensor) if tensor in graph_inputs else init_dims.get(tensor)
-                site = site_label(found.method, _onnx_rank(found, dims or []))
-                site_module = module or found.module
+                rank = _onnx_rank(found, dims or [])
+                if site is None or rank is not None:  # an op reading A and E (AdaLoRA's A⊙E) keeps A's rank
+                    site = site_label(found.method, rank)
+                # the adapted module the tensor names, when the op runs inside it (LLaMA-Adapter's gate runs
+                # in o_proj's scope); else the op's own scope (the exporter may share one tensor between
+                # sites with equal values, under the first site's name)
+                inside = module is not None and (module == found.module or module.startswith(found.module + "."))
+                site_module = found.module if inside or not module else module
             if tensor in producer:
                 ins.append(producer[tensor])
             elif tensor in graph_inputs:

@@ -33,7 +33,7 @@ def plan_config(
     """The config a plan (or a training run) of ``method`` on a ``task`` model starts from.
 
     Args:
-        method: a ``--method`` name (``lora``, ``dora``, ``ia3``, ``adalora``, ``adaption-prompt``, …).
+        method: a ``--method`` name (``lora``, ``ia3``, ``adalora``, ``adaption-prompt``, …).
         task: the peftc task (sets ``task_type``; head tasks save the head, as HF PEFT: ``modules_to_save``).
         target_modules: module names (a list) or a regex (a string); default: the method's table.
         r: the LoRA-family rank (a config field ``r``); refused for methods without one.
@@ -172,8 +172,8 @@ def plan_lines(info: dict[str, Any]) -> list[str]:
     decisions = info["decisions"]
     rewrite = sum(d["action"] == "rewrite" for d in decisions)
     lines = [
-        f"plan: {info.get('label', info.get('method'))} via {info.get('pipeline', '?')}: "
-        f"{rewrite} to rewrite, {len(decisions) - rewrite} skipped"
+        f"decisions of {info.get('pipeline', 'the pipeline')} ({info.get('label', info.get('method'))}): "
+        f"{rewrite} rewrite, {len(decisions) - rewrite} skip"
     ]
     passes = list(dict.fromkeys(d.get("pass", "") for d in decisions))
     for name in passes:

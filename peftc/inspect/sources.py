@@ -17,9 +17,9 @@ from peftc.adapters import CONFIG_FILE, AdapterState
 from peftc.errors import AdapterFormatError, ModelLoadError
 from peftc.runs import RUN_FILE, resolve_source
 
-from .describe import _inspect_run, _load_onnx, inspect_path, program_summary
+from .describe import _inspect_run, _load_onnx, inspect_path, onnx_file, program_summary
 
-__all__ = ["describe", "guess_task", "is_model", "onnx_file", "resolve"]
+__all__ = ["describe", "guess_task", "is_model", "resolve"]
 
 
 def describe(
@@ -144,13 +144,3 @@ def _adapted(path: Path, model: str | None, task: str | None) -> tuple[dict[str,
     program = capture(loaded.model, source.task, mode="eval")
     insertion_pipeline(state.config, state)(program)
     return {"task": source.task, "base": source.base, **program_summary(program)}, program
-
-
-def onnx_file(path: Path) -> Path:
-    """The ``.onnx`` file itself, or an artifact dir's model (``model.onnx`` first)."""
-    if path.is_file():
-        return path
-    models = sorted(path.glob("*.onnx"))
-    if not models:
-        raise AdapterFormatError(f"artifact dir {path} holds no .onnx model; export one with `peftc export`")
-    return path / "model.onnx" if (path / "model.onnx").is_file() else models[0]

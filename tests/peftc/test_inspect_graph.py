@@ -234,8 +234,8 @@ def fake_dot(directory: Path, body: str) -> Path:
 
 
 def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
-    from peftc.inspect.graph import write_graph
     from peftc.inspect import graph_of
+    from peftc.inspect.graph import write_graph
 
     program, _ = captured("gpt2", "causal-lm")
     graph = graph_of(program)
@@ -253,8 +253,8 @@ def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
 
 
 def test_write_graph_renders_through_dot_on_path(tmp_path, monkeypatch):
-    from peftc.inspect.graph import write_graph
     from peftc.inspect import graph_of
+    from peftc.inspect.graph import write_graph
 
     program, _ = captured("gpt2", "causal-lm")
     graph = graph_of(program)
@@ -380,6 +380,30 @@ def test_cli_graph_without_graphviz(capsys, tmp_path, built, monkeypatch):
     check_dot((tmp_path / "g.dot").read_text())
 
 
+def test_cli_graph_without_graphviz_reruns(capsys, tmp_path, built, monkeypatch):
+    """The fallback ``.dot`` a picture request wrote is replaced by the same request; a file peftc did not
+    write is not (``--force`` replaces it)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    argv = ["inspect", str(built["merged"]), "--graph", str(tmp_path / "g.svg")]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    first = (tmp_path / "g.dot").read_text()
+    (tmp_path / "g.dot").write_text(first.replace("digraph peftc {", "digraph peftc {\n  // stale", 1))
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "replacing the existing file" in out.strip().splitlines()[-1]
+    assert (tmp_path / "g.dot").read_text() == first
+    (tmp_path / "g.dot").write_text("digraph mine { a -> b; }\n")
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(code, err, "g.dot, which exists and is not a peftc graph", "--force")
+    assert (tmp_path / "g.dot").read_text() == "digraph mine { a -> b; }\n"
+    code, _, err = run_cli(capsys, *argv, "--force")
+    assert code == 0, err
+    assert (tmp_path / "g.dot").read_text() == first
+    code, _, err = run_cli(capsys, "inspect", str(built["merged"]), "--graph", str(tmp_path / "g.dot"))
+    one_line_error(code, err, "g.dot exists; pass --force")  # asked for by name: never replaced silently
+
+
 def test_cli_graph_json_and_plan(capsys, tmp_path, built):
     code, out, err = run_cli(capsys, "inspect", str(built["run"]), "--graph", str(tmp_path / "run.dot"), "--json")
     assert code == 0, err
@@ -478,8 +502,8 @@ def test_diff_model_against_its_plan(built):
 
 def test_existing_graph_file_needs_force(tmp_path):
     from peftc.errors import OutputExistsError
-    from peftc.inspect.graph import write_graph
     from peftc.inspect import graph_of
+    from peftc.inspect.graph import write_graph
 
     program, _ = captured("gpt2", "causal-lm")
     graph = graph_of(program)
