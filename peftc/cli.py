@@ -344,39 +344,54 @@ def export(
 @click.option(
     "--plan", is_flag=True, help="For a model dir or preset: list the sites a method would adapt, changing nothing."
 )
+@click.option(
+    "--method",
+    help="Method to --plan: lora, adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, adaption-prompt "
+    "(LLaMA-Adapter): any peftc train --method name (default lora).",
+)
 @click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task for a model dir or preset.")
 @click.option("--model", help="Base model of an adapter dir for --graph/--diff (default: base_model_name_or_path).")
-@click.option("--target-modules", help="Targets for --plan (default: HF PEFT's table).")
-@click.option("--r", type=int, default=8, show_default=True, help="Rank for --plan.")
+@click.option("--target-modules", help="Targets for --plan (default: the method's HF PEFT table).")
+@click.option("--r", type=int, help="Rank for --plan of a LoRA-family method (a shortcut for --set r=N; default 8).")
+@click.option(
+    "--set",
+    "settings",
+    metavar="FIELD=VALUE",
+    multiple=True,
+    help="With --plan: any method-config field by its HF PEFT name, as in peftc train (repeatable; VALUE parsed "
+    "as JSON, else a string), e.g. --set init_r=4 --set adapter_layers=1.",
+)
 @click.option(
     "--graph",
     "graph_out",
     metavar="FILE",
     help="Draw the graph at block level, adapter sites marked, to FILE: .dot/.gv (DOT text), or .svg/.png/.pdf "
-    "with Graphviz's dot (without it, FILE's .dot is written instead).",
+    "with Graphviz's dot (without it, FILE's .dot is written instead, and replaced by the next such run).",
 )
 @click.option("--depth", type=int, help="With --graph: group ops by the first N module-name parts, not per block.")
 @click.option(
     "--diff",
     is_flag=True,
     help="Compare two graphs, PATH and B (run, adapter, artifact dir, .onnx, model dir): ops by kind, "
-    "parameters, inputs, outputs. With --plan, a model B gets the plan's LoRA sites.",
+    "parameters, inputs, outputs. With --plan, a model B gets the plan's sites.",
 )
 @click.option("--force", is_flag=True, help="With --graph: replace an existing FILE.")
 def inspect(
     paths: tuple[str, ...],
     as_json: bool,
     plan: bool,
+    method: str | None,
     task: str | None,
     model: str | None,
     target_modules: str | None,
-    r: int,
+    r: int | None,
+    settings: tuple[str, ...],
     graph_out: str | None,
     depth: int | None,
     diff: bool,
     force: bool,
 ) -> None:
-    """Show a run dir, an artifact dir, an .onnx file, or (with --plan) a model's adapter sites.
+    """Show a run dir, an artifact dir, an .onnx file, or (with --plan) the sites a method would adapt in a model.
 
     With --graph FILE, also draw it; with --diff A B, tell what changed from A to B.
     """
@@ -384,7 +399,13 @@ def inspect(
     from peftc.inspect import describe, inspect_path, plan_model, render
 
     targets = _parse_targets(target_modules) if target_modules else None
-    plan_options = {"target_modules": targets, "r": r} if plan else None
+    options = _parse_settings(settings)
+    plan_options = {"method": method, "target_modules": targets, "r": r, "options": options} if plan else None
+    if not plan:
+        given = [f for f, v in (("--method", method), ("--target-modules", targets), ("--r", r)) if v is not None]
+        if given or settings:
+            given += ["--set"] if settings else []
+            raise ConfigError(f"{', '.join(given)} configure a plan: add --plan, or leave them out")
     if depth is not None and (graph_out is None or depth < 1):
         raise ConfigError(f"--depth {depth}: needs --graph and a value of at least 1")
     if diff:
@@ -404,11 +425,13 @@ def inspect(
         )
     path = paths[0]
     if graph_out is None:
-        info = plan_model(path, task=task, target_modules=targets, r=r) if plan else inspect_path(path)
+        if plan:
+            info = plan_model(path, task=task, target_modules=targets, r=r, method=method or "lora", options=options)
+        else:
+            info = inspect_path(path)
         click.echo(json.dumps(info, indent=2, default=str) if as_json else render(info))
         return
-    from peftc.graph import check_target, write_graph
-    from peftc.inspect import block_graph
+    from peftc.inspect.graph import block_graph, check_target, write_graph
 
     check_target(graph_out, force)
     info, graph = describe(path, task=task, plan=plan_options, model=model)

@@ -110,7 +110,7 @@ def marked(graph) -> dict[str, dict[str, list[str]]]:
 
 
 def test_block_key_cuts_module_paths_at_layer_children():
-    from peftc.graph import block_key
+    from peftc.inspect.graph import block_key
 
     assert block_key("transformer.h.0.attn.c_attn") == "transformer.h.0.attn"
     assert block_key("model.layers.11.mlp.act_fn") == "model.layers.11.mlp"
@@ -123,7 +123,7 @@ def test_program_graph_groups_blocks_and_marks_lora_sites():
     from peftc.passes import insertion_pipeline
 
     from peftc.config import LoraConfig
-    from peftc.graph import program_block_graph
+    from peftc.inspect.graph import program_block_graph
 
     program, _ = captured("gpt2", "causal-lm")
     insertion_pipeline(LoraConfig(r=R, task_type="CAUSAL_LM"))(program)
@@ -234,8 +234,8 @@ def fake_dot(directory: Path, body: str) -> Path:
 
 
 def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
-    from peftc.graph import write_graph
     from peftc.inspect import graph_of
+    from peftc.inspect.graph import write_graph
 
     program, _ = captured("gpt2", "causal-lm")
     graph = graph_of(program)
@@ -253,8 +253,8 @@ def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
 
 
 def test_write_graph_renders_through_dot_on_path(tmp_path, monkeypatch):
-    from peftc.graph import write_graph
     from peftc.inspect import graph_of
+    from peftc.inspect.graph import write_graph
 
     program, _ = captured("gpt2", "causal-lm")
     graph = graph_of(program)
@@ -380,6 +380,30 @@ def test_cli_graph_without_graphviz(capsys, tmp_path, built, monkeypatch):
     check_dot((tmp_path / "g.dot").read_text())
 
 
+def test_cli_graph_without_graphviz_reruns(capsys, tmp_path, built, monkeypatch):
+    """The fallback ``.dot`` a picture request wrote is replaced by the same request; a file peftc did not
+    write is not (``--force`` replaces it)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    argv = ["inspect", str(built["merged"]), "--graph", str(tmp_path / "g.svg")]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    first = (tmp_path / "g.dot").read_text()
+    (tmp_path / "g.dot").write_text(first.replace("digraph peftc {", "digraph peftc {\n  // stale", 1))
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "replacing the existing file" in out.strip().splitlines()[-1]
+    assert (tmp_path / "g.dot").read_text() == first
+    (tmp_path / "g.dot").write_text("digraph mine { a -> b; }\n")
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(code, err, "g.dot, which exists and is not a peftc graph", "--force")
+    assert (tmp_path / "g.dot").read_text() == "digraph mine { a -> b; }\n"
+    code, _, err = run_cli(capsys, *argv, "--force")
+    assert code == 0, err
+    assert (tmp_path / "g.dot").read_text() == first
+    code, _, err = run_cli(capsys, "inspect", str(built["merged"]), "--graph", str(tmp_path / "g.dot"))
+    one_line_error(code, err, "g.dot exists; pass --force")  # asked for by name: never replaced silently
+
+
 def test_cli_graph_json_and_plan(capsys, tmp_path, built):
     code, out, err = run_cli(capsys, "inspect", str(built["run"]), "--graph", str(tmp_path / "run.dot"), "--json")
     assert code == 0, err
@@ -430,7 +454,7 @@ def test_onnx_without_exporter_metadata_groups_by_name_scopes():
     import onnx
     from onnx import TensorProto, helper
 
-    from peftc.graph import onnx_block_graph
+    from peftc.inspect.graph import onnx_block_graph
 
     w = helper.make_tensor("transformer.h.0.attn.c_attn.weight", TensorProto.FLOAT, [4, 4], [0.0] * 16)
     a = helper.make_tensor("transformer.h.0.attn.c_attn.lora_A.weight", TensorProto.FLOAT, [4, 2], [0.0] * 8)
@@ -478,8 +502,8 @@ def test_diff_model_against_its_plan(built):
 
 def test_existing_graph_file_needs_force(tmp_path):
     from peftc.errors import OutputExistsError
-    from peftc.graph import write_graph
     from peftc.inspect import graph_of
+    from peftc.inspect.graph import write_graph
 
     program, _ = captured("gpt2", "causal-lm")
     graph = graph_of(program)

@@ -11,19 +11,22 @@ parts when given. Ops of container modules (residual adds, mask building, reshap
 that consumes their output, so the picture stays a DAG of real blocks. Shape-only ops (symbolic
 sizes, asserts) are counted but not drawn.
 
-Adapter sites are marked (filled, with method and rank): in a program, by the ``peftc_site`` tags
-the insertion passes put on the nodes they add (``passes/base.py``) and ``Program.sites``; in an ONNX
-file, by the adapter initializers and graph inputs an op reads (``lora_A``/``lora_B``/``ia3_l``
-names); for a plan, by the module names the pass would rewrite. DOT text is written by hand (no
-dependency); :func:`write_graph` renders ``.svg``/``.png``/``.pdf`` with Graphviz's ``dot`` when it
-is on ``PATH`` and otherwise writes the ``.dot`` beside the requested file.
+Adapter sites are marked (filled, with the method's label and the rank): in a program, by the
+``peftc_site`` tags the insertion passes put on the nodes they add (``passes/base.py``) and
+``Program.sites``; in an ONNX file, by the adapter initializers and graph inputs an op reads, which the
+method registry recognises (each method's tensor-name ``markers``; the method the file declares is asked
+first, see :mod:`peftc.inspect.sites`); for a plan, by the module names the method's passes would
+rewrite. DOT text is written by hand (no dependency); :func:`write_graph` renders ``.svg``/``.png``/``.pdf``
+with Graphviz's ``dot`` when it is on ``PATH`` and otherwise writes the ``.dot`` beside the requested file.
+
+:func:`graph_of` and :func:`block_graph` build the picture of anything :mod:`peftc.inspect.sources`
+finds a graph in; :func:`draw` writes it.
 """
 
 from __future__ import annotations
 
 import ast
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -35,13 +38,18 @@ from typing import Any
 from peftc.errors import ConfigError, OutputExistsError, PeftcError
 from peftc.files import write_atomic
 
+from .sites import declared_method, guess_method, site_label, tensor_site
+
 __all__ = [
+    "RENDER_FORMATS",
     "Block",
     "BlockGraph",
     "GraphOutcome",
-    "RENDER_FORMATS",
+    "block_graph",
     "block_key",
     "check_target",
+    "draw",
+    "graph_of",
     "onnx_block_graph",
     "program_block_graph",
     "write_graph",
@@ -50,9 +58,10 @@ __all__ = [
 #: Suffixes Graphviz renders to; ``.dot``/``.gv`` are written as text.
 RENDER_FORMATS = (".svg", ".png", ".pdf")
 _TEXT_FORMATS = (".dot", ".gv")
+#: First line of every DOT text peftc writes (how a rerun recognises its own fallback ``.dot``).
+DOT_HEADER = "digraph peftc {"
 _MODEL_PREFIX = "model."  # the TaskModule attribute that holds the HF model (peftc.program.MODEL_PREFIX)
 _NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"  # torch's scope for nodes no module ran
-_ADAPTER_NAME = re.compile(r"(?:^|\.)(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_E|ia3_l)(?:\.weight)?$")
 _ADAPTER_FILL = "#ffcc80"
 _PLANNED_FILL = "#c6e2ff"
 _INPUT_FILL = "#eeeeee"
@@ -152,7 +161,7 @@ class BlockGraph:
     def to_dot(self) -> str:
         """Graphviz DOT text: boxes for blocks (adapter sites filled), ellipses for inputs and outputs."""
         lines = [
-            "digraph peftc {",
+            DOT_HEADER,
             "  rankdir=TB;",
             '  graph [fontname="Helvetica", fontsize=11, labelloc=t, label=' + _q(self._caption()) + "];",
             '  node [shape=box, style="rounded", fontname="Helvetica", fontsize=10];',
@@ -366,7 +375,7 @@ def program_block_graph(
         tag = node.meta.get("peftc_site")
         if tag:
             s = program.sites.get(tag)
-            site = _site_label(s.method if s else "adapter", s.rank if s else None)
+            site = site_label(s.method if s else "adapter", s.rank if s else None)
             site_module = tag
         elif planned and module is not None:
             hit = next((m for m in planned if module == m or module.startswith(m + ".")), None)
@@ -397,36 +406,39 @@ def _is_tensor_value(val: Any, torch: Any) -> bool:
     return False
 
 
-def _site_label(method: str, rank: Any) -> str:
-    """``"LoRA r=8"``: the method's label (from the registry; ``method`` is a peft_type) and the rank."""
-    from peftc.errors import ConfigError
-    from peftc.methods import get_method
-
-    try:
-        label = get_method(method).label
-    except ConfigError:
-        label = str(method)
-    return f"{label} r={rank}" if rank is not None else label
-
-
-def onnx_block_graph(model: Any, title: str = "", depth: int | None = None) -> BlockGraph:
+def onnx_block_graph(model: Any, title: str = "", depth: int | None = None, method: Any = None) -> BlockGraph:
     """The block graph of an ``onnx.ModelProto`` (load it with ``load_external_data=False``).
 
     Ops are grouped by the module scopes the torch exporter records in ``metadata_props``
     (``pkg.torch.onnx.name_scopes``); without them, by ``/``-separated node-name scopes. Ops that read
-    an adapter initializer or graph input (``…lora_A``, ``…lora_B``, ``…ia3_l``) mark their block.
+    an adapter initializer or graph input (a tensor the method registry recognises: ``…lora_A``,
+    ``…ia3_l``, ``…adaption_prompt``…) mark their block with the method's label.
+
+    Args:
+        model: the ONNX model.
+        title: caption of the picture.
+        depth: cut module paths to this many name parts instead of the layer-aware default.
+        method: the ``peft_type`` the artifact declares (its manifest); default: the model's
+            ``peftc.peft_type`` metadata, else guessed from the tensor names (LoRA and AdaLoRA look alike).
     """
-    from peftc.methods import method_of_tensor
+    from .describe import onnx_method
 
     graph = model.graph
     init_dims = {i.name: list(i.dims) for i in graph.initializer}
     input_dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    own = declared_method(method or onnx_method(model)) or guess_method([*init_dims, *input_dims])
     shape_only = _shape_values(model)
     producer: dict[str, str] = {}
     for node in graph.node:
         for out in node.output:
             producer[out] = node.name
-    data_inputs = [v.name for v in graph.input if v.name not in init_dims or _ADAPTER_NAME.search(v.name)]
+
+    def adapter_tensor(name: str) -> Any:
+        # initializers are named after graph paths (model.<module>…); graph inputs after the module itself
+        return tensor_site(name, own, prefix="" if name in input_dims else _MODEL_PREFIX)
+
+    adapter_inputs = {n for n in input_dims if adapter_tensor(n) is not None}
+    data_inputs = [n for n in input_dims if n not in init_dims or n in adapter_inputs]
     graph_inputs = set(data_inputs)
     ops: list[_Op] = []
     classes: dict[str, str] = {}
@@ -439,17 +451,17 @@ def onnx_block_graph(model: Any, title: str = "", depth: int | None = None) -> B
         for tensor in node.input:
             if not tensor:
                 continue
-            m = _ADAPTER_NAME.search(tensor)
-            if m and (tensor in init_dims or tensor in graph_inputs):
-                owner = method_of_tensor(m["part"] + ".")
-                method = owner.peft_type if owner is not None else "adapter"
-                rank = None
-                if m["part"] == "lora_A":
-                    dims = input_dims.get(tensor) if tensor in graph_inputs else init_dims.get(tensor)
-                    if dims:  # [r, in] (torch exporter, Gemm transB) or [in, r] (MatMul): r is the small one
-                        rank = "dynamic" if any(isinstance(d, str) and d for d in dims) else min(dims)
-                site = _site_label(method, rank)
-                site_module = module or m["module"].removeprefix(_MODEL_PREFIX)
+            found = adapter_tensor(tensor) if tensor in init_dims or tensor in graph_inputs else None
+            if found is not None:
+                dims = input_dims.get(tensor) if tensor in graph_inputs else init_dims.get(tensor)
+                rank = _onnx_rank(found, dims or [])
+                if site is None or rank is not None:  # an op reading A and E (AdaLoRA's A⊙E) keeps A's rank
+                    site = site_label(found.method, rank)
+                # the adapted module the tensor names, when the op runs inside it (LLaMA-Adapter's gate runs
+                # in o_proj's scope); else the op's own scope (the exporter may share one tensor between
+                # sites with equal values, under the first site's name)
+                inside = module is not None and (module == found.module or module.startswith(found.module + "."))
+                site_module = found.module if inside or not module else module
             if tensor in producer:
                 ins.append(producer[tensor])
             elif tensor in graph_inputs:
@@ -457,8 +469,21 @@ def onnx_block_graph(model: Any, title: str = "", depth: int | None = None) -> B
         ops.append(_Op(name, node.op_type, module, ins, hidden, site, site_module))
     _rank_sites(ops)
     outputs = [(v.name, [producer[v.name]] if v.name in producer else []) for v in graph.output]
-    inputs = [(n, bool(_ADAPTER_NAME.search(n))) for n in data_inputs]
+    inputs = [(n, n in adapter_inputs) for n in data_inputs]
     return _build(title or (graph.name or "onnx"), ops, inputs, outputs, classes, depth)
+
+
+def _onnx_rank(site: Any, dims: list[Any]) -> Any:
+    """The rank an adapter tensor shows, when its method reads a rank from that part (LoRA's A).
+
+    The method's ``describe_site`` says whether the part carries the rank; the ONNX tensor may be stored
+    ``[r, in]`` (torch exporter, Gemm transB) or ``[in, r]`` (MatMul), so the rank is the smaller dim;
+    a named (symbolic) dim is a swappable input's rank: ``dynamic``.
+    """
+    describe = site.method.describe_site
+    if not dims or describe is None or describe({site.part: list(dims)}).get("rank") is None:
+        return None
+    return "dynamic" if any(isinstance(d, str) and d for d in dims) else min(int(d) for d in dims)
 
 
 def _shape_values(model: Any) -> set[str]:
@@ -509,6 +534,55 @@ def _onnx_scope(node: Any, classes: dict[str, str]) -> tuple[str | None, bool]:
     return None, False
 
 
+# -- from anything with a graph ----------------------------------------------------------------
+
+
+def block_graph(info: dict[str, Any], graph: Any, depth: int | None = None) -> BlockGraph:
+    """The :class:`BlockGraph` of a :func:`~peftc.inspect.sources.describe` result, captioned from its ``info``.
+
+    ONNX sites are labelled with the method ``info`` declares (an artifact's manifest), planned sites
+    with the plan's labels.
+    """
+    title = f"{info.get('kind', 'graph')}: {info.get('path') or info.get('model') or ''}".rstrip(": ")
+    manifest = info.get("manifest") or {}
+    method = info.get("method") or manifest.get("method")
+    if method and info.get("kind") != "plan":
+        title += f" ({method}{', merged' if manifest.get('merged') else ''})"
+    if type(graph).__name__ == "ModelProto":
+        return onnx_block_graph(graph, title, depth=depth, method=method)
+    return program_block_graph(graph, title, depth=depth, planned=info.get("planned") or None)
+
+
+def graph_of(
+    src: Any, depth: int | None = None, task: str | None = None, plan: dict[str, Any] | None = None
+) -> BlockGraph:
+    """The block-level graph of a path, a Program or an ONNX model.
+
+    Args:
+        src: anything :func:`~peftc.inspect.sources.describe` takes, a :class:`~peftc.program.Program`,
+            or an ``onnx.ModelProto``.
+        depth: group ops by the first ``depth`` module-name parts instead of per layer block.
+        task: task for a model dir or preset.
+        plan: draw a model's base program with the sites a plan would adapt marked
+            (``{"method": "ia3", "target_modules": ..., "r": ..., "options": {...}}``).
+    """
+    from .sources import resolve
+
+    info, graph = resolve(src, task, plan)
+    return block_graph(info, graph, depth)
+
+
+def draw(src: Any, target: str | Path, depth: int | None = None, task: str | None = None, force: bool = False) -> Any:
+    """Write the block graph of ``src`` to ``target`` (``.dot``/``.gv``, or ``.svg``/``.png``/``.pdf``).
+
+    Returns:
+        :class:`GraphOutcome`: the file written, whether Graphviz rendered it, a message (without
+        Graphviz's ``dot`` on PATH, a picture request writes the ``.dot`` beside it).
+    """
+    check_target(target, force)
+    return write_graph(graph_of(src, depth=depth, task=task), target, force)
+
+
 # -- writing ----------------------------------------------------------------------------------
 
 
@@ -525,7 +599,9 @@ def write_graph(graph: BlockGraph, target: str | Path, force: bool = False) -> G
     """Write ``graph`` to ``target``: DOT text for ``.dot``/``.gv``; ``.svg``/``.png``/``.pdf`` through ``dot``.
 
     Without Graphviz's ``dot`` on ``PATH`` a picture request writes ``<target stem>.dot`` beside it
-    and says so in the message (not an error). Files are written whole (temp file, then rename).
+    and says so in the message (not an error); running the same request again replaces that ``.dot``
+    when peftc wrote it (it starts with :data:`DOT_HEADER`), so a rerun works without ``--force``.
+    Files are written whole (temp file, then rename).
 
     Raises:
         ConfigError: an unsupported suffix, or a missing parent directory.
@@ -541,11 +617,12 @@ def write_graph(graph: BlockGraph, target: str | Path, force: bool = False) -> G
     dot = shutil.which("dot")
     if dot is None:
         dot_path = target.with_suffix(".dot")
+        replaced = " (replacing the existing file)" if dot_path.exists() else ""
         write_atomic(dot_path, text.encode())
         return GraphOutcome(
             dot_path,
             False,
-            f"graph: Graphviz 'dot' is not on PATH; wrote DOT text to {dot_path} "
+            f"graph: Graphviz 'dot' is not on PATH; wrote DOT text to {dot_path}{replaced} "
             f"(render with: dot -T{suffix[1:]} {dot_path} -o {target}) ({summary})",
         )
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -572,10 +649,14 @@ def write_graph(graph: BlockGraph, target: str | Path, force: bool = False) -> G
 def check_target(target: str | Path, force: bool = False) -> Path:
     """``target`` as a Path when it names a file peftc can write a graph to (checked before any work).
 
+    A picture requested without Graphviz goes to ``<stem>.dot``; an existing one that peftc wrote (a
+    fallback of an earlier run: it starts with :data:`DOT_HEADER`) is replaced without ``force``, since
+    the user asked for the picture, not for that file. Any other existing file needs ``force``.
+
     Raises:
         ConfigError: an unsupported suffix, a missing parent directory, or a directory.
-        OutputExistsError: the file (or, for a picture without Graphviz, its ``.dot``) exists and
-            ``force`` is not set.
+        OutputExistsError: the file (or, for a picture without Graphviz, its ``.dot`` when peftc did not
+            write it) exists and ``force`` is not set.
     """
     target = Path(target)
     suffix = target.suffix.lower()
@@ -590,7 +671,23 @@ def check_target(target: str | Path, force: bool = False) -> Path:
         raise ConfigError(
             f"--graph {target}: directory {target.parent} does not exist; create it or choose another path"
         )
-    written = target if suffix in _TEXT_FORMATS or shutil.which("dot") else target.with_suffix(".dot")
-    if written.exists() and not force:
-        raise OutputExistsError(f"--graph: {written} exists; pass --force to replace it, or choose another file")
+    if suffix in _TEXT_FORMATS or shutil.which("dot"):
+        if target.exists() and not force:
+            raise OutputExistsError(f"--graph: {target} exists; pass --force to replace it, or choose another file")
+        return target
+    fallback = target.with_suffix(".dot")
+    if fallback.exists() and not force and not _written_by_peftc(fallback):
+        raise OutputExistsError(
+            f"--graph {target}: Graphviz 'dot' is not on PATH, so the DOT text goes to {fallback}, which exists "
+            "and is not a peftc graph; pass --force to replace it, or choose another file"
+        )
     return target
+
+
+def _written_by_peftc(path: Path) -> bool:
+    """Whether ``path`` is DOT text peftc wrote (its first line is :data:`DOT_HEADER`)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(DOT_HEADER) + 1) == (DOT_HEADER + "\n").encode()
+    except OSError:
+        return False
