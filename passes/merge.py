@@ -37,6 +37,10 @@ class MergeLowRankPass(InPlacePass):
         """The branch as a weight update ``[out, in]``, in float32."""
         raise NotImplementedError
 
+    def site_parts(self, site: Site) -> tuple[str, ...]:
+        """The parts removed from ``site`` once folded (default :attr:`parts`; a LoRA variant adds its own)."""
+        return self.parts
+
     def plan(self, program: Program) -> list[SiteDecision]:
         return [
             SiteDecision(s.name, s.module_type, "rewrite", details={"rank": s.rank, "scale": s.scale})
@@ -61,7 +65,7 @@ class MergeLowRankPass(InPlacePass):
                 self._fold(program, site.name, bases, delta.T if site.fan_in_fan_out else delta)
             for node in reversed(tagged):
                 graph.erase_node(node)
-            for part in self.parts:
+            for part in self.site_parts(site):
                 remove_attr(gm, graph_path(peft_key(site.name, part)))
             del program.sites[site.name]
         finish(program)
