@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from peftc.errors import AdapterFormatError, AdapterMismatchError
+from peftc.methods import method_of_tensor
 
 __all__ = [
     "ADAPTER_SUFFIX",
@@ -118,7 +119,7 @@ def check_adapter_fits(
             )
     for name, spec in inputs.items():
         if name not in tensors:
-            if name.endswith((".lora_A", ".lora_B", ".ia3_l")):
+            if method_of_tensor(name) is not None:  # a method's own tensor (LoRA's A, B, DoRA's magnitude, IA3's l)
                 raise AdapterMismatchError(
                     f"{adapter} has no tensor {name!r} that the model takes; the adapter was made for other "
                     "target modules or another base model"

@@ -65,8 +65,8 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 )
 @click.option(
     "--method",
-    help="PEFT method: lora, adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, adaption-prompt "
-    "(LLaMA-Adapter) (default: the --config file's method, else lora).",
+    help="PEFT method: lora, dora (LoRA with use_dora), adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, "
+    "adaption-prompt (LLaMA-Adapter) (default: the --config file's method, else lora).",
 )
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), help="HF PEFT config JSON; flags override it."
