@@ -225,12 +225,24 @@ class LoraPass(LinearAdapterPass):
 
     # -- changing ----------------------------------------------------------------------------
     def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
+        cfg = self.config
         a, b = self._tensors(program, site, state, fresh)
         keys = {peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")}
-        variant = lora_variant(self.config)
+        variant = lora_variant(cfg)
         if variant is not None:
-            keys |= variant.bind(program, site, state, self.config.scale_for(site.name), fresh)
-            program.sites[site.name].variant = variant.name
+            keys |= variant.bind(program, site, state, cfg.scale_for(site.name), fresh)
+        fin, fout = site.features(program.graph_module)
+        program.sites[site.name] = Site(
+            site.name,
+            LoraConfig.peft_type,
+            site.module_type,
+            fin,
+            fout,
+            cfg.rank_for(site.name),
+            cfg.scale_for(site.name),
+            site.fan_in_fan_out,
+            variant.name if variant else None,
+        )
         self._insert(program, site, a, b, variant, state)
         return keys
 
@@ -252,16 +264,6 @@ class LoraPass(LinearAdapterPass):
                     f"adapter tensor {key} has shape {list(state.tensors[key].shape)} but module {site.name} "
                     f"needs {list(shape)} (r={r}, in={fin}, out={fout}); the adapter was made for another base model"
                 )
-        program.sites[site.name] = Site(
-            site.name,
-            LoraConfig.peft_type,
-            site.module_type,
-            fin,
-            fout,
-            r,
-            cfg.scale_for(site.name),
-            site.fan_in_fan_out,
-        )
         return state.tensors[key_a], state.tensors[key_b]
 
     def _insert(
