@@ -3,7 +3,8 @@
 A swappable export (``peftc export SRC [SRC2 ...] --adapters-as-inputs``) is one ``model.onnx`` whose
 LoRA tensors are named graph inputs (``<module>.lora_A`` ``[lora_rank, in]`` and ``<module>.lora_B``
 ``[out, lora_rank]``, B pre-scaled by ``s``; see :mod:`peftc.passes.lift`) backed by initializers of
-rank 0, so the file runs as the base model when nothing is fed. Each adapter is an ONNX Runtime
+rank 0, so the file runs as the base model when nothing is fed (DoRA adds ``<module>.lora_magnitude_vector``
+``[out]``, default ``‖W‖``). Each adapter is an ONNX Runtime
 adapter file (``onnxruntime.AdapterFormat``) holding tensors under exactly those names; a run
 activates one with ``RunOptions.add_active_adapter(LoraAdapter)`` — no session rebuild, and adapters
 of any rank work with the same session.

@@ -2,7 +2,8 @@
 
 :class:`MergeLowRankPass` is the one fold loop every method with an additive weight update uses (LoRA:
 ``ΔW = s·B·A``; AdaLoRA, LoHa, LoKr their own ``ΔW``): a subclass names its method and computes
-``delta``; the loop removes the branch and binds the folded weight. The merged graph is the base
+``delta``; the loop removes the branch and binds the folded weight. (DoRA, a LoRA variant, folds
+``ΔW = m/‖W + s·BA‖·(W + s·BA) − W`` through LoRA's pass.) The merged graph is the base
 model's graph op for op; only weights differ. The folded weight is a new tensor, so the base model's
 parameters are never changed. A tied weight (GPT-2's lm_head and
 wte) is untied at the merged site only, so the other user of the tensor keeps the base value.
