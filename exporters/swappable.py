@@ -3,7 +3,8 @@
 A swappable export (``peftc export SRC [SRC2 ...] --adapters-as-inputs``) is one ``model.onnx`` whose
 LoRA tensors are named graph inputs (``<module>.lora_A`` ``[lora_rank, in]`` and ``<module>.lora_B``
 ``[out, lora_rank]``, B pre-scaled by ``s``; see :mod:`peftc.passes.lift`) backed by initializers of
-rank 0, so the file runs as the base model when nothing is fed. Each adapter is an ONNX Runtime
+rank 0, so the file runs as the base model when nothing is fed (DoRA adds ``<module>.lora_magnitude_vector``
+``[out]``, default ``‖W‖``). Each adapter is an ONNX Runtime
 adapter file (``onnxruntime.AdapterFormat``) holding tensors under exactly those names; a run
 activates one with ``RunOptions.add_active_adapter(LoraAdapter)`` — no session rebuild, and adapters
 of any rank work with the same session.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from peftc.errors import AdapterFormatError, AdapterMismatchError
+from peftc.methods import method_of_tensor
 
 __all__ = [
     "ADAPTER_SUFFIX",
@@ -118,7 +120,7 @@ def check_adapter_fits(
             )
     for name, spec in inputs.items():
         if name not in tensors:
-            if name.endswith((".lora_A", ".lora_B", ".ia3_l")):
+            if method_of_tensor(name) is not None:  # a method's own tensor (LoRA's A, B, DoRA's magnitude, IA3's l)
                 raise AdapterMismatchError(
                     f"{adapter} has no tensor {name!r} that the model takes; the adapter was made for other "
                     "target modules or another base model"

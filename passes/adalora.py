@@ -84,6 +84,8 @@ class AdaLoraConfig(LoraConfig):
 
     def validate(self) -> None:
         MethodConfig.validate(self)
+        if self.use_dora:
+            raise ConfigError("AdaLoRA does not support DoRA (use_dora=True), as in HF PEFT; set use_dora to false")
         for name in ("r", "init_r", "target_r", "deltaT"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"AdaLoRA {name} must be a positive integer, got {name}={getattr(self, name)}")

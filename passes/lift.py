@@ -6,8 +6,9 @@ adapter is just a set of input tensors (in ONNX Runtime, an ``.onnx_adapter`` fi
 *Which* tensors become inputs, under which names, with which defaults, is each method's lift rule
 (:attr:`peftc.methods.Method.lift`): LoRA lifts A ``[lora_rank, in]`` and B pre-scaled by ``s``
 ``[out, lora_rank]`` and the scale op goes (``lift_bypass``); rank-0 defaults give the base model
-(``x·A[0,in]ᵀ`` is empty, its product with ``B'[out,0]ᵀ`` is zero). IA3 lifts ``l`` (static shape,
-default ones). A method without a rule is refused with its reason.
+(``x·A[0,in]ᵀ`` is empty, its product with ``B'[out,0]ᵀ`` is zero); a DoRA site adds its magnitude
+``m`` ``[out]`` (default ``‖W‖``, so ``m/‖W + B'A‖ = 1``). IA3 lifts ``l`` (static shape, default
+ones). A method without a rule is refused with its reason.
 
 With ``lift_saved`` (seq-cls heads and trained biases, ``modules_to_save``) the adapter's full copies of
 base parameters are inputs too: ``<module>.<param>`` (``classifier.weight``), static shape, the base

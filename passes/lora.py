@@ -6,6 +6,11 @@ per-module ``rank_pattern``/``alpha_pattern``. ``nn.Linear`` appears in the grap
 ``[in, out]`` (fan_in_fan_out) — the branch is added to the addmm output, before Conv1D's reshape,
 which is exactly HF PEFT's sum. Dropout on the branch input is inserted only into train programs.
 Fresh adapters start as HF PEFT's do: A kaiming-uniform(a=√5), B zero.
+
+A config may switch on a *variant* (HF PEFT's ``LoraVariant``): a change to the forward that keeps A,
+B and ``s``, and the ``peft_type`` (``use_dora`` → DoRA, :mod:`peftc.passes.dora`). Such a site is
+marked with ``Site.variant``, and the pass, the merge and the lift rule hand it to its variant; the
+variant's math lives in its own module.
 """
 
 from __future__ import annotations
@@ -29,7 +34,18 @@ from .merge import MergeLowRankPass
 from .modules_to_save import ModulesToSavePass
 from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
 
-__all__ = ["LORA", "LoraConfig", "LoraPass", "MergeLoraPass", "lora_input_names", "lora_lift"]
+__all__ = [
+    "LORA",
+    "LoraBranch",
+    "LoraConfig",
+    "LoraPass",
+    "LoraVariant",
+    "MergeLoraPass",
+    "lora_input_names",
+    "lora_lift",
+    "lora_variant",
+    "site_variant",
+]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -41,7 +57,6 @@ class LoraConfig(MethodConfig):
 
     peft_type: ClassVar[str] = "LORA"
     unsupported: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
         "lora_bias": False,
         "use_qalora": False,
         "layer_replication": None,
@@ -72,6 +87,11 @@ class LoraConfig(MethodConfig):
     fan_in_fan_out: bool = help_field("Weights stored as [in, out] (GPT-2 Conv1D); set automatically.", default=False)
     bias: str = help_field("Which biases train: none, all or lora_only.", default="none")
     use_rslora: bool = help_field("Rank-stabilised scaling s = lora_alpha / sqrt(r).", default=False)
+    use_dora: bool = help_field(
+        "DoRA: a trained magnitude m [out] times the row-normalised W + s·BA, "
+        "h = base(x) + (m/||W + s·BA|| - 1)·xWᵀ + (m/||W + s·BA||)·s·B(A(x)); m starts at ||W + s·BA||.",
+        default=False,
+    )
     modules_to_save: list[str] | None = help_field(
         "Modules trained in full and saved with the adapter (the head, for seq-cls).", default=None
     )
@@ -112,6 +132,82 @@ class LoraConfig(MethodConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+@dataclass(frozen=True)
+class LoraBranch:
+    """The LoRA nodes a variant builds on at one site: ``bax = B(A(x))``, unscaled."""
+
+    x: fx.Node  # the branch input: the layer's input, or its dropout in a train program
+    a: fx.Node  # get_attr of A [r, in]
+    b: fx.Node  # get_attr of B [out, r]
+    bax: fx.Node  # B(A(x))
+    scale: float  # s
+    dropped: bool  # x is a dropout of the layer's input (train program, lora_dropout > 0)
+
+
+class LoraVariant:
+    """A change to LoRA's forward that keeps A, B, ``s`` and the peft_type (HF PEFT's ``LoraVariant``).
+
+    A variant owns its extra tensors (``parts``, as parts of HF PEFT's key), the nodes that turn
+    ``B(A(x))`` into the site's output, its merge delta, its lift rule and the facts inspect shows.
+    """
+
+    #: ``Site.variant`` of the sites it rewrites (``"dora"``).
+    name: ClassVar[str] = ""
+    #: Its own tensors per site, as HF PEFT key parts (``lora_magnitude_vector``).
+    parts: ClassVar[tuple[str, ...]] = ()
+
+    @staticmethod
+    def bind(program: Program, site: LinearSite, state: AdapterState, scale: float, fresh: bool) -> set[str]:
+        """Create (fresh) or check the variant's tensors of ``site`` in ``state``; return their keys."""
+        raise NotImplementedError
+
+    @staticmethod
+    def insert(program: Program, site: LinearSite, branch: LoraBranch, state: AdapterState) -> fx.Node:
+        """Add the variant's nodes after ``branch`` (at the graph's insertion point); return the site's output.
+
+        The output is tagged ``lora_out`` and is ``base + …`` (its first argument is the base call), so
+        the merge loop can bypass it; scale multiplications are tagged ``lora_scale`` (bypassed by a lift).
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def delta(program: Program, site: Site) -> torch.Tensor:
+        """The site as a weight update ``[out, in]`` (``W' − W``), in float32."""
+        raise NotImplementedError
+
+    @staticmethod
+    def lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTensor]:
+        """The variant's tensors as graph inputs (besides A and the pre-scaled B), defaults giving the base."""
+        raise NotImplementedError
+
+    @staticmethod
+    def describe(parts: dict[str, list[int]]) -> dict[str, Any]:
+        """Facts inspect shows for a site holding the variant's parts."""
+        raise NotImplementedError
+
+
+def _variants() -> dict[str, type[LoraVariant]]:
+    """Config flag -> variant (HF PEFT's ``Linear.lora_variants``); imported here, as each variant imports LoRA."""
+    from .dora import DoraVariant
+
+    return {"use_dora": DoraVariant}
+
+
+def lora_variant(config: Any) -> type[LoraVariant] | None:
+    """The variant ``config`` switches on, ``None`` for plain LoRA."""
+    return next((v for flag, v in _variants().items() if getattr(config, flag, False)), None)
+
+
+def site_variant(site: Site) -> type[LoraVariant] | None:
+    """The variant of a LoRA site (``Site.variant``), ``None`` for plain LoRA."""
+    if site.variant is None:
+        return None
+    for variant in _variants().values():
+        if variant.name == site.variant:
+            return variant
+    raise ValueError(f"site {site.name} has an unknown LoRA variant {site.variant!r}")
+
+
 class LoraPass(LinearAdapterPass):
     """Adds s·B(A(x)) beside every targeted linear and Conv1D layer."""
 
@@ -123,13 +219,32 @@ class LoraPass(LinearAdapterPass):
 
     def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict:
         fin, fout = calls[0].features(program.graph_module)
-        return {"in": fin, "out": fout, "rank": self.config.rank_for(name), "scale": self.config.scale_for(name)}
+        cfg, variant = self.config, lora_variant(self.config)
+        details = {"in": fin, "out": fout, "rank": cfg.rank_for(name), "scale": cfg.scale_for(name)}
+        return {**details, "variant": variant.name} if variant else details
 
     # -- changing ----------------------------------------------------------------------------
     def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
+        cfg = self.config
         a, b = self._tensors(program, site, state, fresh)
-        self._insert(program, site, a, b)
-        return {peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")}
+        keys = {peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")}
+        variant = lora_variant(cfg)
+        if variant is not None:
+            keys |= variant.bind(program, site, state, cfg.scale_for(site.name), fresh)
+        fin, fout = site.features(program.graph_module)
+        program.sites[site.name] = Site(
+            site.name,
+            LoraConfig.peft_type,
+            site.module_type,
+            fin,
+            fout,
+            cfg.rank_for(site.name),
+            cfg.scale_for(site.name),
+            site.fan_in_fan_out,
+            variant.name if variant else None,
+        )
+        self._insert(program, site, a, b, variant, state)
+        return keys
 
     def _tensors(self, program: Program, site: LinearSite, state: AdapterState, fresh: bool):
         cfg = self.config
@@ -149,34 +264,36 @@ class LoraPass(LinearAdapterPass):
                     f"adapter tensor {key} has shape {list(state.tensors[key].shape)} but module {site.name} "
                     f"needs {list(shape)} (r={r}, in={fin}, out={fout}); the adapter was made for another base model"
                 )
-        program.sites[site.name] = Site(
-            site.name,
-            LoraConfig.peft_type,
-            site.module_type,
-            fin,
-            fout,
-            r,
-            cfg.scale_for(site.name),
-            site.fan_in_fan_out,
-        )
         return state.tensors[key_a], state.tensors[key_b]
 
-    def _insert(self, program: Program, site: LinearSite, a: nn.Parameter, b: nn.Parameter) -> None:
+    def _insert(
+        self,
+        program: Program,
+        site: LinearSite,
+        a: nn.Parameter,
+        b: nn.Parameter,
+        variant: type[LoraVariant] | None,
+        state: AdapterState,
+    ) -> None:
         cfg, graph, base = self.config, program.graph, site.node
         scale = cfg.scale_for(site.name)
         tag = site.name
         # inserting_before(next) keeps new nodes in creation order (inserting_after reverses them).
         with graph.inserting_before(base.next):
-            a_node = add_param(program, graph_path(peft_key(site.name, "lora_A.weight")), a, tag)
-            b_node = add_param(program, graph_path(peft_key(site.name, "lora_B.weight")), b, tag)
+            a_node = add_param(program, graph_path(peft_key(site.name, "lora_A.weight")), a, tag, like=base)
+            b_node = add_param(program, graph_path(peft_key(site.name, "lora_B.weight")), b, tag, like=base)
             x = site.x
             if program.mode == "train" and cfg.lora_dropout > 0:
                 x = add_call(program, aten.dropout.default, (x, cfg.lora_dropout, True), base, tag, "lora_dropout")
             ax = add_call(program, aten.linear.default, (x, a_node), base, tag, "lora_A")
             bax = add_call(program, aten.linear.default, (ax, b_node), base, tag, "lora_B")
-            scaled = add_call(program, aten.mul.Tensor, (bax, scale), base, tag, "lora_scale")
-            out = add_call(program, aten.add.Tensor, (base, scaled), base, tag, "lora_out")
-        base.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+            if variant is None:
+                scaled = add_call(program, aten.mul.Tensor, (bax, scale), base, tag, "lora_scale")
+                out = add_call(program, aten.add.Tensor, (base, scaled), base, tag, "lora_out")
+            else:
+                branch = LoraBranch(x, a_node, b_node, bax, scale, dropped=x is not site.x)
+                out = variant.insert(program, site, branch, state)
+        base.replace_all_uses_with(out, delete_user_cb=lambda user: user.meta.get("peftc_site") != tag)
 
 
 def _init_lora(cfg: LoraConfig, r: int, fin: int, fout: int, dtype: torch.dtype):
@@ -201,7 +318,14 @@ class MergeLoraPass(MergeLowRankPass):
     method = LoraConfig.peft_type
     parts = ("lora_A", "lora_B")
 
+    def site_parts(self, site: Site) -> tuple[str, ...]:
+        variant = site_variant(site)
+        return self.parts + variant.parts if variant else self.parts
+
     def delta(self, program: Program, site: Site, tagged: list[fx.Node]) -> torch.Tensor:
+        variant = site_variant(site)
+        if variant is not None:
+            return variant.delta(program, site)
         gm = program.graph_module
         a = gm.get_parameter(graph_path(peft_key(site.name, "lora_A.weight")))
         b = gm.get_parameter(graph_path(peft_key(site.name, "lora_B.weight")))
@@ -214,11 +338,14 @@ def lora_input_names(module: str) -> tuple[str, str]:
 
 
 def lora_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTensor]:
-    """A ``[r, in]`` and B pre-scaled by ``s`` ``[out, r]`` as inputs; rank-0 defaults give the base model."""
+    """A ``[r, in]`` and B pre-scaled by ``s`` ``[out, r]`` as inputs; rank-0 defaults give the base model.
+
+    A variant's site adds the variant's own tensors (DoRA: the magnitude).
+    """
     name_a, name_b = lora_input_names(site.name)
     key_a, key_b = peft_key(site.name, "lora_A.weight"), peft_key(site.name, "lora_B.weight")
     a, b = state.tensors[key_a].detach(), state.tensors[key_b].detach()
-    return [
+    lifted = [
         LiftedTensor(name_a, graph_path(key_a), a.clone().contiguous(), a.new_zeros(0, a.shape[1]), rank_dim=0),
         LiftedTensor(
             name_b,
@@ -228,6 +355,8 @@ def lora_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedT
             rank_dim=1,
         ),
     ]
+    variant = site_variant(site)
+    return lifted + variant.lift(program, site, state) if variant else lifted
 
 
 def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
@@ -237,6 +366,9 @@ def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
         out.update(rank=a[0], **{"in": a[-1]})
     if b:
         out["out"] = b[0]
+    for variant in _variants().values():
+        if any(part in parts for part in variant.parts):
+            out.update(variant.describe(parts))
     return out
 
 
@@ -249,7 +381,7 @@ LORA = register_method(
         peft_type=LoraConfig.peft_type,
         config_class=LoraConfig,
         label="LoRA",
-        cli_names={"lora": {}},
+        cli_names={"lora": {}, "dora": {"use_dora": True}},
         pipeline=_pipeline,
         markers=("lora_",),
         merge_pass=MergeLoraPass,

@@ -2,7 +2,8 @@
 
 :class:`MergeLowRankPass` is the one fold loop every method with an additive weight update uses (LoRA:
 ``ΔW = s·B·A``; AdaLoRA, LoHa, LoKr their own ``ΔW``): a subclass names its method and computes
-``delta``; the loop removes the branch and binds the folded weight. The merged graph is the base
+``delta``; the loop removes the branch and binds the folded weight. (DoRA, a LoRA variant, folds
+``ΔW = m/‖W + s·BA‖·(W + s·BA) − W`` through LoRA's pass.) The merged graph is the base
 model's graph op for op; only weights differ. The folded weight is a new tensor, so the base model's
 parameters are never changed. A tied weight (GPT-2's lm_head and
 wte) is untied at the merged site only, so the other user of the tensor keeps the base value.
@@ -37,6 +38,10 @@ class MergeLowRankPass(InPlacePass):
         """The branch as a weight update ``[out, in]``, in float32."""
         raise NotImplementedError
 
+    def site_parts(self, site: Site) -> tuple[str, ...]:
+        """The parts removed from ``site`` once folded (default :attr:`parts`; a LoRA variant adds its own)."""
+        return self.parts
+
     def plan(self, program: Program) -> list[SiteDecision]:
         return [
             SiteDecision(s.name, s.module_type, "rewrite", details={"rank": s.rank, "scale": s.scale})
@@ -61,7 +66,7 @@ class MergeLowRankPass(InPlacePass):
                 self._fold(program, site.name, bases, delta.T if site.fan_in_fan_out else delta)
             for node in reversed(tagged):
                 graph.erase_node(node)
-            for part in self.parts:
+            for part in self.site_parts(site):
                 remove_attr(gm, graph_path(peft_key(site.name, part)))
             del program.sites[site.name]
         finish(program)

@@ -45,6 +45,8 @@ class Site:
     rank: int | None = None
     scale: float | None = None
     fan_in_fan_out: bool = False
+    #: A variant of the method's forward at this site, keeping its peft_type (LoRA's ``"dora"``); ``None``: plain.
+    variant: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

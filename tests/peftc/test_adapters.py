@@ -159,10 +159,10 @@ def test_config_not_json_is_refused(saved):
     "patch,fragments",
     [
         ({"peft_type": "BOGUS"}, ["peft_type='BOGUS'", "does not know", "supported: "]),
-        ({"use_dora": True}, ["use_dora=True is not supported by peftc"]),
+        ({"use_qalora": True}, ["use_qalora=True is not supported by peftc"]),
         ({"r": "8"}, ["field 'r' must be int"]),
     ],
-    ids=["unknown-peft-type", "dora", "bad-r"],
+    ids=["unknown-peft-type", "qalora", "bad-r"],
 )
 def test_bad_config_is_refused(saved, patch, fragments):
     _, directory = saved

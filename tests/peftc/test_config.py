@@ -73,7 +73,8 @@ def test_peftc_json_loads_in_hf_peft(tmp_path):
     ours = LoraConfig(**NON_DEFAULT)
     ours.save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["use_dora"] is False  # unsupported options written as "off"
+    assert data["peft_type"] == "LORA" and data["use_dora"] is False
+    assert data["use_qalora"] is False and data["lora_bias"] is False  # unsupported options written as "off"
     theirs = peft.LoraConfig.from_pretrained(str(tmp_path))
     _assert_same_fields(ours, theirs)
     generic = peft.PeftConfig.from_pretrained(str(tmp_path))
@@ -92,7 +93,6 @@ def test_unknown_keys_are_kept_and_written_back():
 @pytest.mark.parametrize(
     "key,value",
     [
-        ("use_dora", True),
         ("lora_bias", True),
         ("use_qalora", True),
         ("layer_replication", [[0, 1]]),
@@ -115,10 +115,15 @@ def test_unsupported_features_switched_off_are_accepted():
     assert isinstance(cfg, LoraConfig)
 
 
-def test_hf_peft_dora_file_is_refused(tmp_path):
+def test_hf_peft_dora_file_loads_as_a_lora_config(tmp_path):
     peft.LoraConfig(use_dora=True, target_modules=["c_attn"]).save_pretrained(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"use_dora=True is not supported by peftc; remove it or set it to False"):
-        load_config(tmp_path / "adapter_config.json")
+    cfg = load_config(tmp_path / "adapter_config.json")
+    assert isinstance(cfg, LoraConfig) and cfg.use_dora is True and cfg.to_dict()["use_dora"] is True
+
+
+def test_adalora_refuses_dora():
+    with pytest.raises(ConfigError, match=r"AdaLoRA does not support DoRA \(use_dora=True\)"):
+        config_from_dict({"peft_type": "ADALORA", "use_dora": True})
 
 
 @pytest.mark.parametrize(
