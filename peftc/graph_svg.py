@@ -109,6 +109,9 @@ def _split_layer(layer: str) -> tuple[str, int] | None:
 
 
 def _rel(key: str, layer: str) -> str:
+    """``key`` relative to ``layer`` (``attn`` in ``transformer.h.0``); ``""`` for the layer itself."""
+    if key == layer:
+        return ""
     return key[len(layer) + 1 :] if key.startswith(layer + ".") else key
 
 
@@ -241,11 +244,11 @@ def _block_box(graph: Any, run: LayerRun | None, block: Any, by_key: dict[str, A
     """The box of ``block``; in a collapsed run, it stands for the block at the same place in every layer."""
     layer = run.layers[0] if run else None
     name = _rel(block.key, layer) if layer else block.key
-    head = (name or "(model)") + (f" · {block.module_type}" if block.module_type else "")
+    head = (name or ("(layer)" if layer else "(model)")) + (f" · {block.module_type}" if block.module_type else "")
     same = [block]
     if run and len(run.layers) > 1:
         rel = _rel(block.key, run.layers[0])
-        same = [by_key.get(f"{layer}.{rel}" if rel != run.layers[0] else layer) for layer in run.layers]
+        same = [by_key.get(f"{layer}.{rel}" if rel else layer) for layer in run.layers]
     lines = [
         _Line(head, _TITLE_SIZE, "tb"),
         _Line(_ops_line([b.ops for b in same if b is not None]), _SMALL_SIZE, "ts"),
@@ -718,7 +721,7 @@ def render_svg(graph: Any, collapse: int = 3, title: str | None = None) -> str:
             continue
         run = run_of[layer]
         rel = _rel(block.key, layer)
-        rep = f"{run.layers[0]}.{rel}" if block.key != layer else run.layers[0]
+        rep = f"{run.layers[0]}.{rel}" if rel else run.layers[0]
         rep_id = by_key.get(rep, block.id)
         drawn_as[block.id] = rep_id
         rep_key[block.id] = rep

@@ -143,6 +143,22 @@ def test_short_runs_are_not_collapsed():
     assert "model.layers.1 · LlamaDecoderLayer" in words and "LoRA r=8: q_proj, v_proj" in words
 
 
+def test_whole_layer_blocks_collapse_too():
+    # inspect --graph --depth 3: one block per layer, keyed by the layer itself
+    Block, BlockGraph = block_classes()
+    blocks = {"in": Block("in", "input_ids", "input")}
+    edges, prev = {}, "in"
+    for i in range(6):
+        sites = {"IA3": [f"enc.layer.{i}.ff.wo"]} if i >= 3 else {}
+        blocks[f"b{i}"] = Block(f"b{i}", f"enc.layer.{i}", "block", "Layer", Counter({"mm": 2}), sites)
+        edges[(prev, f"b{i}")] = 1
+        prev = f"b{i}"
+    svg = render_svg(BlockGraph("depth 3", blocks, edges, {f"enc.layer.{i}": "Layer" for i in range(6)}))
+    words = texts(svg)
+    assert "×6" in words and "(layer) · Layer" in words and "IA3: ff.wo · layers 3–5" in words
+    assert len(boxes(svg)) == 2
+
+
 def test_well_formed_with_a_legend_and_tooltips():
     svg = render_svg(synthetic(4, adapted=[0, 1, 2, 3]), title="a <title> & more")
     root = ET.fromstring(svg)  # escaping holds
