@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -706,14 +707,13 @@ def render_svg(graph: Any, collapse: int = 3, title: str | None = None) -> str:
     runs = find_runs(graph, collapse)
     run_of: dict[str, LayerRun] = {layer: run for run in runs for layer in run.layers}
     # every block id -> the id drawn for it (in a collapsed run: the first layer's block at that place)
-    rep_key: dict[str, str] = {}
     by_key = {b.key: b.id for b in graph.blocks.values() if b.kind == "block"}
     drawn_as: dict[str, str] = {}
     frame_of: dict[str, str] = {}  # drawn block id -> frame id
     frames: dict[str, _Frame] = {}
     for i, run in enumerate(runs):
         frames[f"f{i}"] = _Frame(f"f{i}", run, {})
-    frame_id = {run.layers[0]: fid for fid, f in frames.items() for run in [f.run]}
+    frame_id = {f.run.layers[0]: fid for fid, f in frames.items()}
     for block in graph.blocks.values():
         layer = block.layer if block.kind == "block" else None
         if layer is None or layer not in run_of:
@@ -724,7 +724,6 @@ def render_svg(graph: Any, collapse: int = 3, title: str | None = None) -> str:
         rep = f"{run.layers[0]}.{rel}" if rel else run.layers[0]
         rep_id = by_key.get(rep, block.id)
         drawn_as[block.id] = rep_id
-        rep_key[block.id] = rep
         frame_of[rep_id] = frame_id[run.layers[0]]
     layer_of = {b.id: b.layer for b in graph.blocks.values() if b.kind == "block"}
 
@@ -832,17 +831,28 @@ def _layout_frame(
     frame.w, frame.h = right - frame.left, bottom - frame.top
 
 
-_CSS = """
-text{font-family:%s;fill:#222}
+_CSS = Template("""
+text{font-family:$font;fill:#222}
 .t{font-size:11px}.tb{font-size:12.5px;font-weight:bold}.ts{font-size:10px;fill:#555}
-.ta{font-size:11px;fill:#7a2e00;font-weight:bold}.tp{font-size:11px;fill:#0d3c7a;font-weight:bold}.tt{font-size:16px;font-weight:bold}.tc{font-size:11.5px;fill:#444}
+.ta{font-size:11px;fill:#7a2e00;font-weight:bold}.tp{font-size:11px;fill:#0d3c7a;font-weight:bold}
+.tt{font-size:16px;font-weight:bold}.tc{font-size:11.5px;fill:#444}
 .tf{font-size:11px;font-weight:bold;fill:#555;paint-order:stroke;stroke:#fff;stroke-width:4px;stroke-linejoin:round}
 .tx{font-size:13px;font-weight:bold;fill:#fff}
-.blk{fill:#fff;stroke:#444;stroke-width:1}.adp{fill:%s;stroke:%s;stroke-width:2}.pln{fill:%s;stroke:%s;stroke-width:2}
-.io{fill:%s;stroke:#777;stroke-width:1}.aio{fill:%s;stroke:%s;stroke-width:1.5}
+.blk{fill:$block;stroke:#444;stroke-width:1}.adp{fill:$adapter;stroke:$adapter_stroke;stroke-width:2}
+.pln{fill:$planned;stroke:$planned_stroke;stroke-width:2}
+.io{fill:$io;stroke:#777;stroke-width:1}.aio{fill:$adapter;stroke:$adapter_stroke;stroke-width:1.5}
 .fr{fill:#fafafa;stroke:#999;stroke-width:1;stroke-dasharray:5 3}.st{fill:#f0f0f0;stroke:#bbb;stroke-width:1}
-.bd{fill:#555}.e{fill:none;stroke:%s;stroke-width:1.2}
-""" % (FONT, ADAPTER_FILL, ADAPTER_STROKE, PLANNED_FILL, PLANNED_STROKE, IO_FILL, ADAPTER_FILL, ADAPTER_STROKE, EDGE)  # noqa: UP031
+.bd{fill:#555}.e{fill:none;stroke:$edge;stroke-width:1.2}
+""").substitute(
+    font=FONT,
+    block=BLOCK_FILL,
+    adapter=ADAPTER_FILL,
+    adapter_stroke=ADAPTER_STROKE,
+    planned=PLANNED_FILL,
+    planned_stroke=PLANNED_STROKE,
+    io=IO_FILL,
+    edge=EDGE,
+)
 
 
 def _shape(parts: list[str], box: _Box, cx: float, cy: float) -> None:
