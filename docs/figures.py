@@ -5,7 +5,7 @@
 
 writes ``docs/curves.png`` (the run's training curves, :func:`peftc.plot.plot_curves`) and
 ``docs/gpt2-lora-graph.svg`` (the block graph of GPT-2 small's 12-layer structure with LoRA r=8 on
-``c_attn``, HF PEFT's default target for GPT-2, drawn by :func:`peftc.graph_svg.render_svg`; the
+``c_attn``, HF PEFT's default target for GPT-2, drawn by :func:`peftc.inspect.svg.render_svg`; the
 hidden size is cut to 64 because the picture does not depend on it and capture is faster).
 """
 
@@ -29,8 +29,8 @@ def gpt2_graph(out: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from peftc.config import LoraConfig
-    from peftc.graph_svg import write_svg
     from peftc.inspect import graph_of
+    from peftc.inspect.svg import write_svg
     from peftc.program import capture
 
     torch.manual_seed(0)

@@ -365,10 +365,25 @@ def export(
     "--graph",
     "graph_out",
     metavar="FILE",
-    help="Draw the graph at block level, adapter sites marked, to FILE: .dot/.gv (DOT text), or .svg/.png/.pdf "
-    "with Graphviz's dot (without it, FILE's .dot is written instead, and replaced by the next such run).",
+    help="Draw the graph at block level, adapter sites marked, to FILE: .svg (drawn by peftc, nothing to install), "
+    ".dot/.gv (DOT text), or .png/.pdf with Graphviz's dot (without it, FILE's .dot is written instead, and "
+    "replaced by the next such run).",
 )
 @click.option("--depth", type=int, help="With --graph: group ops by the first N module-name parts, not per block.")
+@click.option(
+    "--collapse",
+    type=int,
+    default=3,
+    show_default=True,
+    help="With --graph FILE.svg: draw runs of at least N identical layers once, as a ×N frame (0: every layer).",
+)
+@click.option(
+    "--plot",
+    "plot_out",
+    metavar="FILE",
+    help="For a run dir: draw its training and eval curves (metrics.jsonl) to FILE, .png or .svg "
+    "(pip install 'peftc[plot]').",
+)
 @click.option(
     "--diff",
     is_flag=True,
@@ -388,6 +403,8 @@ def inspect(
     settings: tuple[str, ...],
     graph_out: str | None,
     depth: int | None,
+    collapse: int,
+    plot_out: str | None,
     diff: bool,
     force: bool,
 ) -> None:
@@ -408,6 +425,10 @@ def inspect(
             raise ConfigError(f"{', '.join(given)} configure a plan: add --plan, or leave them out")
     if depth is not None and (graph_out is None or depth < 1):
         raise ConfigError(f"--depth {depth}: needs --graph and a value of at least 1")
+    if collapse < 0:
+        raise ConfigError(f"--collapse {collapse}: use 0 (draw every layer) or a run length of at least 2")
+    if plot_out is not None and (diff or plan or len(paths) != 1):
+        raise ConfigError("--plot draws one run's curves: give one run dir, without --diff or --plan")
     if diff:
         if len(paths) != 2:
             raise ConfigError(f"--diff compares two graphs: pass A and B (got {len(paths)} path(s): {' '.join(paths)})")
@@ -424,19 +445,28 @@ def inspect(
             f"inspect takes one PATH (two with --diff), got {len(paths)}" + (f": {' '.join(paths)}" if paths else "")
         )
     path = paths[0]
+    plotted = None
+    if plot_out is not None:
+        from peftc.plot import plot_curves
+
+        plotted = plot_curves(path, plot_out, force=force)
     if graph_out is None:
         if plan:
             info = plan_model(path, task=task, target_modules=targets, r=r, method=method or "lora", options=options)
         else:
             info = inspect_path(path)
+        if plotted is not None:
+            info["plot"] = str(plotted)
         click.echo(json.dumps(info, indent=2, default=str) if as_json else render(info))
+        if plotted is not None and not as_json:
+            click.echo(f"curves: {plotted}")
         return
     from peftc.inspect.graph import block_graph, check_target, write_graph
 
     check_target(graph_out, force)
     info, graph = describe(path, task=task, plan=plan_options, model=model)
     blocks = block_graph(info, graph, depth)
-    outcome = write_graph(blocks, graph_out, force)
+    outcome = write_graph(blocks, graph_out, force, collapse=collapse)
     info["graph"] = {
         "path": str(outcome.path),
         "rendered": outcome.rendered,

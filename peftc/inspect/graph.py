@@ -595,8 +595,10 @@ class GraphOutcome:
     message: str
 
 
-def write_graph(graph: BlockGraph, target: str | Path, force: bool = False) -> GraphOutcome:
-    """Write ``graph`` to ``target``: DOT text for ``.dot``/``.gv``; ``.svg``/``.png``/``.pdf`` through ``dot``.
+def write_graph(graph: BlockGraph, target: str | Path, force: bool = False, collapse: int = 3) -> GraphOutcome:
+    """Write ``graph`` to ``target``: DOT text for ``.dot``/``.gv``; SVG drawn by peftc for ``.svg`` (no
+    system binary; runs of ``collapse`` or more identical layers drawn once, ``0`` draws every layer);
+    ``.png``/``.pdf`` through Graphviz's ``dot``.
 
     Without Graphviz's ``dot`` on ``PATH`` a picture request writes ``<target stem>.dot`` beside it
     and says so in the message (not an error); running the same request again replaces that ``.dot``
@@ -614,6 +616,11 @@ def write_graph(graph: BlockGraph, target: str | Path, force: bool = False) -> G
     if suffix in _TEXT_FORMATS:
         write_atomic(target, text.encode())
         return GraphOutcome(target, False, f"graph: {target} (DOT, {summary})")
+    if suffix == ".svg":
+        from peftc.inspect.svg import render_svg
+
+        write_atomic(target, render_svg(graph, collapse=collapse).encode())
+        return GraphOutcome(target, True, f"graph: {target} (SVG drawn by peftc, {summary})")
     dot = shutil.which("dot")
     if dot is None:
         dot_path = target.with_suffix(".dot")
@@ -671,7 +678,7 @@ def check_target(target: str | Path, force: bool = False) -> Path:
         raise ConfigError(
             f"--graph {target}: directory {target.parent} does not exist; create it or choose another path"
         )
-    if suffix in _TEXT_FORMATS or shutil.which("dot"):
+    if suffix in (*_TEXT_FORMATS, ".svg") or shutil.which("dot"):
         if target.exists() and not force:
             raise OutputExistsError(f"--graph: {target} exists; pass --force to replace it, or choose another file")
         return target

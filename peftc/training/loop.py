@@ -37,6 +37,7 @@ from peftc.files import check_output_dir
 from peftc.methods import get_method
 from peftc.models import LoadedModel, check_model_spec, load_model
 from peftc.program import Program, capture
+from peftc.reporting import StepMeter, count_tokens, make_reporters
 from peftc.tasks import HEAD_TASKS, TaskSpec
 from peftc.training.checkpoints import (
     check_resume,
@@ -329,6 +330,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
 
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     hooks = get_method(s.config).hooks(s.config, s.state, total_steps)
+    params = [p for _, p in s.params]
 
     step, epoch, batch_pos, window, last_eval = 0, 0, 0, [], {}
     writer = RunWriter(run_dir, cfg.force, resumed=ckpt is not None, loaded=s.loaded)
@@ -340,6 +342,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         logger.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, step, epoch, batch_pos)
     else:
         _seed_everything(cfg.seed)
+    # trackers open lazily at the first record (after the run dir exists); rank 0 only under torchrun
+    reporters = make_reporters(cfg.report_to, run_dir, config=options, resume_step=step if ckpt is not None else None)
+    meter = StepMeter(device=params[0].device)
 
     counts = s.train_prog.parameter_counts()
     logger.info(
@@ -356,7 +361,6 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
 
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
     task_spec = s.train_prog.task
-    params = [p for _, p in s.params]
     try:
         while step < total_steps:
             batches = batch_order(len(s.train_enc), cfg.batch_size, cfg.seed, epoch)
@@ -364,6 +368,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 group = batches[batch_pos : batch_pos + cfg.grad_accum]
                 micro = [collate(s.train_enc, idx, s.train_prog.input_names) for idx in group]
                 loss = _step_loss(s.train_prog, task_spec, micro, hooks.regularization)
+                meter.add(count_tokens(micro))
                 if not math.isfinite(loss):
                     raise ConfigError(
                         f"training diverged: loss is {loss} at step {step + 1}; lower --lr (now {cfg.lr})"
@@ -387,12 +392,17 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 if step % cfg.log_every == 0 or step == total_steps:
                     mean = sum(window) / len(window)
                     record = {"type": "train", "step": step, "epoch": round(ep, 4), "loss": mean, "lr": lr}
-                    writer.log({**record, "grad_norm": grad_norm})
+                    record.update(grad_norm=grad_norm, **meter.read())
+                    writer.log(record)
+                    reporters.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if s.eval_enc is not None and (batch_pos >= n_batches or step == total_steps):
-                    last_eval = evaluate(s.eval_prog, s.eval_enc, max(cfg.batch_size, 32))
-                    writer.log({"type": "eval", "step": step, "epoch": round(ep, 4), **last_eval})
+                    with meter.paused():
+                        last_eval = evaluate(s.eval_prog, s.eval_enc, max(cfg.batch_size, 32))
+                    eval_record = {"type": "eval", "step": step, "epoch": round(ep, 4), **last_eval}
+                    writer.log(eval_record)
+                    reporters.log(eval_record)
                     if cfg.progress:
                         bar.write(f"epoch {ep:.2f} step {step}: eval {_fmt(last_eval)}")
                 if cfg.save_every and step % cfg.save_every == 0:
@@ -406,11 +416,13 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                         "train_config": options,
                         "total_steps": total_steps,
                     }
-                    save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
+                    with meter.paused():
+                        save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
             if batch_pos >= n_batches:
                 epoch, batch_pos = epoch + 1, 0
     finally:
         bar.close()
+        reporters.close()
     writer.open()  # a no-op unless nothing ran (a resume of a finished run with no checkpoint)
 
     final_epoch = epoch + batch_pos / n_batches

@@ -155,6 +155,11 @@ class TrainConfig:
     force: bool = _help("Replace a non-empty --out.", default=False)
     progress: bool = _help("Show a progress bar and print the eval metrics after each epoch.", default=True)
     log_every: int = _help("Write the mean training loss to metrics.jsonl every N optimizer steps.", default=10)
+    report_to: str = _help(
+        "Also send every metrics record to experiment trackers: a comma list of tensorboard, mlflow, wandb, "
+        "or none (each tool's extra: pip install 'peftc[tensorboard]').",
+        default="none",
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values no run can use."""
@@ -187,6 +192,10 @@ class TrainConfig:
             from peftc.methods import method_by_name
 
             method_by_name(self.method)  # an unknown name: ConfigError listing the known ones
+        from peftc.reporting import check_installed, parse_report_to
+
+        for spec in parse_report_to(self.report_to):  # before any model loads: one line, at once
+            check_installed(spec)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

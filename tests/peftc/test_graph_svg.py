@@ -1,4 +1,4 @@
-"""``peftc.graph_svg``: block graphs drawn as SVG in pure Python.
+"""``peftc.inspect.svg``: block graphs drawn as SVG in pure Python.
 
 Synthetic block graphs (built in the test, any number of layers) check the collapse of repeated
 layers and the listing of adapted layers; real ones — a tiny GPT-2 with LoRA, a 32-layer tiny
@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_gpt2
 
 from peftc.errors import ConfigError, OutputExistsError
-from peftc.graph_svg import find_runs, render_svg, write_svg
+from peftc.inspect.svg import find_runs, render_svg, write_svg
 
 NS = "{http://www.w3.org/2000/svg}"
 
@@ -25,9 +25,9 @@ NS = "{http://www.w3.org/2000/svg}"
 def block_classes():
     # peftc.graph is moving into the peftc.inspect package; the data classes keep their names
     try:
-        from peftc.graph import Block, BlockGraph
-    except ImportError:  # pragma: no cover - after the move
         from peftc.inspect.graph import Block, BlockGraph
+    except ImportError:  # pragma: no cover
+        raise
     return Block, BlockGraph
 
 
