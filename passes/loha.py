@@ -10,8 +10,10 @@ Training programs reproduce HF PEFT's two dropouts, which are not ``nn.Dropout``
 skips the whole branch for a forward with probability p (``torch.rand(1) > p``, no rescaling), and
 ``rank_dropout`` zeroes rows of ΔW (``rand(out) > p``) and divides by the kept fraction
 (``drop / drop.mean()``). The random numbers are drawn in HF PEFT's order (the gate's ``rand(1)``, then
-the rows' ``rand(out)``, per site in call order), so with the same seed a train program gives HF PEFT's
-training-mode output. Eval programs have no random ops.
+the rows' ``rand(out)``, per site in call order), so with the same seed a train program with one of the
+two dropouts on gives HF PEFT's training-mode output exactly. With both on, HF PEFT draws no row mask for
+a skipped branch, which a graph without control flow cannot mirror: the random streams part after the
+first skip (the distribution is the same). Eval programs have no random ops.
 
 Only ``nn.Linear`` is adapted. HF PEFT 0.21's LoHa also adapts ``nn.Conv1d``/``nn.Conv2d`` (with the
 CP-decomposed ``hada_t1``/``hada_t2`` under ``use_effective_conv2d``), which peftc does not, and it
