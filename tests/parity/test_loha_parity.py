@@ -23,6 +23,7 @@ from peftc.passes import insertion_pipeline, merge_pipeline
 from peftc.passes.loha import LoHaConfig
 
 from peftc.adapters import AdapterState
+from peftc.errors import AdapterMismatchError
 
 ATOL = 1e-5
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,6 +102,30 @@ def test_hf_peft_saves_peftc_loads(case, tmp_path):
     for pad in ("right", "left"):
         diff = FIGURES[f"{case} HF->peftc {pad}"] = _compare(program, hf, pad)
         assert diff <= ATOL, (pad, diff)
+
+
+def test_hf_peft_copy_of_a_targeted_lm_head_is_checked_and_dropped(tmp_path):
+    """HF PEFT saves ``lm_head.base_layer.weight`` (``save_embedding_layers``): equal to the base, a no-op."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_loha("gpt2", CASES["gpt2-lm_head"][1], seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    saved = load_file(str(weights))
+    copy = "base_model.model.lm_head.base_layer.weight"
+    assert copy in saved
+    state = AdapterState.load(tmp_path)
+    program, _ = captured("gpt2", "causal-lm")
+    insertion_pipeline(state.config, state)(program)
+    assert copy not in state.tensors  # checked against the base, then not kept (nor written back)
+    saved[copy] = saved[copy] + 0.5  # a resized or changed vocabulary: not this base
+    save_file(saved, str(weights))
+    state = AdapterState.load(tmp_path)
+    program, _ = captured("gpt2", "causal-lm")
+    with pytest.raises(AdapterMismatchError, match=r"lm_head\.base_layer\.weight is HF PEFT's copy of the base"):
+        insertion_pipeline(state.config, state)(program)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

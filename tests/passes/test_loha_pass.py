@@ -144,6 +144,19 @@ def test_config_json_matches_hf_peft():
     assert all(f.metadata.get("help") for f in dataclasses.fields(LoHaConfig) if not f.metadata.get("internal"))
 
 
+def test_peftc_config_json_loads_in_hf_peft(tmp_path):
+    import peft
+
+    ours = LoHaConfig(r=4, alpha=12, rank_dropout=0.1, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2})
+    ours.save(tmp_path)
+    theirs = peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(theirs, peft.LoHaConfig) and theirs.peft_type == peft.PeftType.LOHA
+    for f in dataclasses.fields(LoHaConfig):
+        if not f.metadata.get("internal"):
+            value = getattr(theirs, f.name)
+            assert (sorted(value) if isinstance(value, set) else value) == getattr(ours, f.name), f.name
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
