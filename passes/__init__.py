@@ -28,6 +28,7 @@ METHOD_MODULES = (
     "p_tuning",
     "prefix",
     "adaption_prompt",
+    "loha",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_module}")

@@ -13,6 +13,7 @@ head's bias as ``<head>.modules_to_save.bias`` and ``<head>.original_module.bias
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from peftc.errors import AdapterMismatchError, TargetNotFoundError
@@ -41,6 +42,25 @@ def _wrapper_alias(key: str, used: set[str]) -> bool:
     head, _, param = key.rpartition(".")
     head, _, wrapper = head.rpartition(".")
     return wrapper in _WRAPPER_ALIASES and f"{head}.{param}" in used
+
+
+def _saved_base_copy(program: Program, key: str, tensor: nn.Parameter) -> bool:
+    """True for HF PEFT's copy of a site's own base weight (``<site>.base_layer.weight``).
+
+    HF PEFT saves it when a site is an embedding-like layer (``lm_head``, ``embed_tokens``:
+    ``save_embedding_layers``), for a resized vocabulary. Equal to this base model's weight it is a no-op;
+    a different one is refused (the adapter was made on another base, or with a resized vocabulary).
+    """
+    module, sep, param = key.removeprefix(f"base_model.{MODEL_PREFIX}").rpartition(".base_layer.")
+    if not sep or module not in program.sites or "." in param:
+        return False
+    base = program.graph_module.get_parameter(f"{MODEL_PREFIX}{module}.{param}")
+    if base.shape != tensor.shape or not torch.equal(base.detach(), tensor.detach().to(base.dtype)):
+        raise AdapterMismatchError(
+            f"adapter tensor {key} is HF PEFT's copy of the base {module}.{param} (saved for a targeted embedding "
+            "layer) but differs from this base model's; load the adapter on the base (and vocabulary) it was made for"
+        )
+    return True
 
 
 def trainable_base_params(program: Program, modules_to_save: list[str] | None, bias: str = "none") -> list[str]:
@@ -100,6 +120,8 @@ class ModulesToSavePass(InPlacePass):
             used.add(key)
         for key in [k for k in state.tensors if k not in used and _wrapper_alias(k, used)]:
             del state.tensors[key]  # HF PEFT's duplicates of a head's bias (bias="all"); not written back
+        for key in [k for k in state.tensors if k not in used and _saved_base_copy(program, k, state.tensors[k])]:
+            del state.tensors[key]  # HF PEFT's copy of a targeted lm_head/embedding's base weight; not written back
         markers = adapter_markers()
         unused = sorted(k for k in state.tensors if k not in used and not any(m in k for m in markers))
         if unused:
