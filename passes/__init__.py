@@ -23,6 +23,7 @@ from .modules_to_save import ModulesToSavePass
 METHOD_MODULES = (
     "lora",
     "adalora",
+    "lokr",
     "ia3",
     "prompt_tuning",
     "p_tuning",
