@@ -23,13 +23,13 @@ from .modules_to_save import ModulesToSavePass
 METHOD_MODULES = (
     "lora",
     "adalora",
-    "lokr",
     "ia3",
+    "loha",
+    "lokr",
     "prompt_tuning",
     "p_tuning",
     "prefix",
     "adaption_prompt",
-    "loha",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_module}")

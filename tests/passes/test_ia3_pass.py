@@ -315,7 +315,7 @@ def test_config_round_trip_and_registry():
     with pytest.raises(ConfigError, match="init_ia3_weights"):
         IA3Config(init_ia3_weights="yes")
     assert [type(p).__name__ for p in insertion_pipeline(IA3Config())] == ["IA3Pass", "ModulesToSavePass"]
-    assert [type(p).__name__ for p in merge_pipeline()][-1] == "MergeIA3Pass"
+    assert "MergeIA3Pass" in [type(p).__name__ for p in merge_pipeline()]
 
 
 def test_feedforward_rule_is_hf_endswith():
