@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -242,14 +243,19 @@ def test_write_graph_dot_text_and_missing_graphviz(tmp_path, monkeypatch):
     outcome = write_graph(graph, tmp_path / "g.dot")
     assert not outcome.rendered and (tmp_path / "g.dot").read_text() == graph.to_dot()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    outcome = write_graph(graph, tmp_path / "g2.svg")
+    outcome = write_graph(graph, tmp_path / "g2.png")
     assert not outcome.rendered and outcome.path == tmp_path / "g2.dot"
-    assert not (tmp_path / "g2.svg").exists() and (tmp_path / "g2.dot").read_text() == graph.to_dot()
+    assert not (tmp_path / "g2.png").exists() and (tmp_path / "g2.dot").read_text() == graph.to_dot()
     assert "not on PATH" in outcome.message and "\n" not in outcome.message
     with pytest.raises(ConfigError, match="unknown format"):
         write_graph(graph, tmp_path / "g.txt")
     with pytest.raises(ConfigError, match="does not exist"):
         write_graph(graph, tmp_path / "no" / "g.svg")
+    # SVG needs no binary: peftc draws it, with the adapter sites labelled
+    outcome = write_graph(graph, tmp_path / "g3.svg")
+    assert outcome.rendered and outcome.path == tmp_path / "g3.svg" and "drawn by peftc" in outcome.message
+    root = ET.fromstring((tmp_path / "g3.svg").read_text())
+    assert root.tag.endswith("svg") and not (tmp_path / "g3.dot").exists()
 
 
 def test_write_graph_renders_through_dot_on_path(tmp_path, monkeypatch):
@@ -264,11 +270,11 @@ def test_write_graph_renders_through_dot_on_path(tmp_path, monkeypatch):
         'out=""; while [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; echo "$1" >> "$0.args"; shift; done; cat > "$out"\n',
     )
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    outcome = write_graph(graph, tmp_path / "g.svg")
-    assert outcome.rendered and outcome.path == tmp_path / "g.svg"
-    assert (tmp_path / "g.svg").read_text() == graph.to_dot()
-    assert (bindir / "dot.args").read_text().split()[0] == "-Tsvg"
-    assert not list(tmp_path.glob(".g.svg.*"))  # no temp file left
+    outcome = write_graph(graph, tmp_path / "g.pdf")
+    assert outcome.rendered and outcome.path == tmp_path / "g.pdf"
+    assert (tmp_path / "g.pdf").read_text() == graph.to_dot()
+    assert (bindir / "dot.args").read_text().split()[0] == "-Tpdf"
+    assert not list(tmp_path.glob(".g.pdf.*"))  # no temp file left
 
     fake_dot(tmp_path / "bad", "echo 'Error: syntax error in line 3' >&2; exit 1\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bad'}{os.pathsep}{os.environ['PATH']}")
@@ -372,19 +378,23 @@ def test_diff_program_vs_onnx_notes_the_ir(built):
 
 def test_cli_graph_without_graphviz(capsys, tmp_path, built, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    code, out, err = run_cli(capsys, "inspect", str(built["unmerged"]), "--graph", str(tmp_path / "g.svg"))
+    code, out, err = run_cli(capsys, "inspect", str(built["unmerged"]), "--graph", str(tmp_path / "g.png"))
     assert code == 0, err
     last = out.strip().splitlines()[-1]
     assert "Graphviz 'dot' is not on PATH" in last and str(tmp_path / "g.dot") in last
     assert "2 adapter sites" in last
     check_dot((tmp_path / "g.dot").read_text())
+    code, out, err = run_cli(capsys, "inspect", str(built["unmerged"]), "--graph", str(tmp_path / "g.svg"))
+    assert code == 0, err
+    assert "SVG drawn by peftc" in out.strip().splitlines()[-1]
+    assert "LoRA" in (tmp_path / "g.svg").read_text()
 
 
 def test_cli_graph_without_graphviz_reruns(capsys, tmp_path, built, monkeypatch):
     """The fallback ``.dot`` a picture request wrote is replaced by the same request; a file peftc did not
     write is not (``--force`` replaces it)."""
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    argv = ["inspect", str(built["merged"]), "--graph", str(tmp_path / "g.svg")]
+    argv = ["inspect", str(built["merged"]), "--graph", str(tmp_path / "g.png")]
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     first = (tmp_path / "g.dot").read_text()
