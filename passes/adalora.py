@@ -35,7 +35,7 @@ from peftc.methods import LiftedTensor, Method, register_method
 from peftc.program import Program, Site
 
 from .base import PassManager, add_call, add_param, fake_like
-from .lora import LoraConfig
+from .lora import LoraConfig, low_rank_facts
 from .merge import MergeLowRankPass
 from .modules_to_save import ModulesToSavePass
 from .targets import LORA_DEFAULT_TARGETS, LinearAdapterPass, LinearSite
@@ -178,10 +178,6 @@ class AdaLoraPass(LinearAdapterPass):
     def __init__(self, config: AdaLoraConfig, state: AdapterState | None = None):
         super().__init__(config, state)
 
-    def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict:
-        fin, fout = calls[0].features(program.graph_module)
-        return {"in": fin, "out": fout, "rank": self.config.rank_for(name), "scale": self.config.scale_for(name)}
-
     def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
         tensors, denom = self._tensors(program, site, state, fresh)
         self._insert(program, site, tensors, denom)
@@ -293,16 +289,6 @@ def adalora_lift(program: Program, site: Site, state: AdapterState) -> list[Lift
     ]
 
 
-def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
-    a, b = parts.get("lora_A"), parts.get("lora_B")
-    out: dict[str, Any] = {}
-    if a:
-        out.update(rank=a[0], **{"in": a[-1]})
-    if b:
-        out["out"] = b[0]
-    return out
-
-
 def _pipeline(config: AdaLoraConfig, state: AdapterState | None) -> PassManager:
     return PassManager(
         "adalora-insert", [AdaLoraPass(config, state), ModulesToSavePass(config.modules_to_save, config.bias)]
@@ -327,6 +313,6 @@ ADALORA = register_method(
         lift=adalora_lift,
         lift_bypass=("lora_scale", "lora_ranknum"),
         training_hooks=_hooks,
-        describe_site=_describe,
+        describe_site=low_rank_facts,
     )
 )

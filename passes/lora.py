@@ -218,9 +218,7 @@ class LoraPass(LinearAdapterPass):
         super().__init__(config, state)
 
     def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict:
-        fin, fout = calls[0].features(program.graph_module)
-        cfg, variant = self.config, lora_variant(self.config)
-        details = {"in": fin, "out": fout, "rank": cfg.rank_for(name), "scale": cfg.scale_for(name)}
+        details, variant = super().site_details(program, name, calls), lora_variant(self.config)
         return {**details, "variant": variant.name} if variant else details
 
     # -- changing ----------------------------------------------------------------------------
@@ -359,13 +357,19 @@ def lora_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedT
     return lifted + variant.lift(program, site, state) if variant else lifted
 
 
-def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
+def low_rank_facts(parts: dict[str, list[int]]) -> dict[str, Any]:
+    """Rank, in and out features of a site from the shapes of its ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``."""
     a, b = parts.get("lora_A"), parts.get("lora_B")
     out: dict[str, Any] = {}
     if a:
         out.update(rank=a[0], **{"in": a[-1]})
     if b:
         out["out"] = b[0]
+    return out
+
+
+def _describe(parts: dict[str, list[int]]) -> dict[str, Any]:
+    out = low_rank_facts(parts)
     for variant in _variants().values():
         if any(part in parts for part in variant.parts):
             out.update(variant.describe(parts))

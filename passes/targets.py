@@ -212,7 +212,13 @@ class LinearAdapterPass(InPlacePass):
         return resolve_targets(self.config, program, self.default_targets)
 
     def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict[str, Any]:
-        raise NotImplementedError
+        """What :meth:`plan` reports for a site it will rewrite: in/out features, and the rank and scale of
+        low-rank methods (configs with ``rank_for``/``scale_for``)."""
+        fin, fout = calls[0].features(program.graph_module)
+        details: dict[str, Any] = {"in": fin, "out": fout}
+        if hasattr(self.config, "rank_for"):
+            details.update(rank=self.config.rank_for(name), scale=self.config.scale_for(name))
+        return details
 
     def rewrite_site(self, program: Program, site: LinearSite, decision: SiteDecision, state: Any, fresh: bool) -> set:
         """Create or check the site's tensors in ``state``, insert its nodes; return the keys it used."""

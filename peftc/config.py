@@ -233,18 +233,9 @@ def config_from_dict(data: Any, source: str = "adapter config") -> MethodConfig:
 
 def load_config(path: str | Path) -> MethodConfig:
     """Read an ``adapter_config.json`` (or any HF PEFT config JSON file)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON file") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
-    return config_from_dict(data, source=str(path))
+    from peftc.files import read_json
+
+    return config_from_dict(read_json(path, "config", ConfigError), source=str(path))
 
 
 def __getattr__(name: str) -> Any:
