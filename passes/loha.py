@@ -15,10 +15,15 @@ two dropouts on gives HF PEFT's training-mode output exactly. With both on, HF P
 a skipped branch, which a graph without control flow cannot mirror: the random streams part after the
 first skip (the distribution is the same). Eval programs have no random ops.
 
-Only ``nn.Linear`` is adapted. HF PEFT 0.21's LoHa also adapts ``nn.Conv1d``/``nn.Conv2d`` (with the
-CP-decomposed ``hada_t1``/``hada_t2`` under ``use_effective_conv2d``), which peftc does not, and it
-refuses GPT-2's ``Conv1D`` (``TypeError``): a LoHa config whose targets match a module of either kind is
-refused here (HF PEFT could not load the result, or would adapt modules peftc leaves alone).
+GPT-2's ``Conv1D`` (``aten.addmm(b, x2d, W)``, weight stored ``[in, out]``): HF PEFT 0.21's LoHa refuses it
+(``TypeError``). peftc adapts it as the equivalent ``nn.Linear``: ΔW is ``[out, in]`` as for Linear, the branch
+``linear(x2d, ΔW)`` is added to the addmm output (before Conv1D's reshape), and a merge folds ΔWᵀ into the
+weight. The saved adapter is HF PEFT's LoHa adapter of that model with its ``Conv1D`` layers converted to
+``nn.Linear`` (same module names and keys), the only model HF PEFT loads it into.
+
+HF PEFT 0.21's LoHa also adapts ``nn.Conv1d``/``nn.Conv2d`` (with the CP-decomposed ``hada_t1``/``hada_t2``
+under ``use_effective_conv2d``), which peftc does not: a LoHa config whose targets match a convolution is
+refused here (HF PEFT would adapt a module peftc leaves alone), and so is an adapter holding ``hada_t1``.
 
 Tensors are keyed as HF PEFT saves them: ``base_model.model.<module>.hada_w1_a`` … (``ParameterDict``
 entries, no ``.weight``). Fresh ones start as ``reset_adapter_parameters`` makes them: w1a, w1b, w2a
@@ -65,8 +70,9 @@ aten = torch.ops.aten
 
 #: A site's tensors, in HF PEFT's order (``ParameterDict`` entries, saved without ``.weight``).
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-#: Module classes LoHa adapts (``nn.Linear`` and its subclasses seen in transformers).
-LOHA_TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+#: Module classes LoHa adapts: ``nn.Linear`` and its subclasses seen in transformers, and GPT-2's ``Conv1D``
+#: (as the equivalent ``nn.Linear``; HF PEFT 0.21 refuses it).
+LOHA_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
 #: HF PEFT 0.21 ``TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING`` (a copy of the LoRA table).
 LOHA_DEFAULT_TARGETS: dict[str, list[str]] = dict(LORA_DEFAULT_TARGETS)
 
@@ -92,8 +98,8 @@ class LoHaConfig(MethodConfig):
         default=False,
     )
     target_modules: list[str] | str | None = help_field(
-        "Modules to adapt (nn.Linear only): a list matches a whole name or a '.name' suffix, a string is a full "
-        "regex. Default: HF PEFT's table for the model type.",
+        "Modules to adapt (nn.Linear, and GPT-2's Conv1D as the equivalent nn.Linear): a list matches a whole name "
+        "or a '.name' suffix, a string is a full regex. Default: HF PEFT's table for the model type.",
         default=None,
     )
     exclude_modules: list[str] | str | None = help_field("Modules never to adapt (same matching rules).", default=None)
@@ -149,13 +155,14 @@ def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
 
 
 class LoHaPass(LinearAdapterPass):
-    """Adds x·((w1a·w1b) ⊙ (w2a·w2b)·s)ᵀ beside every targeted linear layer."""
+    """Adds x·((w1a·w1b) ⊙ (w2a·w2b)·s)ᵀ beside every targeted linear and Conv1D layer."""
 
     default_targets = LOHA_DEFAULT_TARGETS
     marker = "hada_"
 
     def __init__(self, config: LoHaConfig, state: AdapterState | None = None):
         super().__init__(config, state)
+        self._warned_conv1d = False
 
     # -- finding -----------------------------------------------------------------------------
     def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict:
@@ -163,7 +170,7 @@ class LoHaPass(LinearAdapterPass):
         return {"in": fin, "out": fout, "rank": self.config.rank_for(name), "scale": self.config.scale_for(name)}
 
     def _skip_reason(self, name: str, cls: str, calls: list[LinearSite] | None) -> str:
-        """HF PEFT's order: excluded modules are never targets; a matched module must be an ``nn.Linear``."""
+        """HF PEFT's order: excluded modules are never targets; a matched module must be a Linear or Conv1D."""
         cfg = self.config
         if matches(name, cfg.exclude_modules):
             return "listed in exclude_modules"
@@ -187,7 +194,7 @@ class LoHaPass(LinearAdapterPass):
             if d.action == "skip" and d.reason == _unsupported_reason(d.module_type):
                 raise ConfigError(
                     f"LoHa target_modules={self.targets(program)!r} matches {d.name}: {d.reason}; "
-                    f"nn.Linear modules here: {', '.join(_linear_suffixes(program)) or 'none'}"
+                    f"linear modules here: {', '.join(_linear_suffixes(program)) or 'none'}"
                 )
         chosen = {d.name: d for d in decisions if d.action == "rewrite"}
         if not chosen:
@@ -195,7 +202,7 @@ class LoHaPass(LinearAdapterPass):
             raise TargetNotFoundError(
                 f"LoHa target_modules={self.targets(program)!r} matched no adaptable module"
                 + (f" ({skipped})" if skipped else "")
-                + f"; nn.Linear modules here: {', '.join(_linear_suffixes(program)) or 'none'}"
+                + f"; linear modules here: {', '.join(_linear_suffixes(program)) or 'none'}"
             )
         return chosen
 
@@ -206,6 +213,15 @@ class LoHaPass(LinearAdapterPass):
         return super().run(program)
 
     def rewrite_site(self, program: Program, site: LinearSite, decision, state: AdapterState, fresh: bool) -> set:
+        if site.fan_in_fan_out and not self._warned_conv1d:
+            self._warned_conv1d = True
+            logger.warning(
+                "LoHa on %s (%s): HF PEFT 0.21 does not apply LoHa to transformers' Conv1D; peftc adapts it as the "
+                "equivalent nn.Linear, so HF PEFT loads this adapter only into the model with its Conv1D layers "
+                "converted to nn.Linear",
+                site.name,
+                site.module_type,
+            )
         tensors = self._tensors(program, site, state, fresh)
         self._insert(program, site, tensors)
         return {peft_key(site.name, p) for p in PARTS}
@@ -231,7 +247,14 @@ class LoHaPass(LinearAdapterPass):
                     "model or with another r / rank_pattern"
                 )
         program.sites[site.name] = Site(
-            site.name, LoHaConfig.peft_type, site.module_type, fin, fout, r, cfg.scale_for(site.name), False
+            site.name,
+            LoHaConfig.peft_type,
+            site.module_type,
+            fin,
+            fout,
+            r,
+            cfg.scale_for(site.name),
+            site.fan_in_fan_out,
         )
         return [state.tensors[k] for k in keys]
 
@@ -268,6 +291,7 @@ class LoHaPass(LinearAdapterPass):
                     mean = call(aten.mean.default, (drop,), "loha_rank_mean")
                     drop = call(aten.div.Tensor, (drop, mean), "loha_rank_mask")
                     delta = call(aten.mul.Tensor, (delta, drop), "loha_rank_dropout")
+            # Conv1D too: site.x is addmm's 2-D input and ΔW is [out, in], so x·ΔWᵀ adds to addmm's [N, out].
             branch = call(aten.linear.default, (site.x, delta), "loha_linear")
             if gate is not None:
                 branch = call(aten.mul.Tensor, (branch, gate), "loha_module_dropout")
@@ -276,14 +300,9 @@ class LoHaPass(LinearAdapterPass):
 
 
 def _unsupported_reason(cls: str) -> str:
-    if cls == "Conv1D":
-        return (
-            "a GPT-2 Conv1D, which HF PEFT 0.21's LoHa refuses (TypeError), so no LoHa adapter here could be "
-            "loaded by HF PEFT; target nn.Linear modules or use LoRA"
-        )
     if cls in ("Conv1d", "Conv2d"):
-        return f"a {cls}: HF PEFT's LoHa adapts it but peftc's LoHa adapts nn.Linear only"
-    return f"a {cls}, not an nn.Linear (HF PEFT's LoHa refuses it too)"
+        return f"a {cls}: HF PEFT's LoHa adapts it but peftc's LoHa adapts nn.Linear and GPT-2's Conv1D only"
+    return f"a {cls}, not an nn.Linear or Conv1D (HF PEFT's LoHa refuses it too)"
 
 
 def _linear_suffixes(program: Program) -> list[str]:
@@ -296,7 +315,7 @@ def _refuse_conv_tensors(state: AdapterState) -> None:
     if conv:
         raise AdapterMismatchError(
             f"adapter tensor {conv[0]} is a LoHa conv kernel factor (use_effective_conv2d on a Conv1d/Conv2d); "
-            "peftc's LoHa adapts nn.Linear layers only"
+            "peftc's LoHa adapts nn.Linear and GPT-2's Conv1D layers only"
         )
 
 
@@ -332,7 +351,10 @@ def loha_input_names(module: str) -> tuple[str, ...]:
 
 
 def loha_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTensor]:
-    """w1a·s, w2a ``[out, r]`` and w1b, w2b ``[r, in]`` as inputs; rank-0 defaults make ΔW = 0 (the base)."""
+    """w1a·s, w2a ``[out, r]`` and w1b, w2b ``[r, in]`` as inputs; rank-0 defaults make ΔW = 0 (the base).
+
+    Conv1D sites alike: their branch builds ΔW ``[out, in]`` as a Linear's does.
+    """
     out: list[LiftedTensor] = []
     for part, name in zip(PARTS, loha_input_names(site.name), strict=True):
         key = peft_key(site.name, part)

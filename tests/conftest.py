@@ -138,6 +138,31 @@ FAMILIES = {
 }
 
 
+def linearise_conv1d(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every transformers ``Conv1D`` replaced by the ``nn.Linear`` computing the same map.
+
+    HF PEFT 0.21's LoHa and LoKr refuse GPT-2's ``Conv1D`` (``TypeError``); peftc adapts it as this
+    ``nn.Linear`` (same module names and adapter keys), so this model is their HF PEFT reference on GPT-2.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                fin, fout = child.weight.shape
+                linear = torch.nn.Linear(fin, fout, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.T)
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+    return model
+
+
+def hf_base(factory) -> torch.nn.Module:
+    """The model HF PEFT's LoHa/LoKr apply to: ``factory()``, with GPT-2's Conv1D layers as nn.Linear."""
+    return linearise_conv1d(factory()).eval()
+
+
 def batch_for(program, batch: int = 3, seq: int = 9, left_pad: bool = True, seed: int = 1) -> tuple:
     """Inputs in the program's order; row 0 left-padded by 3 tokens when ``left_pad``."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,14 +1,13 @@
-"""Shared LoKr test cases: the layouts to cover, perturbation, padded batches, and the HF PEFT reference models.
+"""Shared LoKr test cases: the layouts to cover, perturbation and padded batches.
 
 HF PEFT 0.21 refuses LoKr on transformers' ``Conv1D`` (GPT-2), so the GPT-2 reference is HF PEFT on the same
-model with every ``Conv1D`` replaced by the equivalent ``nn.Linear`` (weight transposed, same module names):
-what peftc's LoKr on ``Conv1D`` is defined to equal.
+model with every ``Conv1D`` replaced by the equivalent ``nn.Linear`` (``conftest.hf_base``): what peftc's LoKr
+on ``Conv1D`` is defined to equal.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 #: HF PEFT config fields per (family, layout). ``full``: w1 and w2 full; ``w2_decomposed``: w2 = w2_a·w2_b
 #: (w1 full); ``decompose_both``: both factors decomposed. The comments give the layouts HF picks.
@@ -32,27 +31,6 @@ LAYOUTS = {
     ("llama", "decompose_both"): dict(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "v_proj"]),
 }
 LAYOUT_IDS = sorted({kind for _, kind in LAYOUTS})
-
-
-def linearise_conv1d(model: nn.Module) -> nn.Module:
-    """``model`` with every transformers ``Conv1D`` replaced by the ``nn.Linear`` computing the same map."""
-    from transformers.pytorch_utils import Conv1D
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                fin, fout = child.weight.shape
-                linear = nn.Linear(fin, fout, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.T)
-                    linear.bias.copy_(child.bias)
-                setattr(module, name, linear)
-    return model
-
-
-def hf_base(factory) -> nn.Module:
-    """The model HF PEFT's LoKr applies to: ``factory()``, with GPT-2's Conv1D layers as nn.Linear."""
-    return linearise_conv1d(factory()).eval()
 
 
 def perturb(tensors, seed: int, std: float = 0.1) -> None:

@@ -2,7 +2,7 @@
 
 Each export verifies itself against the torch program (or raises); these tests also compare ONNX Runtime with
 HF PEFT 0.21 on held-out, left-padded shapes (GPT-2: HF PEFT on its Conv1D layers as nn.Linear, see
-:mod:`lokr_cases`). Adapters are perturbed away from init (every factor).
+``conftest.linearise_conv1d``). Adapters are perturbed away from init (every factor).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lokr_cases import LAYOUTS, linearise_conv1d, perturb
+from conftest import linearise_conv1d
+from lokr_cases import LAYOUTS, perturb
 from onnx_export_cases import ATOL, SPECS, TEST_SHAPES, make_inputs, save_tokenizer, scratch
 
 from peftc.errors import AdapterMismatchError

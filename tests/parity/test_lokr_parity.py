@@ -7,8 +7,8 @@ to zero) and saved with ``save_pretrained`` binds into a peftc program and gives
 by peftc loads in HF PEFT again. fp32, atol 1e-5, on batches with left- and right-padded rows (real positions).
 
 GPT-2's reference is HF PEFT on GPT-2 with its Conv1D layers as nn.Linear (HF PEFT 0.21 refuses LoKr on
-Conv1D; see :mod:`lokr_cases`). Train programs are compared with HF PEFT in train mode at the same seed:
-rank and module dropout draw the same numbers.
+Conv1D; see ``conftest.linearise_conv1d``). Train programs are compared with HF PEFT in train mode at the same
+seed: rank and module dropout draw the same numbers.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import FAMILIES, captured, real_positions
-from lokr_cases import LAYOUT_IDS, LAYOUTS, hf_base, padded_batch, perturb
+from conftest import FAMILIES, captured, hf_base, real_positions
+from lokr_cases import LAYOUT_IDS, LAYOUTS, padded_batch, perturb
 from peftc.passes import insertion_pipeline, merge_pipeline
 
 from peftc.adapters import AdapterState

@@ -2,13 +2,14 @@
 
 The numerical reference is the eager transformers model with a forward hook adding
 ``F.linear(x, ((w1a@w1b)*(w2a@w2b))*alpha/r)`` on each targeted module (independent of the graph
-rewrite); parity with HF PEFT itself is in tests/parity/test_loha_parity.py. Adapters are perturbed away
-from their init (w2b = 0 makes LoHa the identity).
+rewrite; for GPT-2's ``Conv1D`` that is the equivalent nn.Linear's update); parity with HF PEFT itself is in
+tests/parity/test_loha_parity.py. Adapters are perturbed away from their init (w2b = 0 makes LoHa the identity).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -27,6 +28,8 @@ from peftc.program import MODEL_PREFIX
 aten = torch.ops.aten
 LLAMA = ("llama", "causal-lm")
 GPT2 = ("gpt2", "causal-lm")
+#: GPT-2 default targets (HF's table: c_attn), Conv1D with weight [in, out] = [64, 192].
+GPT2_SITES = {f"transformer.h.{i}.attn.c_attn": (64, 192) for i in (0, 1)}
 #: LLaMA default targets (HF's table: q_proj, v_proj): site -> (in, out); v_proj is GQA's 2 KV heads.
 LLAMA_SITES = {
     **{f"model.layers.{i}.self_attn.q_proj": (64, 64) for i in (0, 1)},
@@ -226,6 +229,57 @@ def test_default_sites_and_nodes_llama():
     assert trainable == {id(t) for t in program.adapter.tensors.values()}
 
 
+def test_default_sites_and_nodes_gpt2_conv1d():
+    """HF's GPT-2 default (c_attn) is a Conv1D: the branch reads addmm's 2-D input and adds to addmm's output."""
+    program, _ = captured(*GPT2)
+    before = program.op_histogram()
+    result = insertion_pipeline(LoHaConfig(r=4, alpha=6))(program)
+    assert result.modified and program.history == ["LoHaPass"]
+    assert set(program.sites) == set(GPT2_SITES)
+    for name, (fin, fout) in GPT2_SITES.items():
+        site = program.sites[name]
+        assert (site.method, site.module_type, site.in_features, site.out_features) == ("LOHA", "Conv1D", fin, fout)
+        assert site.rank == 4 and site.scale == 1.5 and site.fan_in_fan_out is True
+        shapes = [tuple(t.shape) for t in _factors(program.adapter, name)]
+        assert shapes == [(fout, 4), (4, fin), (fout, 4), (4, fin)]  # ΔW [out, in], as the equivalent nn.Linear
+        assert program.graph_module.get_parameter(f"{MODEL_PREFIX}{name}.weight").shape == (fin, fout)  # untouched
+    assert sorted(program.adapter.tensors) == sorted(peft_key(s, p) for s in GPT2_SITES for p in PARTS)
+    n = len(GPT2_SITES)
+    assert _roles(program) == {
+        "param": 4 * n, "loha_w1": n, "loha_w2": n, "loha_hadamard": n, "loha_scale": n, "loha_linear": n,
+        "loha_out": n,
+    }  # fmt: skip
+    after = program.op_histogram()
+    assert after["addmm.default"] == before["addmm.default"]  # the Conv1D call itself is unchanged
+    assert after["linear.default"] == before.get("linear.default", 0) + n
+    assert after["mm.default"] == before.get("mm.default", 0) + 2 * n
+    for node in program.graph.nodes:
+        role = node.meta.get("peftc_role")
+        if role == "loha_scale":
+            assert tuple(node.meta["val"].shape) == GPT2_SITES[node.meta["peftc_site"]][::-1]  # ΔW [out, in]
+        if role == "loha_linear":
+            out = next(iter(node.users))
+            base = out.args[0]
+            assert out.meta["peftc_role"] == "loha_out" and base.target == aten.addmm.default
+            assert node.args[0] is base.args[1] and node.args[0].meta["val"].dim() == 2  # addmm's x2d
+            assert tuple(out.meta["val"].shape) == tuple(base.meta["val"].shape)
+            assert [u.target for u in out.users] == [aten.view.default]  # then Conv1D's reshape
+
+
+def test_conv1d_sites_warn_that_hf_peft_needs_linear_layers(caplog):
+    program, _ = captured(*GPT2)
+    with caplog.at_level(logging.WARNING, logger="peftc.passes.loha"):
+        insertion_pipeline(LoHaConfig(target_modules=["c_attn", "c_fc", "lm_head"]))(program)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "Conv1D" in warned[0] and "converted to nn.Linear" in warned[0], warned
+    caplog.clear()
+    program, _ = captured(*GPT2)
+    with caplog.at_level(logging.WARNING, logger="peftc.passes.loha"):
+        insertion_pipeline(LoHaConfig(target_modules=["lm_head"]))(program)
+        insertion_pipeline(LoHaConfig())(captured(*LLAMA)[0])
+    assert not caplog.records  # nn.Linear sites: HF PEFT loads the adapter into the model as it is
+
+
 def test_fresh_init_is_hf_peft_reset_and_the_identity():
     base, _ = captured(*LLAMA)
     inputs = batch_for(base)
@@ -258,8 +312,26 @@ def test_matches_hooked_eager_model_with_patterns():
     assert _assert_close_to_reference(LLAMA, program) < 1e-5
 
 
+def test_gpt2_conv1d_sites_match_hooked_eager_model():
+    """Every Conv1D of GPT-2 plus the lm_head, per-module patterns: x·ΔWᵀ added as the equivalent nn.Linear's."""
+    cfg = dict(
+        r=4, alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"],
+        rank_pattern={"c_fc": 2}, alpha_pattern={"mlp.c_proj": 3.0}, init_weights=False,
+    )  # fmt: skip
+    program = _loha_program(GPT2, **cfg)
+    assert len(program.sites) == 9
+    assert program.sites["transformer.h.1.mlp.c_fc"].rank == 2 and program.sites["transformer.h.1.mlp.c_fc"].scale == 4
+    assert program.sites["transformer.h.0.mlp.c_proj"].scale == 0.75
+    assert {s.module_type for s in program.sites.values()} == {"Conv1D", "Linear"}
+    assert _assert_close_to_reference(GPT2, program) < 1e-5
+    case = ("gpt2", "seq-cls")
+    program = _loha_program(case, r=2, target_modules=["c_attn"], modules_to_save=["score"])
+    assert set(program.sites) == set(GPT2_SITES)
+    _assert_close_to_reference(case, program)
+
+
 def test_gpt2_lm_head_and_seq_cls_head():
-    """GPT-2's only nn.Linear layers: the (tied) lm_head, and the seq-cls score next to a trained copy."""
+    """GPT-2's nn.Linear layers: the (tied) lm_head, and the seq-cls score next to a trained copy."""
     program = _loha_program(GPT2, r=4, alpha=8, target_modules=["lm_head"])
     assert set(program.sites) == {"lm_head"} and program.sites["lm_head"].module_type == "Linear"
     _assert_close_to_reference(GPT2, program)
@@ -298,29 +370,31 @@ def test_no_match_is_target_not_found(targets):
         insertion_pipeline(LoHaConfig(target_modules=targets))(program)
     msg = str(info.value)
     assert "\n" not in msg and f"target_modules={targets!r} matched no adaptable module" in msg
-    assert "nn.Linear modules here: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in msg
+    assert "linear modules here: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in msg
     assert graph_fingerprint(program.graph) == before and program.adapter is None and not program.sites
 
 
-@pytest.mark.parametrize(
-    "case,targets,match",
-    [
-        (GPT2, None, r"matches transformer\.h\.0\.attn\.c_attn: a GPT-2 Conv1D, which HF PEFT 0\.21's LoHa refuses"),
-        (GPT2, ["c_fc", "lm_head"], r"mlp\.c_fc: a GPT-2 Conv1D.*nn\.Linear modules here: lm_head$"),
-        (LLAMA, ["self_attn"], r"self_attn: a LlamaAttention, not an nn\.Linear"),
-    ],
-    ids=["gpt2-default-c_attn", "gpt2-conv1d-and-linear", "llama-container"],
-)
-def test_modules_loha_cannot_adapt_are_refused(case, targets, match):
-    """HF PEFT 0.21 raises TypeError for these: an adapter made anyway could not be loaded there."""
-    program, _ = captured(*case)
+def test_modules_loha_cannot_adapt_are_refused():
+    """A container (HF PEFT 0.21 raises for it too) and a real convolution (HF adapts it, peftc does not)."""
+    program, _ = captured(*LLAMA)
     before = graph_fingerprint(program.graph)
-    with pytest.raises(ConfigError, match=match):
-        insertion_pipeline(LoHaConfig(target_modules=targets))(program)
+    with pytest.raises(ConfigError, match=r"self_attn: a LlamaAttention, not an nn\.Linear or Conv1D"):
+        insertion_pipeline(LoHaConfig(target_modules=["self_attn"]))(program)
+    assert graph_fingerprint(program.graph) == before and not program.sites
+    program, _ = captured(*LLAMA)  # as capture records a model whose layer-0 q_proj is an nn.Conv1d
+    program.module_types["model.layers.0.self_attn.q_proj"] = "Conv1d"
+    with pytest.raises(
+        ConfigError, match=r"layers\.0\.self_attn\.q_proj: a Conv1d: HF PEFT's LoHa adapts it but peftc's LoHa"
+    ):
+        insertion_pipeline(LoHaConfig())(program)
     assert graph_fingerprint(program.graph) == before and not program.sites
 
 
-def test_hf_peft_refuses_gpt2_conv1d_too():
+def test_hf_peft_refuses_gpt2_conv1d():
+    """HF PEFT 0.21's LoHa raises on GPT-2's Conv1D, so peftc's is checked against the Linear-converted GPT-2.
+
+    When this fails, HF PEFT adapts Conv1D itself: compare with it directly and drop peftc's warning.
+    """
     from peft import LoHaConfig as HFLoHaConfig
     from peft import get_peft_model
 
@@ -439,8 +513,9 @@ def test_module_dropout_skips_a_site_at_its_rate():
     assert 15 <= skipped <= 45, skipped
 
 
-def test_gradients_reach_every_factor():
-    program = _loha_program(mode="train", r=4)
+@pytest.mark.parametrize("case", [LLAMA, GPT2], ids=["llama", "gpt2-conv1d"])
+def test_gradients_reach_every_factor(case):
+    program = _loha_program(case, mode="train", r=4)
     inputs = batch_for(program)
     program(*inputs).float().pow(2).mean().backward()
     for key, t in program.adapter.tensors.items():
@@ -452,16 +527,21 @@ def test_gradients_reach_every_factor():
 # -- merge -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,targets", [(LLAMA, ALL_LLAMA), (GPT2, ["lm_head"])], ids=["llama-all", "gpt2-lm_head"])
+@pytest.mark.parametrize(
+    "case,targets",
+    [(LLAMA, ALL_LLAMA), (GPT2, ["lm_head"]), (GPT2, ["c_attn", "mlp.c_fc"])],
+    ids=["llama-all", "gpt2-lm_head", "gpt2-conv1d"],
+)
 def test_merge_equals_unmerged_and_the_base_graph(case, targets):
     base, _ = captured(*case)
     EvalModePass()(base)  # merge_pipeline starts with it: eval captures keep no-op dropouts
     base_hist = base.op_histogram()
-    program = _loha_program(case, r=4, alpha=6, target_modules=targets, rank_pattern={"down_proj": 2})
+    program = _loha_program(case, r=4, alpha=6, target_modules=targets, rank_pattern={"down_proj": 2, "c_fc": 2})
     inputs = batch_for(program)
     want = _run(program, inputs)
     sites = list(program.sites)
     deltas = {s: program.sites[s].scale for s in sites}
+    transposed = {s: program.sites[s].fan_in_fan_out for s in sites}
     factors = {s: _factors(program.adapter, s) for s in sites}
     originals = {n: p.detach().clone() for n, p in base.graph_module.named_parameters(remove_duplicate=False)}
     result = merge_pipeline()(program)
@@ -472,14 +552,16 @@ def test_merge_equals_unmerged_and_the_base_graph(case, targets):
     assert program.op_histogram() == base_hist  # op for op the base graph
     assert not [n for n, _ in program.graph_module.named_parameters() if "hada_" in n]
     assert not [n for n in program.graph.nodes if n.meta.get("peftc_site")]
-    for s in sites:  # W + ((w1a@w1b)*(w2a@w2b))*s, exactly HF PEFT's merge
+    assert any(transposed.values()) == (targets != ["lm_head"] and case == GPT2)
+    for s in sites:  # W + ((w1a@w1b)*(w2a@w2b))*s, exactly HF PEFT's merge (Conv1D's [in, out] weight: + ΔWᵀ)
         w1a, w1b, w2a, w2b = factors[s]
         folded = program.graph_module.get_parameter(f"{MODEL_PREFIX}{s}.weight")
-        expected = originals[f"{MODEL_PREFIX}{s}.weight"] + ((w1a @ w1b) * (w2a @ w2b)) * deltas[s]
+        delta = ((w1a @ w1b) * (w2a @ w2b)) * deltas[s]
+        expected = originals[f"{MODEL_PREFIX}{s}.weight"] + (delta.T if transposed[s] else delta)
         torch.testing.assert_close(folded, expected, atol=1e-6, rtol=0)
     for n, p in base.graph_module.named_parameters(remove_duplicate=False):  # the base is never changed
         assert torch.equal(p, originals[n]), n
-    if case == GPT2:  # lm_head is tied to wte: the embedding keeps the base value
+    if targets == ["lm_head"]:  # lm_head is tied to wte: the embedding keeps the base value
         embedding = next(n for n in program.graph.nodes if n.target == aten.embedding.default)
         assert torch.equal(
             program.graph_module.get_parameter(embedding.args[0].target), originals["model.lm_head.weight"]
@@ -497,11 +579,13 @@ def test_merge_of_a_program_without_loha_changes_nothing():
 # -- lift to graph inputs ------------------------------------------------------------------------------
 
 
-def test_lift_makes_the_four_factors_inputs_with_a_rank_dim():
-    program = _loha_program(r=4, alpha=6)
+@pytest.mark.parametrize("case", [LLAMA, GPT2], ids=["llama", "gpt2-conv1d"])
+def test_lift_makes_the_four_factors_inputs_with_a_rank_dim(case):
+    program = _loha_program(case, r=4, alpha=6)
+    assert {s.fan_in_fan_out for s in program.sites.values()} == {case == GPT2}
     inputs = batch_for(program)
     want = _run(program, inputs)
-    base, _ = captured(*LLAMA)
+    base, _ = captured(*case)
     want_base = _run(base, inputs)
     assert (want - want_base).abs().max() > 1e-2
     values = lifted_tensors(program)

@@ -11,8 +11,8 @@ import logging
 
 import pytest
 import torch
-from conftest import batch_for, captured, real_positions
-from lokr_cases import LAYOUTS, hf_base, linearise_conv1d, perturb
+from conftest import batch_for, captured, hf_base, linearise_conv1d, real_positions
+from lokr_cases import LAYOUTS, perturb
 from peftc.passes import EvalModePass, LiftAdaptersToInputsPass, insertion_pipeline, merge_pipeline
 from peftc.passes.base import graph_fingerprint
 from peftc.passes.lift import RANK_DIM, lifted_inputs, lifted_tensors
