@@ -165,10 +165,6 @@ class LoHaPass(LinearAdapterPass):
         self._warned_conv1d = False
 
     # -- finding -----------------------------------------------------------------------------
-    def site_details(self, program: Program, name: str, calls: list[LinearSite]) -> dict:
-        fin, fout = calls[0].features(program.graph_module)
-        return {"in": fin, "out": fout, "rank": self.config.rank_for(name), "scale": self.config.scale_for(name)}
-
     def _skip_reason(self, name: str, cls: str, calls: list[LinearSite] | None) -> str:
         """HF PEFT's order: excluded modules are never targets; a matched module must be a Linear or Conv1D."""
         cfg = self.config
