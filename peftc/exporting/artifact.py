@@ -13,10 +13,64 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .graphs import Graph
-from .modes import per_graph
+from .graphs import Graph, GraphPlan
+from .modes import Mode, per_graph
+from .sources import Adapters
 
-__all__ = ["base_info", "write_manifest", "write_model_files", "write_report"]
+
+def write_artifact(
+    directory: Path,
+    *,
+    exporter: Any,
+    options: Any,
+    plan: GraphPlan,
+    mode: Mode,
+    graphs: list[Graph],
+    adapters: Adapters,
+    names: list[str],
+    loaded: Any,
+    checks: tuple[list[Any], list[Any], list[Any]],
+    atol: float,
+    dtype: str | None,
+    timings: dict[str, float],
+) -> None:
+    """Everything beside the verified model file(s): config and tokenizer, adapter copies, report, manifest.
+
+    Args:
+        checks: the verification step's comparisons, their reports, and the merge check's reports.
+        dtype: recorded in the manifest where it can be chosen (``None``: not recorded).
+    """
+    comparisons, reports, merged = checks
+    write_model_files(directory, loaded, with_past=plan.with_past)
+    mode.copy_adapters(directory, adapters, names)
+    write_report(
+        directory,
+        atol=atol,
+        graphs=graphs,
+        reports=reports,
+        entries=mode.report_entries(exporter.name, graphs, comparisons, reports, merged),
+        timings=timings,
+    )
+    adapter, mode_extra = mode.manifest_entries(exporter, directory, adapters, names, comparisons, reports)
+    if len(graphs) == 1:
+        files: dict[str, Any] = {"model_file": exporter.model_file()}
+    else:
+        files = {"model_files": {g.role: exporter.model_file(g.role) for g in graphs}}
+    write_manifest(
+        directory,
+        exporter=exporter,
+        options=options,
+        task=plan.task,
+        graphs=graphs,
+        base_model=base_info(adapters.first.base, loaded),
+        adapter=adapter,
+        merged=mode.merged,
+        extra={**files, "with_past": plan.with_past, **({"dtype": dtype} if dtype is not None else {})},
+        mode_extra=mode_extra,
+    )
+
+
+__all__ = ["base_info", "write_artifact", "write_manifest", "write_model_files", "write_report"]
 
 
 def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> None:

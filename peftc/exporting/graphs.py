@@ -178,7 +178,7 @@ class EncoderDecoder:
         decoder.reference = run_torch(decoder.program, decoder.cases, decoder.program.input_names)
 
     def base_module(self, model: nn.Module) -> nn.Module:
-        raise ConfigError("--adapters-as-inputs is not supported for seq2seq models yet; export each adapter alone")
+        raise NotImplementedError("seq2seq exports take no swappable adapters (graph_plan refuses them)")
 
 
 def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder]:

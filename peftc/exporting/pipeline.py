@@ -37,7 +37,7 @@ from pathlib import Path
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir, check_output_dir
 
-from .artifact import base_info, write_manifest, write_model_files, write_report
+from .artifact import write_artifact
 from .graphs import Graph, GraphPlan, bind, graph_plan, plan_kind
 from .modes import Mode, select_mode
 from .options import check_options, default_out, requested_with_past, source_list
@@ -163,14 +163,14 @@ def export(
         by_role = {g.role: g for g in graphs}
         comparisons = [replace(c, graph=by_role[c.graph.role]) for c in comparisons]
 
-    metadata = _metadata(plan, mode, adapters, names, dtype if one_adapter_graph else None)
+    recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
     options = WriteOptions(opset=opset, external_data=external_data)
     with atomic_dir(out, force) as tmp:
         # -- exporter
         for g in graphs:
             tick = time.perf_counter()
-            role = {} if g.role is None else {"peftc.graph": g.role}
-            exporter.write(g.program, tmp / exporter.model_file(g.role), _with_role(metadata, role), options)
+            metadata = _metadata(plan, mode, adapters, names, g, recorded_dtype)
+            exporter.write(g.program, tmp / exporter.model_file(g.role), metadata, options)
             timings[_timing("export", g)] = time.perf_counter() - tick
         mode.write_side_files(exporter, tmp, graphs, names)
 
@@ -182,33 +182,20 @@ def export(
             )
 
         # -- artifact
-        write_model_files(tmp, loaded, with_past=plan.with_past)
-        mode.copy_adapters(tmp, adapters, names)
-        write_report(
-            tmp,
-            atol=atol,
-            graphs=graphs,
-            reports=reports,
-            entries=mode.report_entries(exporter.name, graphs, comparisons, reports, merged),
-            timings=timings,
-        )
-        adapter, mode_extra = mode.manifest_entries(exporter, tmp, adapters, names, comparisons, reports)
-        files = (
-            {"model_file": exporter.model_file()}
-            if len(graphs) == 1
-            else {"model_files": {g.role: exporter.model_file(g.role) for g in graphs}}
-        )
-        write_manifest(
+        write_artifact(
             tmp,
             exporter=exporter,
             options=options,
-            task=plan.task,
+            plan=plan,
+            mode=mode,
             graphs=graphs,
-            base_model=base_info(adapters.first.base, loaded),
-            adapter=adapter,
-            merged=mode.merged,
-            extra={**files, "with_past": plan.with_past, **({"dtype": dtype} if one_adapter_graph else {})},
-            mode_extra=mode_extra,
+            adapters=adapters,
+            names=names,
+            loaded=loaded,
+            checks=(comparisons, reports, merged),
+            atol=atol,
+            dtype=recorded_dtype,
+            timings=timings,
         )
     logger.info(
         "exported %s (%s, %s) to %s: %s", ", ".join(map(str, srcs)), exporter.name, mode.name, out,
@@ -236,26 +223,24 @@ def _half(plan: GraphPlan, mode: Mode, model, adapters: Adapters, graphs: list[G
     return half
 
 
-def _metadata(plan: GraphPlan, mode: Mode, adapters: Adapters, names: list[str], dtype: str | None) -> dict[str, str]:
-    """``peftc.*`` entries stored in every model file (ONNX metadata_props, TorchScript's peftc.json…)."""
-    metadata = {
-        "peftc.task": plan.task,
-        "peftc.peft_type": adapters.states[0].config.peft_type,
-        **mode.metadata(names),
-        "peftc.merged": str(mode.merged).lower(),
-        "peftc.with_past": str(plan.with_past).lower(),
-    }
+def _metadata(
+    plan: GraphPlan, mode: Mode, adapters: Adapters, names: list[str], graph: Graph, dtype: str | None
+) -> dict[str, str]:
+    """``peftc.*`` entries stored in a model file (ONNX metadata_props, TorchScript's peftc.json…)."""
+    metadata = {"peftc.task": plan.task}
+    if graph.role is not None:  # which graph of several
+        metadata["peftc.graph"] = graph.role
+    metadata.update(
+        {
+            "peftc.peft_type": adapters.states[0].config.peft_type,
+            **mode.metadata(names),
+            "peftc.merged": str(mode.merged).lower(),
+            "peftc.with_past": str(plan.with_past).lower(),
+        }
+    )
     if dtype is not None:
         metadata["peftc.dtype"] = dtype
     return metadata
-
-
-def _with_role(metadata: dict[str, str], role: dict[str, str]) -> dict[str, str]:
-    """``peftc.graph`` (which graph of several) right after ``peftc.task``."""
-    if not role:
-        return metadata
-    first, *rest = metadata.items()
-    return dict([first, *role.items(), *rest])
 
 
 def _timing(stage: str, graph: Graph) -> str:

@@ -24,7 +24,9 @@ module, so together they prove the whole adapter is used. Merging folds each gra
 
 Each graph is verified with ONNX Runtime against its unmerged adapted torch program on held-out
 inputs (a batch of one, a new shape, a left-padded batch); the decoder is fed the torch encoder's
-hidden states, so each figure measures one graph.
+hidden states (:func:`decoder_cases`), so each figure measures one graph. This module holds the
+wrappers; the graph plan that captures, binds and references both graphs is
+:class:`peftc.exporting.graphs.EncoderDecoder`.
 """
 
 from __future__ import annotations
