@@ -81,34 +81,54 @@ def _role(graph: Graph, text: str) -> str:
 
 
 class Mode(Protocol):
-    """The hooks of one export mode (see the module docstring); called by the pipeline, stage by stage."""
+    """The hooks of one export mode (see the module docstring); the pipeline calls each once, in stage order."""
 
     name: str  # keep | merge | lift
     merged: bool
 
-    def check_sources(self, adapters: Adapters) -> None: ...
+    def check_sources(self, adapters: Adapters) -> None:
+        """Source stage: refuse sources the mode cannot take (before the base loads)."""
+        ...
 
-    def names(self, adapters: Adapters) -> list[str]: ...
+    def names(self, adapters: Adapters) -> list[str]:
+        """What the artifact calls each source's adapter."""
+        ...
 
-    def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None: ...
+    def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
+        """Bind stage, after every source's graphs are bound (lift: the tensors that become inputs)."""
+        ...
 
     def comparisons(
         self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
-    ) -> list[Comparison]: ...
+    ) -> list[Comparison]:
+        """Reference stage: what the verification step compares, with the torch outputs to compare with."""
+        ...
 
-    def apply(self, graphs: list[Graph], atol: float) -> list[Any]: ...
+    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+        """Mode passes on the exported graphs; returns the reports of any torch-level check (merge)."""
+        ...
 
-    def reapply(self, graphs: list[Graph]) -> None: ...
+    def reapply(self, graphs: list[Graph]) -> None:
+        """The mode passes again, unchecked, on graphs rebuilt in float16."""
+        ...
 
-    def metadata(self, names: list[str]) -> dict[str, str]: ...
+    def metadata(self, names: list[str]) -> dict[str, str]:
+        """``peftc.*`` entries naming the adapter(s) in each model file."""
+        ...
 
-    def write_side_files(self, exporter: Exporter, directory: Path, graphs: list[Graph], names: list[str]) -> None: ...
+    def write_side_files(self, exporter: Exporter, directory: Path, graphs: list[Graph], names: list[str]) -> None:
+        """Exporter stage, after the model files: files the mode adds (lift: one adapter file per source)."""
+        ...
 
-    def copy_adapters(self, directory: Path, adapters: Adapters, names: list[str]) -> None: ...
+    def copy_adapters(self, directory: Path, adapters: Adapters, names: list[str]) -> None:
+        """Artifact stage: byte-for-byte copies of the source adapters."""
+        ...
 
     def report_entries(
         self, format: str, graphs: list[Graph], comparisons: list[Comparison], reports: list[Any], merged: list[Any]
-    ) -> dict[str, Any]: ...
+    ) -> dict[str, Any]:
+        """Artifact stage: the ``report.json`` sections of the verification figures."""
+        ...
 
     def manifest_entries(
         self,
@@ -118,7 +138,9 @@ class Mode(Protocol):
         names: list[str],
         comparisons: list[Comparison],
         reports: list[Any],
-    ) -> tuple[dict[str, Any] | None, dict[str, Any]]: ...
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Artifact stage: the manifest's ``adapter`` entry and the mode's own keys."""
+        ...
 
 
 class OneAdapter:
