@@ -1,26 +1,54 @@
 """Exporters from a captured program to deployable artifacts (installed as ``peftc.exporters``).
 
-``onnx`` writes the file, ``verify`` checks it against the torch program with ONNX Runtime,
-``manifest`` describes the artifact directory; :func:`peftc.exporting.export` runs the whole stage.
+One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``torchscript``, ``aoti``):
+it writes a program to its model file, loads and runs that file, and describes its inputs and outputs.
+``verify`` holds the one verification step (held-out cases, :func:`~.verify.verify_artifact`),
+``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files.
+:func:`peftc.exporting.export` runs the whole stage and asks the registry for the format.
+
+Adding a format is one module that calls :func:`register_exporter` plus its name in
+:data:`EXPORTER_MODULES`.
 """
 
 from .manifest import MANIFEST_FILE, REPORT_FILE, build_manifest, check_manifest, onnx_io, read_manifest
 from .onnx import DEFAULT_OPSET, MODEL_FILE, export_program_onnx
-from .verify import DEFAULT_ATOL, VerificationReport, compare_outputs, make_cases, verify_onnx
+from .registry import (
+    AdapterFiles,
+    Exporter,
+    ExportRequest,
+    WriteOptions,
+    exporters,
+    formats,
+    get_exporter,
+    register_exporter,
+)
+from .verify import DEFAULT_ATOL, VerificationReport, compare_outputs, make_cases, verify_artifact
+
+#: The format modules, in the order ``--format`` lists them; each registers its exporter when imported.
+EXPORTER_MODULES = ("onnx", "torchscript", "aoti")
 
 __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_OPSET",
+    "EXPORTER_MODULES",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "REPORT_FILE",
+    "AdapterFiles",
+    "ExportRequest",
+    "Exporter",
     "VerificationReport",
+    "WriteOptions",
     "build_manifest",
     "check_manifest",
     "compare_outputs",
     "export_program_onnx",
+    "exporters",
+    "formats",
+    "get_exporter",
     "make_cases",
     "onnx_io",
     "read_manifest",
-    "verify_onnx",
+    "register_exporter",
+    "verify_artifact",
 ]

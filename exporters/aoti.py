@@ -21,8 +21,10 @@ loads it.
 
 Known limit: a KV-cache (with-past) program compiles but its decode steps come out wrong (measured
 on torch 2.13: max diff 1.2 on a batch-4 one-token step over a 12-token cache, while the re-exported
-graph itself is exact and prefill matches to 2e-7); :func:`verify_aoti` catches it. Export KV-cache
-graphs with TorchScript or ONNX.
+graph itself is exact and prefill matches to 2e-7); verification catches it, and the format's exporter
+(:data:`AOTI`, registered as ``--format aoti``) refuses ``with_past`` up front. Export KV-cache graphs
+with TorchScript or ONNX. Otherwise it takes what TorchScript takes: one float32 graph with one adapter
+in it, merged or as ops.
 """
 
 from __future__ import annotations
@@ -35,28 +37,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.export import Dim
 
 from peftc.errors import CaptureError, ConfigError
 from peftc.program import Program
 
-from .verify import DEFAULT_ATOL, VerificationReport, VerifyCase, numpy_outputs, verify_outputs
+from .manifest import program_io
+from .registry import ExportRequest, WriteOptions, register_exporter
+from .torchscript import check_one_float32_graph
+from .verify import VerifyCase, numpy_outputs
 
 __all__ = [
+    "AOTI",
     "MODEL_FILE",
     "compiler_available",
     "export_program_aoti",
     "load_aoti",
     "run_aoti",
-    "verify_aoti",
 ]
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt2"
-_MAX_BATCH = 1 << 16
 
 
 def compiler_available() -> str | None:
@@ -135,17 +137,9 @@ def export_program_aoti(
 
 def _reexport(program: Program) -> torch.export.ExportedProgram:
     """``torch.export`` of the program's graph module with its named dims (min size 1, else 2 as capture does)."""
-    names = program.input_names
-    max_seq = program.max_positions() or _MAX_BATCH
     errors: list[BaseException] = []
     for min_dim in (1, 2):
-        dims: dict[str, Dim] = {
-            "batch": Dim("batch", min=min_dim, max=_MAX_BATCH),
-            "sequence": Dim("sequence", min=min_dim, max=max_seq),
-        }
-        shapes = tuple(
-            _input_dims(program.dynamic_dims.get(n, {0: "batch", 1: "sequence"}), dims, max_seq) for n in names
-        )
+        shapes = program.dynamic_shapes(min_dim)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -160,25 +154,6 @@ def _reexport(program: Program) -> torch.export.ExportedProgram:
     raise CaptureError(
         f"torch.export of the {program.task.name} program failed: {type(e).__name__}: {first[0] if first else ''}"
     ) from e
-
-
-def _input_dims(wanted: dict[int, str], dims: dict[str, Dim], max_seq: int) -> dict[int, Any] | None:
-    """``torch.export`` dims for one input's named axes; one ``Dim`` per name, shared across inputs.
-
-    A name that is not an identifier (``"past_sequence + sequence"``: the attention mask of a
-    KV-cache graph) is a derived size, left to torch (``Dim.AUTO``). Other new names get their own
-    ``Dim``: positions (``past_sequence``) up to the model's table size, anything else (``lora_rank``)
-    up to 65536.
-    """
-    out: dict[int, Any] = {}
-    for axis, name in wanted.items():
-        if not name.isidentifier():
-            out[axis] = Dim.AUTO
-            continue
-        if name not in dims:
-            dims[name] = Dim(name, min=1, max=max_seq if "sequence" in name else _MAX_BATCH)
-        out[axis] = dims[name]
-    return out or None
 
 
 def load_aoti(path: str | Path) -> Any:
@@ -208,26 +183,52 @@ def run_aoti(path: str | Path, cases: Sequence[VerifyCase], input_names: Sequenc
     return outs
 
 
-def verify_aoti(
-    path: str | Path,
-    program: Program,
-    cases: Sequence[VerifyCase] | None = None,
-    reference: Sequence[np.ndarray] | None = None,
-    atol: float = DEFAULT_ATOL,
-    reference_name: str = "the torch program",
-    raise_on_failure: bool = True,
-) -> VerificationReport:
-    """Load ``path`` with ``aoti_load_package`` and compare with the torch program on held-out inputs.
+class AotiExporter:
+    """``--format aoti``: ``model.pt2``, AOTInductor kernels for LibTorch's ``AOTIModelPackageLoader`` (C++)."""
 
-    Arguments, return value and errors as :func:`peftc.exporters.verify.verify_onnx`.
-    """
-    return verify_outputs(
-        lambda cs: run_aoti(path, cs, program.input_names),
-        f"AOTInductor ({Path(path).name})",
-        program,
-        cases,
-        reference,
-        atol,
-        reference_name,
-        raise_on_failure,
-    )
+    name = "aoti"
+    runtime = "AOTInductor"
+    summary = "model.pt2 (AOTInductor: compiled kernels, needs a C++ compiler) for LibTorch/C++"
+    cache_by_default = False  # and a KV-cache graph is refused (see the module docstring)
+    adapter_files = None
+
+    def model_file(self, role: str | None = None) -> str:
+        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"
+
+    def check(self, request: ExportRequest) -> None:
+        check_one_float32_graph(request, self.runtime, self.name)
+        if request.with_past:
+            raise ConfigError(
+                "--with-past with --format aoti does not verify (AOTInductor's compiled KV-cache graph gets decode "
+                "steps wrong, measured with torch 2.13); use --format torchscript or onnx for a KV-cache graph"
+            )
+        if compiler_available() is None:  # fail before minutes of work, not after
+            raise ConfigError(
+                "--format aoti compiles C++ and no compiler was found (g++, c++, clang++ or $CXX); "
+                "install g++ or use --format torchscript"
+            )
+
+    def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
+        export_program_aoti(program, path, metadata=metadata)
+
+    def run(
+        self,
+        path: Path,
+        cases: Sequence[VerifyCase],
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        adapter: Path | None = None,
+    ) -> list[Any]:
+        return run_aoti(path, cases, input_names)
+
+    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return program_io(program)
+
+    def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
+        # the package runs only where its kernels were compiled for: AOTI_PLATFORM, AOTI_CPU_ISA…
+        package = load_aoti(path).get_metadata()
+        return {"opset": None, "aoti": {k[5:].lower(): v for k, v in package.items() if k.startswith("AOTI_")}}
+
+
+#: The AOTInductor exporter, as registered.
+AOTI = register_exporter(AotiExporter())

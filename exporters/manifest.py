@@ -20,9 +20,12 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peftc.files import sha256_file
+from peftc.files import read_json, sha256_file, write_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftc.program import Program
 
 __all__ = [
     "MANIFEST_FILE",
@@ -33,6 +36,7 @@ __all__ = [
     "check_manifest",
     "file_hashes",
     "onnx_io",
+    "program_io",
     "read_manifest",
     "versions",
     "write_json",
@@ -88,6 +92,56 @@ def onnx_io(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     inits = {i.name for i in model.graph.initializer}
     inputs = [describe(v) for v in model.graph.input if v.name not in inits]
     outputs = [describe(v) for v in model.graph.output]
+    return inputs, outputs
+
+
+def program_io(program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Inputs and outputs of a program as the manifest lists them (the shape :func:`onnx_io` gives).
+
+    For artifacts without an ONNX graph to read (TorchScript, AOTInductor): each entry has ``name``,
+    ``dtype`` (numpy name), ``shape`` (ints and dim names; a derived dim reads e.g.
+    ``"sequence + 4"`` for prompt-tuning logits), ``dynamic_dims`` and ``static_dims`` (axis -> name / size).
+    Taken from the graph's shape metadata, with the program's dim names (``batch``, ``sequence``).
+    """
+    import sympy
+    import torch
+    from torch import fx
+
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    symbols: dict[str, str] = {}
+    for node, name in zip(placeholders, program.input_names, strict=False):
+        val = node.meta.get("val")
+        for axis, dim_name in program.dynamic_dims.get(name, {}).items():
+            if val is not None and axis < val.dim() and isinstance(val.shape[axis], torch.SymInt):
+                symbols.setdefault(str(val.shape[axis].node.expr), dim_name)
+
+    def describe(name: str, val: Any, fallback: dict[int, str]) -> dict[str, Any]:
+        if not isinstance(val, torch.Tensor):
+            dims = {str(a): d for a, d in fallback.items()}
+            shape = [fallback.get(a) for a in range(max(fallback, default=-1) + 1)]
+            return {"name": name, "dtype": "int64", "shape": shape, "dynamic_dims": dims, "static_dims": {}}
+        shape: list[int | str] = []
+        dynamic: dict[str, str] = {}
+        static: dict[str, int] = {}
+        for axis, dim in enumerate(val.shape):
+            if isinstance(dim, torch.SymInt):
+                expr = dim.node.expr
+                expr = expr.xreplace({s: sympy.Symbol(symbols[str(s)]) for s in expr.free_symbols if str(s) in symbols})
+                shape.append(str(expr))
+                dynamic[str(axis)] = str(expr)
+            else:
+                shape.append(int(dim))
+                static[str(axis)] = int(dim)
+        dtype = str(val.dtype).removeprefix("torch.")
+        return {"name": name, "dtype": dtype, "shape": shape, "dynamic_dims": dynamic, "static_dims": static}
+
+    inputs = [
+        describe(name, node.meta.get("val"), program.dynamic_dims.get(name, {}))
+        for node, name in zip(placeholders, program.input_names, strict=False)
+    ]
+    values: list[Any] = []
+    fx.node.map_arg(program.graph.output_node().args[0], lambda n: values.append(n.meta.get("val")))
+    outputs = [describe(name, val, {}) for name, val in zip(program.output_names, values, strict=False)]
     return inputs, outputs
 
 
@@ -164,23 +218,13 @@ def build_manifest(
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as indented JSON with a trailing newline."""
-    path = Path(path)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    return path
+    """Write ``data`` as indented JSON with a trailing newline (atomically: :func:`peftc.files.write_atomic`)."""
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """Read ``manifest.json`` of an artifact directory."""
-    from peftc.errors import PeftcError
-
-    path = Path(directory) / MANIFEST_FILE
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise PeftcError(f"cannot read {path}: {e.strerror or e}; is {directory} a peftc artifact?") from e
-    except json.JSONDecodeError as e:
-        raise PeftcError(f"{path} is not valid JSON: {e}") from e
+    """Read ``manifest.json`` of an artifact directory (a one-line ``PeftcError`` when unreadable)."""
+    return read_json(Path(directory) / MANIFEST_FILE, what="artifact manifest")
 
 
 def check_manifest(directory: str | Path) -> list[str]:

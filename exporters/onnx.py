@@ -10,6 +10,12 @@ What is exported is exactly the program: an unmerged LoRA program keeps its bran
 (``MatMul`` beside the base ``Gemm``/``MatMul``), a merged one is the base graph op for op with
 folded weights. Weights go to ``model.onnx.data`` (external data) when they exceed
 :data:`EXTERNAL_DATA_THRESHOLD` — protobuf cannot hold a file over 2 GiB — or when asked.
+
+The format's exporter (:data:`ONNX`, registered as ``--format onnx``) takes every configuration of
+the pipeline: float16, KV-cache graphs (on by default for causal LMs, as optimum exports them),
+several graphs (``encoder_model.onnx`` + ``decoder_model.onnx``: optimum's file names) and swappable
+adapters (graph inputs backed by defaults, adapters as ``.onnx_adapter`` files: :mod:`.swappable`).
+Verification runs the file with ONNX Runtime (:func:`run_onnx`).
 """
 
 from __future__ import annotations
@@ -17,18 +23,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
-from torch.export import Dim
 
-from peftc.errors import CaptureError, ConfigError
-from peftc.kv import PAST_DIM
-from peftc.program import Program, torch_dims
+from peftc.errors import CaptureError, ConfigError, ExportVerificationError
+from peftc.program import Program, is_with_past
 
-__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "MODEL_FILE", "export_program_onnx"]
+from .registry import ExportRequest, WriteOptions, register_exporter
+from .swappable import OnnxAdapterFiles
+from .verify import VerifyCase
+
+__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "MODEL_FILE", "ONNX", "export_program_onnx", "run_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +47,6 @@ DEFAULT_OPSET = 18
 #: Initializer bytes above which weights are written to ``<model>.data`` (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _MIN_OPSET = 18  # the dynamo exporter emits opset 18 ops (LayerNormalization, Split with inputs…)
-_MAX_BATCH = 1 << 16
 
 
 def export_program_onnx(
@@ -101,19 +110,11 @@ def export_program_onnx(
 def _run_exporter(program: Program, opset: int):
     """``torch.onnx.export`` with named dims; min size 1 first, then 2 as capture does."""
     names = program.input_names
-    max_seq = program.max_positions() or _MAX_BATCH
     errors: list[BaseException] = []
     for min_dim in (1, 2):
-        dims = {
-            "batch": Dim("batch", min=min_dim, max=_MAX_BATCH),
-            "sequence": Dim("sequence", min=min_dim, max=max_seq),
-            PAST_DIM: Dim(PAST_DIM, min=1, max=max_seq),  # KV-cache graphs: the cache holds positions too
-        }
         # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input. Inputs
         # other than token inputs (lifted adapter tensors) name their own dims (``lora_rank``).
-        shapes = tuple(
-            torch_dims(program.dynamic_dims.get(n, {0: "batch", 1: "sequence"}), dims, _MAX_BATCH) for n in names
-        )
+        shapes = program.dynamic_shapes(min_dim)
         try:
             with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
                 # The unlifted graph module reports training=True and refuses .eval(); the graph
@@ -194,3 +195,102 @@ def _name_dims(model, program: Program) -> None:
             ir.SymbolicDim(mapping.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
         ]
         value.shape = ir.Shape(dims)
+
+
+def run_onnx(
+    path: str | Path,
+    cases: Sequence[VerifyCase],
+    output: str | Sequence[str] = "logits",
+    adapter_path: str | Path | None = None,
+) -> list:
+    """Outputs of an ``.onnx`` file under ONNX Runtime (CPUExecutionProvider) on every case.
+
+    Args:
+        path: the model file.
+        cases: inputs (every graph input the file needs must be in each case).
+        output: one output name (one array per case) or several (a list per case).
+        adapter_path: an ``.onnx_adapter`` activated for every run (swappable exports).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    run_options = ort.RunOptions()
+    if adapter_path is not None:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(adapter_path))
+        run_options.add_active_adapter(adapter)
+    feeds_names = [i.name for i in session.get_inputs()]  # overridable initializers (adapter defaults) not listed
+    types = {i.name: i.type for i in session.get_inputs()}
+    names = [output] if isinstance(output, str) else list(output)
+    outs = []
+    for case in cases:
+        missing = [n for n in feeds_names if n not in case.inputs]
+        if missing:
+            raise ExportVerificationError(f"{path} takes input(s) {missing} that the program does not have")
+        feeds = {n: _as(case.inputs[n].numpy(), types[n]) for n in feeds_names}
+        result = session.run(names, feeds, run_options)
+        outs.append(result[0] if isinstance(output, str) else result)
+    return outs
+
+
+def _as(array: np.ndarray, onnx_type: str) -> np.ndarray:
+    """A float feed in the graph's float type (float32 cases into a float16 graph's cache inputs)."""
+    if onnx_type == "tensor(float16)" and array.dtype != np.float16:
+        return array.astype(np.float16)
+    return array
+
+
+class OnnxExporter:
+    """``--format onnx``: ``model.onnx`` for ONNX Runtime and optimum; takes every export configuration."""
+
+    name = "onnx"
+    runtime = "ONNX Runtime"
+    summary = "model.onnx (ONNX Runtime, optimum)"
+    cache_by_default = True  # optimum's causal-lm exports are KV-cache graphs
+    adapter_files = OnnxAdapterFiles()
+
+    def model_file(self, role: str | None = None) -> str:
+        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"  # optimum: encoder_model.onnx, …
+
+    def check(self, request: ExportRequest) -> None:
+        return None
+
+    def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
+        defaults = {name: t.detach().float().numpy().copy() for name, t in program.input_defaults.items()}
+        export_program_onnx(
+            program,
+            path,
+            opset=options.opset,
+            external_data=options.external_data,
+            metadata=metadata,
+            input_defaults=defaults or None,
+        )
+
+    def run(
+        self,
+        path: Path,
+        cases: Sequence[VerifyCase],
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        adapter: Path | None = None,
+    ) -> list[Any]:
+        # ONNX Runtime feeds by name (the session's inputs); one output name gives one array per case
+        output: str | list[str] = output_names[0] if len(output_names) == 1 else list(output_names)
+        if adapter is None:
+            return run_onnx(path, cases, output=output)
+        return run_onnx(path, cases, output=output, adapter_path=adapter)
+
+    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from .manifest import onnx_io
+
+        return onnx_io(onnx.load(str(path), load_external_data=False))
+
+    def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
+        task = program.task.optimum_task
+        return {"opset": options.opset, "optimum_task": f"{task}-with-past" if is_with_past(program) else task}
+
+
+#: The ONNX exporter, as registered.
+ONNX = register_exporter(OnnxExporter())

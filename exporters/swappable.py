@@ -27,6 +27,7 @@ from peftc.methods import method_of_tensor
 
 __all__ = [
     "ADAPTER_SUFFIX",
+    "OnnxAdapterFiles",
     "adapter_inputs",
     "check_adapter",
     "check_adapter_fits",
@@ -180,6 +181,21 @@ def run_onnx_adapter(
     output: str | Sequence[str] = "logits",
 ) -> list:
     """Outputs of ``path`` under ONNX Runtime with ``adapter_path`` activated (``None``: the base)."""
-    from .verify import run_onnx
+    from .onnx import run_onnx
 
     return run_onnx(path, cases, output=output, adapter_path=adapter_path)
+
+
+class OnnxAdapterFiles:
+    """The ONNX exporter's swappable adapters (:attr:`peftc.exporters.registry.Exporter.adapter_files`)."""
+
+    suffix = ADAPTER_SUFFIX
+
+    def write(self, path: Path, tensors: dict[str, np.ndarray]) -> Path:
+        return write_adapter(path, tensors)
+
+    def check(self, model_path: Path, adapter_path: Path) -> dict[str, tuple[list[int], str]]:
+        return check_adapter(model_path, adapter_path)
+
+    def inputs(self, model_path: Path) -> dict[str, dict[str, Any]]:
+        return adapter_inputs(model_path)

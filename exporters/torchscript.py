@@ -27,6 +27,10 @@ unmerged, prompt tuning and P-tuning (MLP and LSTM encoders), and a KV-cache (wi
 
 ``model.pt`` also carries ``peftc.json`` (``torch.jit.save``'s extra files): the input and output
 names, the task and the dynamic dims, so a runtime learns the interface without Python.
+
+The format's exporter (:data:`TORCHSCRIPT`, registered as ``--format torchscript``) takes one float32
+graph with one adapter in it, merged or as ops (:func:`check_one_float32_graph`), and a KV-cache graph
+only when asked (the C++ example feeds no cache).
 """
 
 from __future__ import annotations
@@ -41,26 +45,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx, nn
 
 from peftc.errors import CaptureError, ConfigError
-from peftc.program import Program
+from peftc.program import Program, get_tensor
 
-from .verify import DEFAULT_ATOL, VerificationReport, VerifyCase, numpy_outputs, verify_outputs
+from .manifest import program_io
+from .registry import ExportRequest, WriteOptions, register_exporter
+from .verify import VerifyCase, numpy_outputs
 
 __all__ = [
     "EXTRA_FILE",
-    "argument_name",
     "MODEL_FILE",
+    "TORCHSCRIPT",
+    "argument_name",
+    "check_one_float32_graph",
     "export_program_torchscript",
     "load_torchscript",
-    "program_io",
     "run_torchscript",
     "script_program",
     "scriptable_graph_module",
-    "verify_torchscript",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,7 +183,7 @@ def scriptable_graph_module(program: Program) -> fx.GraphModule:
     graph.eliminate_dead_code()
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in attrs:
-            attrs[node.target] = _fetch(source, node.target)
+            attrs[node.target] = get_tensor(source, node.target)
         elif node.op == "call_module":
             raise CaptureError(
                 f"TorchScript export cannot call submodule {node.target!r} ({node.format_node()}); "
@@ -198,13 +203,6 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def _fetch(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _inline_regions(graph: fx.Graph, owner: nn.Module, attrs: dict[str, Any], prefix: str = "") -> None:
     """Replace every higher-order ``wrap_with_*`` call by the nodes of its subgraph (recursively)."""
     for node in list(graph.nodes):
@@ -219,7 +217,7 @@ def _inline_regions(graph: fx.Graph, owner: nn.Module, attrs: dict[str, Any], pr
         # wrap_with_set_grad_enabled(enabled, submod, *args); wrap_with_autocast(dev, dtype, on, cache, submod, *args)
         index = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
         sub_node, args = node.args[index], node.args[index + 1 :]
-        sub = _fetch(owner, sub_node.target)
+        sub = get_tensor(owner, sub_node.target)
         sub_graph = copy.deepcopy(sub.graph)
         sub_prefix = f"{prefix}{sub_node.target}."
         _inline_regions(sub_graph, sub, attrs, sub_prefix)
@@ -236,7 +234,7 @@ def _inline_regions(graph: fx.Graph, owner: nn.Module, attrs: dict[str, Any], pr
                     break
                 if sub_n.op == "get_attr":
                     qualified = f"{sub_prefix}{sub_n.target}".replace(".", "_")
-                    attrs.setdefault(qualified, _fetch(sub, sub_n.target))
+                    attrs.setdefault(qualified, get_tensor(sub, sub_n.target))
                     env[sub_n] = graph.get_attr(qualified)
                     env[sub_n].meta = dict(sub_n.meta)
                 else:
@@ -298,54 +296,6 @@ def argument_name(name: str) -> str:
     return f"_{out}" if not out or out[0].isdigit() or keyword.iskeyword(out) else out
 
 
-def program_io(program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Inputs and outputs of a program as the manifest lists them (the shape :func:`~peftc.exporters.onnx_io` gives).
-
-    For artifacts without an ONNX graph to read (TorchScript, AOTInductor): each entry has ``name``,
-    ``dtype`` (numpy name), ``shape`` (ints and dim names; a derived dim reads e.g.
-    ``"sequence + 4"`` for prompt-tuning logits), ``dynamic_dims`` and ``static_dims`` (axis -> name / size).
-    Taken from the graph's shape metadata, with the program's dim names (``batch``, ``sequence``).
-    """
-    import sympy
-
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    symbols: dict[str, str] = {}
-    for node, name in zip(placeholders, program.input_names, strict=False):
-        val = node.meta.get("val")
-        for axis, dim_name in program.dynamic_dims.get(name, {}).items():
-            if val is not None and axis < val.dim() and isinstance(val.shape[axis], torch.SymInt):
-                symbols.setdefault(str(val.shape[axis].node.expr), dim_name)
-
-    def describe(name: str, val: Any, fallback: dict[int, str]) -> dict[str, Any]:
-        if not isinstance(val, torch.Tensor):
-            dims = {str(a): d for a, d in fallback.items()}
-            shape = [fallback.get(a) for a in range(max(fallback, default=-1) + 1)]
-            return {"name": name, "dtype": "int64", "shape": shape, "dynamic_dims": dims, "static_dims": {}}
-        shape: list[int | str] = []
-        dynamic: dict[str, str] = {}
-        static: dict[str, int] = {}
-        for axis, dim in enumerate(val.shape):
-            if isinstance(dim, torch.SymInt):
-                expr = dim.node.expr
-                expr = expr.xreplace({s: sympy.Symbol(symbols[str(s)]) for s in expr.free_symbols if str(s) in symbols})
-                shape.append(str(expr))
-                dynamic[str(axis)] = str(expr)
-            else:
-                shape.append(int(dim))
-                static[str(axis)] = int(dim)
-        dtype = str(val.dtype).removeprefix("torch.")
-        return {"name": name, "dtype": dtype, "shape": shape, "dynamic_dims": dynamic, "static_dims": static}
-
-    inputs = [
-        describe(name, node.meta.get("val"), program.dynamic_dims.get(name, {}))
-        for node, name in zip(placeholders, program.input_names, strict=False)
-    ]
-    values: list[Any] = []
-    fx.node.map_arg(program.graph.output_node().args[0], lambda n: values.append(n.meta.get("val")))
-    outputs = [describe(name, val, {}) for name, val in zip(program.output_names, values, strict=False)]
-    return inputs, outputs
-
-
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Load ``model.pt`` and its embedded ``peftc.json`` (empty dict when the file has none)."""
     extra = {EXTRA_FILE: ""}
@@ -365,26 +315,61 @@ def run_torchscript(path: str | Path, cases: Sequence[VerifyCase], input_names: 
         return [numpy_outputs(module(*c.ordered(input_names))) for c in cases]
 
 
-def verify_torchscript(
-    path: str | Path,
-    program: Program,
-    cases: Sequence[VerifyCase] | None = None,
-    reference: Sequence[np.ndarray] | None = None,
-    atol: float = DEFAULT_ATOL,
-    reference_name: str = "the torch program",
-    raise_on_failure: bool = True,
-) -> VerificationReport:
-    """Load ``path`` with ``torch.jit.load`` and compare with the torch program on held-out inputs.
+def check_one_float32_graph(request: ExportRequest, what: str, format: str) -> None:
+    """What the LibTorch formats (TorchScript, AOTInductor) refuse: they take one float32 graph with one adapter.
 
-    Arguments, return value and errors as :func:`peftc.exporters.verify.verify_onnx`.
+    Raises:
+        ConfigError: adapters as inputs, a dtype other than float32, or several graphs (seq2seq).
     """
-    return verify_outputs(
-        lambda cs: run_torchscript(path, cs, program.input_names),
-        f"TorchScript ({Path(path).name})",
-        program,
-        cases,
-        reference,
-        atol,
-        reference_name,
-        raise_on_failure,
-    )
+    if request.adapters_as_inputs:
+        raise ConfigError(
+            f"--adapters-as-inputs makes ONNX Runtime adapter files; {what} takes one adapter: "
+            "export each adapter on its own, or use --format onnx"
+        )
+    if request.dtype != "float32":
+        raise ConfigError(f"--dtype {request.dtype} is supported for --format onnx only; export {what} in float32")
+    if request.graphs > 1:
+        raise ConfigError(
+            f"seq2seq models export as two ONNX graphs (encoder, decoder); --format {format} takes causal-lm, "
+            "seq-cls and token-cls models"
+        )
+
+
+class TorchScriptExporter:
+    """``--format torchscript``: ``model.pt`` for LibTorch's ``torch::jit::load`` (C++, see examples/cpp)."""
+
+    name = "torchscript"
+    runtime = "TorchScript"
+    summary = "model.pt (TorchScript) for LibTorch/C++ (see examples/cpp)"
+    cache_by_default = False  # the C++ example feeds no cache: a KV-cache graph only when asked
+    adapter_files = None
+
+    def model_file(self, role: str | None = None) -> str:
+        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"
+
+    def check(self, request: ExportRequest) -> None:
+        check_one_float32_graph(request, self.runtime, self.name)
+
+    def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
+        export_program_torchscript(program, path, metadata=metadata)
+
+    def run(
+        self,
+        path: Path,
+        cases: Sequence[VerifyCase],
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        adapter: Path | None = None,
+    ) -> list[Any]:
+        return run_torchscript(path, cases, input_names)
+
+    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return program_io(program)
+
+    def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
+        # forward() argument names: the input names as identifiers
+        return {"opset": None, "argument_names": [argument_name(n) for n in program.input_names]}
+
+
+#: The TorchScript exporter, as registered.
+TORCHSCRIPT = register_exporter(TorchScriptExporter())

@@ -3,8 +3,10 @@
 An export is only as good as its agreement with the program it came from, on inputs the capture
 never saw. :func:`make_cases` builds held-out inputs: a batch of one, a batch/sequence shape
 different from the capture example (2 × 8), and a left-padded batch whose rows carry different
-amounts of padding. :func:`verify_onnx` runs the ``.onnx`` file with ONNX Runtime
-(``CPUExecutionProvider``) on each case and compares ``logits`` with the reference:
+amounts of padding. :func:`verify_artifact` — the one verification step of every format — has the
+format's exporter load and run the written file on each case (ONNX Runtime, ``torch.jit.load``,
+``aoti_load_package``: :meth:`~peftc.exporters.registry.Exporter.run`) and compares its outputs with
+the torch reference (:func:`compare_outputs`):
 
 - causal-lm: only real (unpadded) positions are compared. A padded query position attends to
   nothing (its mask row is all −inf) and each runtime fills such rows differently; no caller ever
@@ -15,7 +17,7 @@ amounts of padding. :func:`verify_onnx` runs the ``.onnx`` file with ONNX Runtim
 - KV-cache (with-past) graphs: prefills from an empty cache and decode steps on the cache the
   torch program returned; the ``present.*`` outputs are compared whole, beside the logits.
 
-Tolerance: ``max |onnx − torch| <= atol`` per case, :data:`DEFAULT_ATOL` = 1e-4 for fp32. Measured
+Tolerance: ``max |artifact − torch| <= atol`` per case, :data:`DEFAULT_ATOL` = 1e-4 for fp32. Measured
 ONNX Runtime vs torch differences on fp32 models are ~1e-7…1e-6 (reordered float sums, fused
 kernels); 1e-4 leaves room for larger hidden sizes while catching any real divergence (a wrong
 mask, a dropped adapter branch or a stale weight moves logits by 1e-2 or more). A case that fails
@@ -28,14 +30,16 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from peftc.errors import ExportVerificationError
-from peftc.kv import is_with_past
-from peftc.program import Program
+from peftc.program import Program, is_with_past
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import Exporter
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -45,10 +49,8 @@ __all__ = [
     "compare_outputs",
     "make_cases",
     "numpy_outputs",
-    "run_onnx",
     "run_torch",
-    "verify_onnx",
-    "verify_outputs",
+    "verify_artifact",
 ]
 
 #: Default absolute tolerance on fp32 logits (see the module docstring for why).
@@ -252,51 +254,6 @@ def numpy_outputs(out: Any) -> Any:
     return out.detach().float().numpy()
 
 
-def run_onnx(
-    path: str | Path,
-    cases: Sequence[VerifyCase],
-    output: str | Sequence[str] = "logits",
-    adapter_path: str | Path | None = None,
-) -> list:
-    """Outputs of an ``.onnx`` file under ONNX Runtime (CPUExecutionProvider) on every case.
-
-    Args:
-        path: the model file.
-        cases: inputs (every graph input the file needs must be in each case).
-        output: one output name (one array per case) or several (a list per case).
-        adapter_path: an ``.onnx_adapter`` activated for every run (swappable exports).
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    run_options = ort.RunOptions()
-    if adapter_path is not None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_path))
-        run_options.add_active_adapter(adapter)
-    feeds_names = [i.name for i in session.get_inputs()]  # overridable initializers (adapter defaults) not listed
-    types = {i.name: i.type for i in session.get_inputs()}
-    names = [output] if isinstance(output, str) else list(output)
-    outs = []
-    for case in cases:
-        missing = [n for n in feeds_names if n not in case.inputs]
-        if missing:
-            raise ExportVerificationError(f"{path} takes input(s) {missing} that the program does not have")
-        feeds = {n: _as(case.inputs[n].numpy(), types[n]) for n in feeds_names}
-        result = session.run(names, feeds, run_options)
-        outs.append(result[0] if isinstance(output, str) else result)
-    return outs
-
-
-def _as(array: np.ndarray, onnx_type: str) -> np.ndarray:
-    """A float feed in the graph's float type (float32 cases into a float16 graph's cache inputs)."""
-    if onnx_type == "tensor(float16)" and array.dtype != np.float16:
-        return array.astype(np.float16)
-    return array
-
-
 def compare_outputs(
     actual: Sequence[np.ndarray],
     expected: Sequence[np.ndarray],
@@ -351,68 +308,61 @@ def compare_outputs(
     return report
 
 
-def verify_onnx(
+def verify_artifact(
+    exporter: str | Exporter,
     path: str | Path,
-    program: Program,
-    cases: Sequence[VerifyCase] | None = None,
-    reference: Sequence[np.ndarray] | None = None,
-    atol: float = DEFAULT_ATOL,
-    reference_name: str = "the torch program",
-    raise_on_failure: bool = True,
-) -> VerificationReport:
-    """Run ``path`` with ONNX Runtime and compare with the torch program on held-out inputs.
-
-    Args:
-        path: the ``.onnx`` file.
-        program: the program that was exported (gives input names, task and, without
-            ``reference``, the expected outputs).
-        cases: inputs to run; :func:`make_cases` when omitted.
-        reference: expected outputs per case (e.g. of the unmerged program when ``program`` was
-            merged); computed from ``program`` when omitted.
-        atol: absolute tolerance on logits (default 1e-4, fp32).
-        reference_name: how the report names the reference.
-        raise_on_failure: raise instead of returning a failed report.
-
-    Returns:
-        The per-case figures.
-
-    Raises:
-        ExportVerificationError: a case differs by more than ``atol`` (``err.report`` has the figures).
-    """
-    outputs = program.output_names if is_with_past(program) else program.output_names[0]
-    return verify_outputs(
-        lambda cs: run_onnx(path, cs, output=outputs),
-        f"ONNX Runtime ({Path(path).name})",
-        program,
-        cases,
-        reference,
-        atol,
-        reference_name,
-        raise_on_failure,
-    )
-
-
-def verify_outputs(
-    run: Callable[[Sequence[VerifyCase]], list],
-    candidate: str,
     program: Program,
     cases: Sequence[VerifyCase] | None = None,
     reference: Sequence[Any] | None = None,
     atol: float = DEFAULT_ATOL,
     reference_name: str = "the torch program",
     raise_on_failure: bool = True,
+    adapter: str | Path | None = None,
 ) -> VerificationReport:
-    """The verification every exporter shares: ``run(cases)`` against the torch program.
+    """Run an exported file with its format's runtime and compare with the torch program on held-out inputs.
+
+    The one verification of every format and every export: the exporter loads and runs the file
+    (:meth:`~peftc.exporters.registry.Exporter.run`), :func:`compare_outputs` judges.
 
     Args:
-        run: the exported artifact's outputs per case (one array, or a list for several outputs).
-        candidate: how the report names the artifact (``"TorchScript (model.pt)"``).
-        program, cases, reference, atol, reference_name, raise_on_failure: as :func:`verify_onnx`.
+        exporter: the format (``"onnx"``, ``"torchscript"``, ``"aoti"``) or its exporter.
+        path: the model file.
+        program: the program that was exported (gives input and output names, the task and,
+            without ``reference``, the expected outputs).
+        cases: inputs to run; :func:`make_cases` when omitted. Inputs with a default (lifted
+            adapter tensors) are not fed.
+        reference: expected outputs per case (e.g. of the unmerged program when ``program`` was
+            merged); computed from ``program`` when omitted.
+        atol: absolute tolerance on outputs (default 1e-4, fp32).
+        reference_name: how the report names the reference.
+        raise_on_failure: raise instead of returning a failed report.
+        adapter: an adapter file activated for every run (swappable exports). Without it, a
+            program with adapter inputs runs as the base model ("no adapter").
+
+    Returns:
+        The per-case figures; the report names the candidate ``"<runtime> (<file>)"``.
+
+    Raises:
+        ExportVerificationError: a case differs by more than ``atol`` (``err.report`` has the figures).
     """
+    from .registry import get_exporter
+
+    exporter = get_exporter(exporter)
+    path = Path(path)
     cases = list(cases) if cases is not None else make_cases(program)
     if reference is None:
         reference = run_torch(program, cases, program.input_names)
+    fed = [n for n in program.input_names if n not in program.input_defaults]
+    adapter = Path(adapter) if adapter is not None else None
+    outputs = exporter.run(path, cases, fed, list(program.output_names), adapter=adapter)
+    name = path.name + (f" + {adapter.name}" if adapter else ", no adapter" if program.input_defaults else "")
     report = compare_outputs(
-        run(cases), reference, cases, program.task.name, atol=atol, candidate=candidate, reference=reference_name
+        outputs,
+        reference,
+        cases,
+        program.task.name,
+        atol=atol,
+        candidate=f"{exporter.runtime} ({name})",
+        reference=reference_name,
     )
     return report.raise_if_failed() if raise_on_failure else report

@@ -70,6 +70,7 @@ __all__ = [
     "fill_model_fields",
     "prompt_cache_prefix",
     "prompt_method",
+    "prompt_prefix",
 ]
 
 logger = logging.getLogger(__name__)
@@ -417,9 +418,23 @@ def _prompt_pipeline(config: PromptLearningConfig, state: AdapterState | None) -
 
 def prompt_cache_prefix(model: Any, state: AdapterState) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """With-past exports: the virtual tokens' keys/values through ``model`` (they attend only to each other)."""
-    from peftc.kv import prompt_prefix
-
     return prompt_prefix(model, state.tensors[PROMPT_KEY].detach())
+
+
+@torch.no_grad()
+def prompt_prefix(model: nn.Module, prompt: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer keys/values of virtual-token embeddings ``prompt`` ``[n, hidden]`` run through ``model``.
+
+    The virtual tokens come first and attend only to each other (causal attention, mask of ones),
+    so this is exactly the cache a prompt-tuned model holds for them after any first step.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(inputs_embeds=prompt[None].to(next(model.parameters()).dtype), use_cache=True, return_dict=True)
+    finally:
+        model.train(was_training)
+    return [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
 
 
 def prompt_method(config_class: type[PromptLearningConfig], label: str, cli_name: str) -> Method:

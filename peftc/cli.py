@@ -241,16 +241,43 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+class _FormatChoice(click.Choice):
+    """``--format`` values: the exporter registry's formats, read when first needed (the exporters import torch)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        from peftc.exporters import formats
+
+        return tuple(formats())
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
+class _FormatOption(click.Option):
+    """``--format``: the help lists each registered exporter's summary."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from peftc.exporters import exporters
+
+        self.help = "Artifact: " + "; ".join(f"{e.name}: {e.summary}" for e in exporters()) + "."
+        return super().get_help_record(ctx)
+
+
 @cli.command()
 @click.argument("srcs", metavar="SRC [SRC2 ...]", nargs=-1, type=click.Path())
 @click.option(
     "--format",
     "fmt",
+    cls=_FormatOption,
     default="onnx",
     show_default=True,
-    type=click.Choice(["onnx", "torchscript", "aoti"]),
-    help="Artifact: model.onnx (ONNX Runtime, optimum), model.pt (TorchScript) or model.pt2 (AOTInductor) for "
-    "LibTorch/C++ (see examples/cpp).",
+    type=_FormatChoice(),
+    help="Artifact format (an exporter of peftc.exporters).",
 )
 @click.option("--merge", is_flag=True, help="Fold the adapter into the base weights (graph = base graph, op for op).")
 @click.option(

@@ -167,7 +167,7 @@ class PromptLearningConfig(MethodConfig):
     """
 
     #: What a KV-cache graph does with ``position_ids`` (HF PEFT 0.21): ``"drop"`` them and number
-    #: positions from the cache length, or ``"shift"`` them by the prefix (:class:`peftc.kv.WithPastModule`).
+    #: positions from the cache length, or ``"shift"`` them by the prefix (:class:`peftc.exporting.kv.WithPastModule`).
     cache_positions: ClassVar[str] = "drop"
     #: True when the prompt holds attention keys/values (prefix tuning), not token embeddings: its width
     #: and head count follow the key/value heads of a grouped-query model (HF PEFT's rule).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,46 @@ from torch.export import Dim
 from peftc.errors import CaptureError
 from peftc.tasks import TaskModule, TaskSpec, get_task, graph_input_names
 
-__all__ = ["MODEL_PREFIX", "ModelRef", "Program", "Site", "capture", "example_inputs", "get_tensor", "torch_dims"]
+__all__ = [
+    "MAX_DIM",
+    "MODEL_PREFIX",
+    "PAST_DIM",
+    "ModelRef",
+    "Program",
+    "Site",
+    "capture",
+    "dynamic_shapes",
+    "example_inputs",
+    "get_tensor",
+    "is_with_past",
+    "past_names",
+    "present_names",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Prefix of every base-model name inside a captured graph (the TaskModule attribute).
 MODEL_PREFIX = "model."
+#: Largest size of a dynamic dim that is not a sequence (batch, adapter rank) in every ``torch.export`` call.
+MAX_DIM = 1 << 16
+#: Name of the cache-length dim of a KV-cache ("with past") program's signature.
+PAST_DIM = "past_sequence"
 _MASK_IMPL = "sdpa_without_vmap"
+
+
+def past_names(layers: int) -> list[str]:
+    """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for each layer (optimum's names)."""
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """``present.{i}.key``, ``present.{i}.value`` for each layer (optimum's names)."""
+    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def is_with_past(program: Program) -> bool:
+    """Whether ``program`` takes a KV cache (its inputs include ``past_key_values.0.key``)."""
+    return "past_key_values.0.key" in program.input_names
 
 
 @dataclass
@@ -109,6 +142,10 @@ class Program:
     def max_positions(self) -> int | None:
         """Longest sequence the graph takes: the model's position table size, or less when capture lowered it."""
         return self.max_sequence or _max_positions(self.model_config)
+
+    def dynamic_shapes(self, min_size: int = 1) -> tuple[dict[int, Any] | None, ...]:
+        """``torch.export`` dynamic shapes of the graph's inputs, to re-export its graph module."""
+        return dynamic_shapes(self.input_names, self.dynamic_dims, min_size, self.max_positions())
 
 
 def get_tensor(module: nn.Module, path: str) -> Any:
@@ -207,7 +244,7 @@ def capture(
             Methods that change the model's inputs (prompt tuning, P-tuning) capture through one.
             A wrapper may also define ``dynamic_dims`` (input name -> {axis: dim name}; default
             ``{0: "batch", 1: "sequence"}``), ``output_names`` (default ``["logits"]``) and
-            ``example_inputs()``: the KV-cache wrapper (:mod:`peftc.kv`) does.
+            ``example_inputs()``: the KV-cache wrapper (:mod:`peftc.exporting.kv`) does.
 
     Returns:
         A :class:`Program`; its parameters are the model's own tensors, frozen.
@@ -235,11 +272,7 @@ def capture(
     ep = None
     min_dim, max_dim = 1, max_seq
     while ep is None:
-        dims = {
-            "batch": Dim("batch", min=min_dim, max=1 << 16),
-            "sequence": Dim("sequence", min=min_dim, max=max_dim or 1 << 16),
-        }
-        shapes = tuple(torch_dims(wanted_dims.get(name, {}), dims, max_dim) for name in names)
+        shapes = dynamic_shapes(names, wanted_dims, min_dim, max_dim)
         try:
             ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
         except Exception as e:  # torch.export raises many unrelated types
@@ -273,22 +306,37 @@ def capture(
     return program
 
 
-def torch_dims(wanted: dict[int, str], dims: dict[str, Dim], max_size: int | None = None) -> dict[int, Any] | None:
-    """``torch.export`` dims for one input's named dynamic axes; one ``Dim`` per name, shared across inputs.
+def dynamic_shapes(
+    names: Sequence[str],
+    dims_by_name: Mapping[str, Mapping[int, str]],
+    min_size: int = 1,
+    max_sequence: int | None = None,
+) -> tuple[dict[int, Any] | None, ...]:
+    """``torch.export`` dynamic shapes for inputs ``names`` whose axes are named in ``dims_by_name``.
 
-    A name that is not an identifier (``"past_sequence + sequence"``: the attention mask of a
-    KV-cache graph) is a derived size: torch works out its relation to the others (``Dim.AUTO``) and
-    the name is only what the ONNX file calls it.
+    One ``Dim`` per name, shared by every input that uses it, so torch.export sees one batch size
+    and one sequence length: ``batch`` and ``sequence`` take sizes from ``min_size`` (1, or 2 when
+    a model only exports with both ≥ 2); a name containing ``sequence`` (``sequence``,
+    ``past_sequence``, ``encoder_sequence``) is bounded by ``max_sequence`` (the model's position
+    table), any other (``lora_rank``) by :data:`MAX_DIM`. A name that is not an identifier
+    (``"past_sequence + sequence"``: the attention mask of a KV-cache graph) is a derived size:
+    torch works out its relation to the others (``Dim.AUTO``) and the name is only what the
+    artifact calls it. An input with no named axes is static (``None``).
     """
-    out: dict[int, Any] = {}
-    for axis, name in wanted.items():
-        if not name.isidentifier():
-            out[axis] = Dim.AUTO
-            continue
-        if name not in dims:
-            dims[name] = Dim(name, min=1, max=max_size or 1 << 16)
-        out[axis] = dims[name]
-    return out or None
+    dims: dict[str, Dim] = {}
+    shapes: list[dict[int, Any] | None] = []
+    for name in names:
+        spec: dict[int, Any] = {}
+        for axis, dim in dims_by_name.get(name, {}).items():
+            if not dim.isidentifier():
+                spec[axis] = Dim.AUTO
+                continue
+            if dim not in dims:
+                low = min_size if dim in ("batch", "sequence") else 1
+                dims[dim] = Dim(dim, min=low, max=(max_sequence or MAX_DIM) if "sequence" in dim else MAX_DIM)
+            spec[axis] = dims[dim]
+        shapes.append(spec or None)
+    return tuple(shapes)
 
 
 def _first_line(e: BaseException) -> str:

@@ -47,8 +47,8 @@ TASKS = {
     "causal-lm": TaskSpec("causal-lm", "AutoModelForCausalLM", "text-generation", True),
     "seq-cls": TaskSpec("seq-cls", "AutoModelForSequenceClassification", "text-classification", False),
     "token-cls": TaskSpec("token-cls", "AutoModelForTokenClassification", "token-classification", False),
-    # Encoder-decoder LMs have no single-graph capture: peftc.seq2seq captures the encoder and the
-    # decoder through its own wrappers (``capture(..., transform=...)``); TaskModule does not apply.
+    # Encoder-decoder LMs have no single-graph capture: peftc.exporting.seq2seq captures the encoder and
+    # the decoder through its own wrappers (``capture(..., transform=...)``); TaskModule does not apply.
     "seq2seq": TaskSpec("seq2seq", "AutoModelForSeq2SeqLM", "text2text-generation", False),
 }
 

@@ -1,19 +1,17 @@
-"""Shared fixtures of the TorchScript, AOTInductor and C++ tests, built once per test process.
+"""Shared artifacts of the TorchScript, AOTInductor and C++ tests, built once per test session (``cpp_cases``).
 
 The reference is HF PEFT: a tiny GPT-2 with a LoRA adapter made and saved by HF PEFT itself (B
 perturbed, so it is not the identity), bound into peftc programs with ``AdapterState.load``. The
 AOTInductor package (1–2 min of g++) and the C++ example binary (about a minute) are built at most
-once per process and shared by test_aoti.py and test_cpp.py.
+once per session by :class:`CppCases` (a session-scoped fixture in ``conftest.py``) and shared by
+test_torchscript.py, test_aoti.py and test_cpp.py.
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,20 +20,13 @@ import onnx_export_cases
 import pytest
 import torch
 from conftest import captured, tiny_gpt2
+from onnx_export_cases import ExportCases
 
 ATOL = 1e-4
 REPO = Path(__file__).resolve().parents[2]
 CPP_DIR = REPO / "examples" / "cpp"
 #: held-out (batch, seq, left pads): none is the capture example's 2 × 8
 SHAPES = [(1, 7, [0]), (3, 5, [0, 0, 2]), (4, 12, [0, 3, 6, 11])]
-
-_ROOT = Path(tempfile.mkdtemp(prefix="peftc-cpp-tests-"))
-atexit.register(shutil.rmtree, _ROOT, True)
-
-
-def scratch(name: str) -> Path:
-    """A fresh directory under this process's temporary root."""
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_ROOT))
 
 
 @dataclass
@@ -60,19 +51,87 @@ class Gpt2Lora:
         return program
 
 
-@functools.cache
-def gpt2_lora() -> Gpt2Lora:
-    peft = pytest.importorskip("peft", reason="HF PEFT is the reference for these tests")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(tiny_gpt2(), config).eval()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # B = 0 at init would make the adapter the identity
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    adapter_dir = scratch("gpt2-lora") / "adapter"
-    peft_model.save_pretrained(adapter_dir)
-    return Gpt2Lora(adapter_dir, peft_model, tiny_gpt2())
+class CppCases:
+    """This session's HF PEFT adapter, AOTInductor package and C++ binary, made on first use.
+
+    Args:
+        cases: the session's :class:`~onnx_export_cases.ExportCases` (its root and its memo).
+    """
+
+    def __init__(self, cases: ExportCases):
+        self.cases = cases
+
+    def scratch(self, name: str) -> Path:
+        return self.cases.scratch(name)
+
+    def gpt2_lora(self) -> Gpt2Lora:
+        """The tiny GPT-2 with a LoRA adapter saved by HF PEFT (skips without peft)."""
+        return self.cases.memo("cpp-gpt2-lora", self._gpt2_lora)
+
+    def aoti_package(self) -> Path:
+        """The merged GPT-2 LoRA program compiled with AOTInductor (skips without a C++ compiler)."""
+        return self.cases.memo("cpp-aoti-package", self._aoti_package)
+
+    def peftc_run_binary(self) -> Path:
+        """examples/cpp built once (CMake when present, else the documented g++ line); skips without a compiler."""
+        return self.cases.memo("cpp-binary", self._peftc_run_binary)
+
+    def run_cpp(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.peftc_run_binary()), *args], capture_output=True, text=True, timeout=300)
+
+    def _gpt2_lora(self) -> Gpt2Lora:
+        peft = pytest.importorskip("peft", reason="HF PEFT is the reference for these tests")
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")
+        peft_model = peft.get_peft_model(tiny_gpt2(), config).eval()
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:  # B = 0 at init would make the adapter the identity
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        adapter_dir = self.scratch("gpt2-lora") / "adapter"
+        peft_model.save_pretrained(adapter_dir)
+        return Gpt2Lora(adapter_dir, peft_model, tiny_gpt2())
+
+    def _aoti_package(self) -> Path:
+        from peftc.exporters.aoti import compiler_available, export_program_aoti
+
+        if compiler_available() is None:
+            pytest.skip("AOTInductor needs a C++ compiler (g++, c++, clang++ or $CXX) and none is on PATH")
+        return export_program_aoti(self.gpt2_lora().program(merge=True), self.scratch("aoti") / "model.pt2")
+
+    def _peftc_run_binary(self) -> Path:
+        if not (_torch_dir() / "include" / "torch" / "script.h").exists():
+            pytest.skip("the installed torch wheel ships no LibTorch headers (torch/include/torch/script.h)")
+        compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+        if compiler is None:
+            pytest.skip("no C++ compiler on PATH (g++ / c++ / $CXX) to build examples/cpp")
+        build = self.scratch("cpp-build")
+        env = {**os.environ, "CXX": compiler}
+        cmake = shutil.which("cmake")
+        if cmake:
+            prefix = torch.utils.cmake_prefix_path
+            steps = [
+                [
+                    cmake,
+                    "-S",
+                    str(CPP_DIR),
+                    "-B",
+                    str(build),
+                    f"-DCMAKE_PREFIX_PATH={prefix}",
+                    "-DCMAKE_BUILD_TYPE=Release",
+                ],
+                [cmake, "--build", str(build), "-j2"],
+            ]
+        else:
+            steps = [gxx_command(CPP_DIR / "peftc_run.cpp", build / "peftc_run", compiler)]
+        for step in steps:
+            done = subprocess.run(step, cwd=build, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                tail = (done.stdout + done.stderr)[-3000:]
+                pytest.fail(f"building examples/cpp failed ({' '.join(step[:3])} …):\n{tail}")
+        binary = build / "peftc_run"
+        assert binary.exists(), f"the build finished but {binary} is missing"
+        return binary
 
 
 def make_inputs(names: list[str], batch: int, seq: int, pads: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -93,16 +152,6 @@ def max_diff(got: np.ndarray, want: np.ndarray, inputs: dict[str, torch.Tensor],
     return float(np.abs(got[rows] - want[rows]).max())
 
 
-@functools.cache
-def aoti_package() -> Path:
-    """The merged GPT-2 LoRA program compiled with AOTInductor (skips without a C++ compiler)."""
-    from peftc.exporters.aoti import compiler_available, export_program_aoti
-
-    if compiler_available() is None:
-        pytest.skip("AOTInductor needs a C++ compiler (g++, c++, clang++ or $CXX) and none is on PATH")
-    return export_program_aoti(gpt2_lora().program(merge=True), scratch("aoti") / "model.pt2")
-
-
 def _torch_dir() -> Path:
     return Path(torch.__file__).resolve().parent
 
@@ -117,47 +166,6 @@ def gxx_command(source: Path, binary: Path, compiler: str = "g++") -> list[str]:
         f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
         f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10",
     ]  # fmt: skip
-
-
-@functools.cache
-def peftc_run_binary() -> Path:
-    """examples/cpp built once (CMake when present, else the documented g++ line); skips without a compiler."""
-    if not (_torch_dir() / "include" / "torch" / "script.h").exists():
-        pytest.skip("the installed torch wheel ships no LibTorch headers (torch/include/torch/script.h)")
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler on PATH (g++ / c++ / $CXX) to build examples/cpp")
-    build = scratch("cpp-build")
-    env = {**os.environ, "CXX": compiler}
-    cmake = shutil.which("cmake")
-    if cmake:
-        prefix = torch.utils.cmake_prefix_path
-        steps = [
-            [
-                cmake,
-                "-S",
-                str(CPP_DIR),
-                "-B",
-                str(build),
-                f"-DCMAKE_PREFIX_PATH={prefix}",
-                "-DCMAKE_BUILD_TYPE=Release",
-            ],
-            [cmake, "--build", str(build), "-j2"],
-        ]
-    else:
-        steps = [gxx_command(CPP_DIR / "peftc_run.cpp", build / "peftc_run", compiler)]
-    for step in steps:
-        done = subprocess.run(step, cwd=build, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-3000:]
-            pytest.fail(f"building examples/cpp failed ({' '.join(step[:3])} …):\n{tail}")
-    binary = build / "peftc_run"
-    assert binary.exists(), f"the build finished but {binary} is missing"
-    return binary
-
-
-def run_cpp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(peftc_run_binary()), *args], capture_output=True, text=True, timeout=300)
 
 
 def parse_logits(stdout: str) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""Shared export artifacts for the exporter tests, built once per test process.
+"""Shared export artifacts for the exporter tests, built once per test session (``export_cases`` fixture).
 
-ONNX export of even a tiny model takes ~10 s on two cores, so the three exporter test files share
-one cache: per family a base model directory (``save_pretrained``), a run directory written
+ONNX export of even a tiny model takes ~10 s on two cores, so the exporter test files share one
+:class:`ExportCases` (a session-scoped fixture in ``conftest.py``, under a pytest temporary
+directory): per family a base model directory (``save_pretrained``), a run directory written
 without the training stage (``AdapterState.save`` + ``run.json``) holding a non-identity LoRA
 adapter (B and, for seq-cls, the head perturbed), and its merged and unmerged exports. The
 reference is HF PEFT (``PeftModel.from_pretrained`` on the saved adapter), never peftc itself.
@@ -9,13 +10,12 @@ reference is HF PEFT (``PeftModel.from_pretrained`` on the saved adapter), never
 
 from __future__ import annotations
 
-import atexit
-import functools
 import json
-import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -39,14 +39,45 @@ FAMILY_PARAMS = [
     pytest.param("bert", id="bert-seq-cls", marks=pytest.mark.slow),
 ]
 
-_ROOT = Path(tempfile.mkdtemp(prefix="peftc-export-tests-"))
-atexit.register(shutil.rmtree, _ROOT, True)
+T = TypeVar("T")
 
 
-def scratch(name: str) -> Path:
-    """A fresh directory under the shared temporary root."""
-    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_ROOT))
-    return path
+class ExportCases:
+    """This session's shared artifacts, made on first use under ``root`` and kept for the session.
+
+    Args:
+        root: a directory of the session (``tmp_path_factory``); pytest removes it, not this class.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._made: dict[Any, Any] = {}
+
+    def scratch(self, name: str) -> Path:
+        """A fresh directory under the session's root."""
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root))
+
+    def memo(self, key: Any, make: Callable[[], T]) -> T:
+        """``make()`` once per session and ``key`` (a failure or skip is not kept: the next call retries)."""
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def build(self, family: str) -> Built:
+        """Base model dir + a run dir with a non-identity LoRA adapter made by peftc's passes."""
+        return self.memo(("build", family), lambda: _build(self, family))
+
+    def export(self, family: str, merge: bool) -> Path:
+        """``peftc export`` of the family's run, merged or not (a plain graph: KV-cache graphs are test_with_past's)."""
+        return self.memo(("export", family, merge), lambda: _export(self.build(family), merge))
+
+    def base_onnx(self, family: str) -> Path:
+        """The base model (no adapter) exported the same way as the adapted programs."""
+        return self.memo(("base-onnx", family), lambda: _base_onnx(self, family))
+
+    def hf_peft(self, family: str) -> torch.nn.Module:
+        """HF PEFT's model of the family's saved adapter: the reference."""
+        return self.memo(("hf-peft", family), lambda: _hf_peft(self.build(family)))
 
 
 @dataclass
@@ -58,13 +89,14 @@ class Built:
     auto_class: str
     base_dir: Path
     run_dir: Path
+    cases: ExportCases
 
     @property
     def adapter_dir(self) -> Path:
         return self.run_dir / "adapter"
 
     def export(self, merge: bool) -> Path:
-        return _export(self.family, merge)
+        return self.cases.export(self.family, merge)
 
     def hf_base(self) -> torch.nn.Module:
         import transformers
@@ -73,19 +105,17 @@ class Built:
         return auto.from_pretrained(self.base_dir, use_safetensors=True).eval()
 
     def hf_peft(self) -> torch.nn.Module:
-        return _hf_peft(self.family)
+        return self.cases.hf_peft(self.family)
 
 
-@functools.cache
-def build(family: str) -> Built:
-    """Base model dir + a run dir with a non-identity LoRA adapter made by peftc's passes."""
+def _build(cases: ExportCases, family: str) -> Built:
     from peftc.passes import insertion_pipeline
 
     from peftc.config import LoraConfig
     from peftc.program import capture
 
     task, factory, auto_class = SPECS[family]
-    root = scratch(family)
+    root = cases.scratch(family)
     model = factory()
     base_dir = root / "base"
     model.save_pretrained(base_dir, safe_serialization=True)
@@ -113,7 +143,7 @@ def build(family: str) -> Built:
     if seq_cls:
         run["id2label"] = {str(k): v for k, v in ID2LABEL.items()}
     (run_dir / "run.json").write_text(json.dumps(run))
-    return Built(family, task, auto_class, base_dir, run_dir)
+    return Built(family, task, auto_class, base_dir, run_dir, cases)
 
 
 def save_tokenizer(directory: Path) -> None:
@@ -126,35 +156,29 @@ def save_tokenizer(directory: Path) -> None:
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
 
 
-@functools.cache
-def _export(family: str, merge: bool) -> Path:
+def _export(built: Built, merge: bool) -> Path:
     from peftc.exporting import export
 
-    built = build(family)
     out = built.run_dir.parent / f"export-{'merged' if merge else 'unmerged'}"
     return export(built.run_dir, merge=merge, out=out, with_past=False)  # KV-cache graphs: test_with_past.py
 
 
-@functools.cache
-def base_onnx(family: str) -> Path:
-    """The base model (no adapter) exported the same way as the adapted programs."""
+def _base_onnx(cases: ExportCases, family: str) -> Path:
     from peftc.exporters.onnx import export_program_onnx
 
     from peftc.models import load_model
     from peftc.program import capture
 
-    built = build(family)
+    built = cases.build(family)
     loaded = load_model(built.base_dir, built.task)
-    path = scratch(f"{family}-base-onnx") / "model.onnx"
+    path = cases.scratch(f"{family}-base-onnx") / "model.onnx"
     export_program_onnx(capture(loaded.model, built.task, mode="eval"), path)
     return path
 
 
-@functools.cache
-def _hf_peft(family: str) -> torch.nn.Module:
+def _hf_peft(built: Built) -> torch.nn.Module:
     from peft import PeftModel
 
-    built = build(family)
     return PeftModel.from_pretrained(built.hf_base(), built.adapter_dir).eval()
 
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import captured
-from cpp_cases import ATOL, SHAPES, aoti_package, gpt2_lora, hf_logits, make_inputs, max_diff
-from peftc.exporters.aoti import export_program_aoti, load_aoti, verify_aoti
+from cpp_cases import ATOL, SHAPES, hf_logits, make_inputs, max_diff
+from peftc.exporters.aoti import export_program_aoti, load_aoti
+from peftc.exporters.verify import verify_artifact
 
 from peftc.errors import ConfigError
 
 
 @pytest.mark.slow
-def test_aoti_matches_hf_peft_on_new_shapes():
-    built = gpt2_lora()
-    runner = load_aoti(aoti_package())
+def test_aoti_matches_hf_peft_on_new_shapes(cpp_cases):
+    built = cpp_cases.gpt2_lora()
+    runner = load_aoti(cpp_cases.aoti_package())
     names = ["input_ids", "attention_mask", "position_ids"]
     for batch, seq, pads in SHAPES:
         inputs = make_inputs(names, batch, seq, pads)
@@ -26,12 +27,13 @@ def test_aoti_matches_hf_peft_on_new_shapes():
 
 
 @pytest.mark.slow
-def test_verify_aoti_and_metadata():
-    program = gpt2_lora().program(merge=True)
-    report = verify_aoti(aoti_package(), program)
+def test_verify_aoti_and_metadata(cpp_cases):
+    program = cpp_cases.gpt2_lora().program(merge=True)
+    report = verify_artifact("aoti", cpp_cases.aoti_package(), program)
     assert report.passed and [c.shape for c in report.cases] == [[1, 7], [3, 5], [4, 12]]
+    assert report.candidate == "AOTInductor (model.pt2)"
     assert report.max_abs_diff <= 1e-5, report.summary()  # generated kernels reorder sums: ~2e-7 measured
-    metadata = load_aoti(aoti_package()).get_metadata()
+    metadata = load_aoti(cpp_cases.aoti_package()).get_metadata()
     assert metadata["peftc.input_names"] == "input_ids,attention_mask,position_ids"
     assert metadata["peftc.output_names"] == "logits" and metadata["peftc.task"] == "causal-lm"
 
@@ -59,15 +61,13 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_peftc_export_format_aoti():
+def test_peftc_export_format_aoti(export_cases):
     """``peftc export --format aoti --merge``: a verified artifact directory."""
     import json
 
-    from onnx_export_cases import build
-
     from peftc.exporting import export
 
-    built = build("gpt2")
+    built = export_cases.build("gpt2")
     out = export(built.run_dir, format="aoti", merge=True, out=built.run_dir.parent / "export-aoti")
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())

@@ -10,18 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import captured
-from cpp_cases import (
-    ATOL,
-    aoti_package,
-    gpt2_lora,
-    hf_logits,
-    ids_arg,
-    make_inputs,
-    max_diff,
-    parse_logits,
-    run_cpp,
-    scratch,
-)
+from cpp_cases import ATOL, hf_logits, ids_arg, make_inputs, max_diff, parse_logits
 from peftc.exporters.torchscript import export_program_torchscript
 
 pytestmark = pytest.mark.slow  # building the example costs about a minute of g++
@@ -35,13 +24,15 @@ def _ragged_batch() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def merged_pt():
-    return export_program_torchscript(gpt2_lora().program(merge=True), scratch("cpp-ts") / "model.pt")
+def merged_pt(cpp_cases):
+    return export_program_torchscript(
+        cpp_cases.gpt2_lora().program(merge=True), cpp_cases.scratch("cpp-ts") / "model.pt"
+    )
 
 
-def _check_against_python(model_path, inputs):
-    built = gpt2_lora()
-    done = run_cpp(str(model_path), "--ids", ids_arg(inputs["input_ids"], inputs["attention_mask"]))
+def _check_against_python(cpp_cases, model_path, inputs):
+    built = cpp_cases.gpt2_lora()
+    done = cpp_cases.run_cpp(str(model_path), "--ids", ids_arg(inputs["input_ids"], inputs["attention_mask"]))
     assert done.returncode == 0, done.stderr
     got = parse_logits(done.stdout)
     assert got.shape == (3, 9, 128)
@@ -53,15 +44,15 @@ def _check_against_python(model_path, inputs):
     assert max_diff(got, want, inputs) <= ATOL
 
 
-def test_cpp_runs_torchscript(merged_pt):
-    _check_against_python(merged_pt, _ragged_batch())
+def test_cpp_runs_torchscript(cpp_cases, merged_pt):
+    _check_against_python(cpp_cases, merged_pt, _ragged_batch())
 
 
-def test_cpp_runs_aoti_package():
-    _check_against_python(aoti_package(), _ragged_batch())
+def test_cpp_runs_aoti_package(cpp_cases):
+    _check_against_python(cpp_cases, cpp_cases.aoti_package(), _ragged_batch())
 
 
-def test_cpp_explicit_mask_and_input_names_on_seq_cls(tmp_path):
+def test_cpp_explicit_mask_and_input_names_on_seq_cls(cpp_cases, tmp_path):
     """BERT seq-cls (token_type_ids, no positions): --mask given, --inputs overriding the schema's names."""
     from peftc.passes import insertion_pipeline
 
@@ -79,7 +70,7 @@ def test_cpp_explicit_mask_and_input_names_on_seq_cls(tmp_path):
     inputs["attention_mask"][1, 4:] = 0  # right padding, given explicitly
     ids = ";".join(",".join(map(str, row)) for row in inputs["input_ids"].tolist())
     mask = ";".join(",".join(map(str, row)) for row in inputs["attention_mask"].tolist())
-    done = run_cpp(str(path), "--ids", ids, "--mask", mask, "--inputs", ",".join(program.input_names))
+    done = cpp_cases.run_cpp(str(path), "--ids", ids, "--mask", mask, "--inputs", ",".join(program.input_names))
     assert done.returncode == 0, done.stderr
     with torch.no_grad():
         want = program(*inputs.values()).numpy()
@@ -88,8 +79,8 @@ def test_cpp_explicit_mask_and_input_names_on_seq_cls(tmp_path):
     assert np.abs(got - want).max() <= ATOL
 
 
-def test_cpp_bench_reports_latency(merged_pt):
-    done = run_cpp(str(merged_pt), "--ids", "5,6,7,8", "--threads", "1", "--bench", "3")
+def test_cpp_bench_reports_latency(cpp_cases, merged_pt):
+    done = cpp_cases.run_cpp(str(merged_pt), "--ids", "5,6,7,8", "--threads", "1", "--bench", "3")
     assert done.returncode == 0, done.stderr
     assert "latency_ms median=" in done.stderr and "runs=3" in done.stderr
 
@@ -106,12 +97,12 @@ def test_cpp_bench_reports_latency(merged_pt):
     ],
     ids=["bad-id", "no-ids", "ragged-mask", "unknown-input", "missing-file", "wrong-suffix"],
 )
-def test_cpp_errors_are_one_line(merged_pt, tmp_path, args, code, message):
+def test_cpp_errors_are_one_line(cpp_cases, merged_pt, tmp_path, args, code, message):
     args = [a.format(model=merged_pt, missing=tmp_path / "none.pt") for a in args]
     if args[0].endswith(".onnx"):
         (tmp_path / "m.onnx").write_bytes(b"")
         args[0] = str(tmp_path / "m.onnx")
-    done = run_cpp(*args)
+    done = cpp_cases.run_cpp(*args)
     assert done.returncode == code, (done.returncode, done.stderr)
     first = done.stderr.splitlines()[0]
     assert first.startswith("peftc_run: error: ") and message in first, done.stderr

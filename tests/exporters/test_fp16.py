@@ -35,8 +35,8 @@ def _ort(path, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndar
         pytest.param("llama", True, id="llama-gqa-with-past", marks=pytest.mark.slow),
     ],
 )
-def test_float16_merged_lora_matches_float32_hf_peft(family, with_past, tmp_path):
-    root, peft_model = _hf_peft(family, "lora")
+def test_float16_merged_lora_matches_float32_hf_peft(export_cases, family, with_past, tmp_path):
+    root, peft_model = _hf_peft(export_cases, family, "lora")
     out = export(
         root / "adapter", model=str(root / "base"), merge=True, dtype="float16", with_past=with_past, out=tmp_path / "a"
     )
@@ -70,8 +70,8 @@ def test_float16_merged_lora_matches_float32_hf_peft(family, with_past, tmp_path
     assert np.abs(base_logits[rows] - want[rows]).max() > 10 * diff
 
 
-def test_float16_refuses_swappable_adapters(tmp_path):
-    root, _ = _hf_peft("gpt2", "lora")
+def test_float16_refuses_swappable_adapters(export_cases, tmp_path):
+    root, _ = _hf_peft(export_cases, "gpt2", "lora")
     with pytest.raises(ConfigError, match="float16"):
         export(
             [root / "adapter"], model=str(root / "base"), adapters_as_inputs=True, dtype="float16", out=tmp_path / "x"

@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper
-from onnx_export_cases import ATOL, CAPTURE_SHAPE, FAMILY_PARAMS, ID2LABEL, build, scratch
+from onnx_export_cases import ATOL, CAPTURE_SHAPE, FAMILY_PARAMS, ID2LABEL
 from peftc.exporters.manifest import check_manifest, file_hashes, onnx_io
 
 import peftc
@@ -27,8 +27,8 @@ def _manifest(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
-def test_manifest_hashes_every_file(merge):
-    out = build("gpt2").export(merge)
+def test_manifest_hashes_every_file(export_cases, merge):
+    out = export_cases.build("gpt2").export(merge)
     files = _manifest(out)["files"]
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert sorted(files) == [f for f in on_disk if f != "manifest.json"]
@@ -38,9 +38,9 @@ def test_manifest_hashes_every_file(merge):
     assert check_manifest(out) == []
 
 
-def test_check_manifest_reports_tampering():
-    copy = scratch("tampered") / "artifact"
-    shutil.copytree(build("gpt2").export(True), copy)
+def test_check_manifest_reports_tampering(export_cases):
+    copy = export_cases.scratch("tampered") / "artifact"
+    shutil.copytree(export_cases.build("gpt2").export(True), copy)
     (copy / "config.json").write_text("{}")
     (copy / "extra.bin").write_bytes(b"x")
     (copy / "report.json").unlink()
@@ -52,8 +52,8 @@ def test_check_manifest_reports_tampering():
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
-def test_manifest_records_method_adapter_versions_and_base(merge):
-    built = build("gpt2")
+def test_manifest_records_method_adapter_versions_and_base(export_cases, merge):
+    built = export_cases.build("gpt2")
     manifest = _manifest(built.export(merge))
     assert manifest["format"] == "onnx" and manifest["opset"] == 18
     assert manifest["task"] == "causal-lm" and manifest["optimum_task"] == "text-generation"
@@ -74,8 +74,8 @@ def test_manifest_records_method_adapter_versions_and_base(merge):
     assert base["architecture"] == "GPT2LMHeadModel"
 
 
-def test_manifest_interface_matches_the_onnx_file():
-    out = build("gpt2").export(True)
+def test_manifest_interface_matches_the_onnx_file(export_cases):
+    out = export_cases.build("gpt2").export(True)
     manifest = _manifest(out)
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
     for value in manifest["inputs"]:
@@ -96,8 +96,8 @@ def test_manifest_interface_matches_the_onnx_file():
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
-def test_report_holds_the_verification_figures(merge):
-    report = json.loads((build("gpt2").export(merge) / "report.json").read_text())
+def test_report_holds_the_verification_figures(export_cases, merge):
+    report = json.loads((export_cases.build("gpt2").export(merge) / "report.json").read_text())
     assert report["verified"] is True and report["atol"] == ATOL
     assert report["max_abs_diff"] == max(c["max_abs_diff"] for c in report["onnx_vs_torch"]["cases"])
     onnx_vs_torch = report["onnx_vs_torch"]
@@ -115,10 +115,10 @@ def test_report_holds_the_verification_figures(merge):
         assert report["merged_vs_unmerged"] is None
 
 
-def test_config_and_tokenizer_are_in_the_artifact():
+def test_config_and_tokenizer_are_in_the_artifact(export_cases):
     from transformers import AutoConfig, AutoTokenizer
 
-    built = build("gpt2")
+    built = export_cases.build("gpt2")
     out = built.export(True)
     config = AutoConfig.from_pretrained(out)
     assert config.model_type == "gpt2" and config.architectures == ["GPT2LMHeadModel"]
@@ -131,8 +131,8 @@ def test_config_and_tokenizer_are_in_the_artifact():
 
 
 @pytest.mark.slow
-def test_seq_cls_artifact_carries_the_label_map():
-    out = build("bert").export(True)
+def test_seq_cls_artifact_carries_the_label_map(export_cases):
+    out = export_cases.build("bert").export(True)
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {str(k): v for k, v in ID2LABEL.items()}
     manifest = _manifest(out)
@@ -145,8 +145,8 @@ def test_seq_cls_artifact_carries_the_label_map():
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_every_family_manifest_verifies(family):
-    out = build(family).export(False)
+def test_every_family_manifest_verifies(export_cases, family):
+    out = export_cases.build(family).export(False)
     assert check_manifest(out) == []
     assert json.loads((out / "report.json").read_text())["verified"] is True
 

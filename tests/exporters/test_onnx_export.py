@@ -14,14 +14,11 @@ from onnx_export_cases import (
     ATOL,
     FAMILY_PARAMS,
     TEST_SHAPES,
-    base_onnx,
-    build,
     hf_logits,
     make_inputs,
     max_diff,
     onnx_input_names,
     ort_logits,
-    scratch,
 )
 
 from peftc.errors import ConfigError, ExportVerificationError, OutputExistsError
@@ -36,8 +33,8 @@ def histogram(path: Path) -> Counter:
 
 @pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_onnx_matches_hf_peft(family, merge):
-    built = build(family)
+def test_onnx_matches_hf_peft(export_cases, family, merge):
+    built = export_cases.build(family)
     path = built.export(merge) / "model.onnx"
     names = onnx_input_names(path)
     peft_model, base_model = built.hf_peft(), built.hf_base()
@@ -51,10 +48,10 @@ def test_onnx_matches_hf_peft(family, merge):
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_merged_graph_is_base_graph_op_for_op(family):
-    built = build(family)
+def test_merged_graph_is_base_graph_op_for_op(export_cases, family):
+    built = export_cases.build(family)
     merged = built.export(True) / "model.onnx"
-    base = base_onnx(family)
+    base = export_cases.base_onnx(family)
     assert histogram(merged) == histogram(base)
     assert not [i.name for i in onnx.load(str(merged)).graph.initializer if "lora_" in i.name]
     # same graph, other weights: the merged export computes something else than the base
@@ -63,10 +60,10 @@ def test_merged_graph_is_base_graph_op_for_op(family):
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_unmerged_graph_keeps_the_lora_branch(family):
+def test_unmerged_graph_keeps_the_lora_branch(export_cases, family):
     from safetensors import safe_open
 
-    built = build(family)
+    built = export_cases.build(family)
     with safe_open(str(built.adapter_dir / "adapter_model.safetensors"), "pt") as f:
         n_sites = sum(k.endswith("lora_A.weight") for k in f.keys())
     assert n_sites >= 2
@@ -78,8 +75,8 @@ def test_unmerged_graph_keeps_the_lora_branch(family):
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_dims_are_named_batch_and_sequence(family):
-    built = build(family)
+def test_dims_are_named_batch_and_sequence(export_cases, family):
+    built = export_cases.build(family)
     model = onnx.load(str(built.export(True) / "model.onnx"), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
@@ -97,11 +94,11 @@ def test_dims_are_named_batch_and_sequence(family):
         assert dims[1].dim_value == 3
 
 
-def _hf_peft_adapter_dir(family: str) -> tuple[Path, torch.nn.Module]:
+def _hf_peft_adapter_dir(export_cases, family: str) -> tuple[Path, torch.nn.Module]:
     """An adapter saved by HF PEFT itself (its own config and key names), B and head perturbed."""
     import peft
 
-    built = build(family)
+    built = export_cases.build(family)
     seq_cls = built.task == "seq-cls"
     config = peft.LoraConfig(
         r=4,
@@ -115,7 +112,7 @@ def _hf_peft_adapter_dir(family: str) -> tuple[Path, torch.nn.Module]:
         for name, param in model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
-    out = scratch(f"{family}-hf-peft") / "adapter"
+    out = export_cases.scratch(f"{family}-hf-peft") / "adapter"
     model.save_pretrained(out)
     return out, model
 
@@ -124,9 +121,9 @@ def _hf_peft_adapter_dir(family: str) -> tuple[Path, torch.nn.Module]:
     "family",
     [pytest.param("gpt2", id="gpt2-causal-lm"), pytest.param("bert", id="bert-seq-cls", marks=pytest.mark.slow)],
 )
-def test_export_from_hf_peft_adapter_dir(family):
-    built = build(family)
-    adapter_dir, peft_model = _hf_peft_adapter_dir(family)
+def test_export_from_hf_peft_adapter_dir(export_cases, family):
+    built = export_cases.build(family)
+    adapter_dir, peft_model = _hf_peft_adapter_dir(export_cases, family)
     out = export(adapter_dir, merge=True, model=str(built.base_dir), out=adapter_dir.parent / "onnx", with_past=False)
     path = out / "model.onnx"
     for batch, seq, pads in TEST_SHAPES:
@@ -136,9 +133,9 @@ def test_export_from_hf_peft_adapter_dir(family):
     assert manifest["merged"] is True and manifest["task"] == built.task
 
 
-def test_non_empty_out_is_refused_without_force_and_untouched():
-    built = build("gpt2")
-    out = scratch("refused") / "out"
+def test_non_empty_out_is_refused_without_force_and_untouched(export_cases):
+    built = export_cases.build("gpt2")
+    out = export_cases.scratch("refused") / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--force"):
@@ -151,8 +148,8 @@ def test_non_empty_out_is_refused_without_force_and_untouched():
     assert {"model.onnx", "manifest.json", "report.json", "config.json"} <= {p.name for p in out.iterdir()}
 
 
-def test_out_over_the_source_is_refused_even_with_force():
-    built = build("gpt2")
+def test_out_over_the_source_is_refused_even_with_force(export_cases):
+    built = export_cases.build("gpt2")
     for out in (built.run_dir, built.run_dir.parent, built.adapter_dir):
         with pytest.raises(OutputExistsError, match="which this export reads"):
             export(built.run_dir, out=out, force=True, with_past=False)
@@ -167,17 +164,17 @@ def test_default_out_is_inside_the_run_dir():
     assert default_out("some/run") == Path("some/run/export-onnx")
 
 
-def test_failed_verification_leaves_no_artifact(monkeypatch):
-    import peftc.exporters.verify as verify
+def test_failed_verification_leaves_no_artifact(export_cases, monkeypatch):
+    import peftc.exporters.onnx as onnx_exporter
 
-    built = build("gpt2")
-    real = verify.run_onnx
+    built = export_cases.build("gpt2")
+    real = onnx_exporter.run_onnx
 
     def corrupted(path, cases, output="logits"):
         return [o + 1e-2 for o in real(path, cases, output)]
 
-    monkeypatch.setattr(verify, "run_onnx", corrupted)
-    parent = scratch("failing")
+    monkeypatch.setattr(onnx_exporter, "run_onnx", corrupted)
+    parent = export_cases.scratch("failing")
     out = parent / "out"
     with pytest.raises(ExportVerificationError) as info:
         export(built.run_dir, out=out, with_past=False)
@@ -189,13 +186,13 @@ def test_failed_verification_leaves_no_artifact(monkeypatch):
 
 
 @pytest.mark.slow
-def test_failed_forced_export_keeps_the_previous_artifact(monkeypatch):
-    import peftc.exporters.verify as verify
+def test_failed_forced_export_keeps_the_previous_artifact(export_cases, monkeypatch):
+    import peftc.exporters.onnx as onnx_exporter
 
-    built = build("gpt2")
-    real = verify.run_onnx
-    monkeypatch.setattr(verify, "run_onnx", lambda *a, **k: [o * 1.5 for o in real(*a, **k)])
-    parent = scratch("failing-forced")
+    built = export_cases.build("gpt2")
+    real = onnx_exporter.run_onnx
+    monkeypatch.setattr(onnx_exporter, "run_onnx", lambda *a, **k: [o * 1.5 for o in real(*a, **k)])
+    parent = export_cases.scratch("failing-forced")
     out = parent / "out"
     out.mkdir()
     (out / "previous.txt").write_text("old")
@@ -219,20 +216,20 @@ def test_bad_options_are_config_errors(kwargs, match, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_merged_and_unmerged_exports_agree():
-    built = build("gpt2")
+def test_merged_and_unmerged_exports_agree(export_cases):
+    built = export_cases.build("gpt2")
     merged, unmerged = built.export(True) / "model.onnx", built.export(False) / "model.onnx"
     inputs = make_inputs(built.task, onnx_input_names(merged), 3, 9, [3, 0, 1])
     assert max_diff(built.task, ort_logits(merged, inputs), ort_logits(unmerged, inputs), inputs) <= ATOL
     assert np.isfinite(ort_logits(merged, inputs)).all()
 
 
-def test_large_models_get_external_data(monkeypatch):
+def test_large_models_get_external_data(export_cases, monkeypatch):
     import peftc.exporters.onnx as onnx_exporter
 
     monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # every model counts as large
-    built = build("gpt2")
-    out = export(built.run_dir, merge=True, out=scratch("external") / "out", with_past=False)
+    built = export_cases.build("gpt2")
+    out = export(built.run_dir, merge=True, out=export_cases.scratch("external") / "out", with_past=False)
     data = out / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > (out / "model.onnx").stat().st_size
     manifest = json.loads((out / "manifest.json").read_text())

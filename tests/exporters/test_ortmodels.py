@@ -14,14 +14,13 @@ runs one case per task and the rest are ``slow``.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_bart, tiny_bert, tiny_bert_token, tiny_gpt2, tiny_t5
-from onnx_export_cases import save_tokenizer, scratch
+from onnx_export_cases import save_tokenizer
 
 from peftc.errors import AdapterMismatchError, ConfigError
 
@@ -38,13 +37,16 @@ FACTORIES = {
 }
 
 
-@functools.cache
-def _hf_peft(family: str):
-    """(root, PeftModel): base dir ``root/base`` and HF PEFT adapter dir ``root/adapter``, non-identity."""
+def _hf_peft(export_cases, family: str):
+    """(root, PeftModel): base ``root/base``, HF PEFT adapter ``root/adapter``, non-identity; once per session."""
+    return export_cases.memo(("ortm-hf-peft", family), lambda: _make_hf_peft(export_cases, family))
+
+
+def _make_hf_peft(export_cases, family: str):
     import peft
 
     factory, task_type = FACTORIES[family]
-    root = scratch(f"ortm-{family}")
+    root = export_cases.scratch(f"ortm-{family}")
     factory().save_pretrained(root / "base", safe_serialization=True)
     save_tokenizer(root / "base")
     torch.manual_seed(5)
@@ -58,12 +60,14 @@ def _hf_peft(family: str):
     return root, model
 
 
-@functools.cache
-def _export(family: str, merge: bool = False):
-    from peftc.exporting import export
+def _export(export_cases, family: str, merge: bool = False):
+    def make():
+        from peftc.exporting import export
 
-    root, _ = _hf_peft(family)
-    return export(root / "adapter", model=str(root / "base"), merge=merge, out=root / f"onnx-{merge}")
+        root, _ = _hf_peft(export_cases, family)
+        return export(root / "adapter", model=str(root / "base"), merge=merge, out=root / f"onnx-{merge}")
+
+    return export_cases.memo(("ortm-export", family, merge), make)
 
 
 def _padded_batch(pad_id: int, batch: int = 3, seq: int = 9, left: bool = True) -> dict[str, torch.Tensor]:
@@ -83,12 +87,12 @@ def _padded_batch(pad_id: int, batch: int = 3, seq: int = 9, left: bool = True) 
 @pytest.mark.parametrize(
     "family", ["bert-seq-cls", pytest.param("gpt2-seq-cls", marks=pytest.mark.slow), "bert-token-cls"]
 )
-def test_classifier_loads_with_ortmodel(family):
+def test_classifier_loads_with_ortmodel(export_cases, family):
     """ORTModelFor{Sequence,Token}Classification on the artifact == HF PEFT's logits (padded batch)."""
     from optimum.onnxruntime import ORTModelForSequenceClassification, ORTModelForTokenClassification
 
-    root, peft_model = _hf_peft(family)
-    out = _export(family)
+    root, peft_model = _hf_peft(export_cases, family)
+    out = _export(export_cases, family)
     token = family.endswith("token-cls")
     ort_class = ORTModelForTokenClassification if token else ORTModelForSequenceClassification
     ort_model = ort_class.from_pretrained(out)
@@ -206,12 +210,12 @@ SEQ2SEQ_PARAMS = [
 
 
 @pytest.mark.parametrize(("family", "merge"), SEQ2SEQ_PARAMS)
-def test_seq2seq_generates_like_hf_peft(family, merge):
+def test_seq2seq_generates_like_hf_peft(export_cases, family, merge):
     """ORTModelForSeq2SeqLM(use_cache=False).generate == HF PEFT generate; states and logits within 1e-4."""
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
-    root, peft_model = _hf_peft(family)
-    out = _export(family, merge)
+    root, peft_model = _hf_peft(export_cases, family)
+    out = _export(export_cases, family, merge)
     assert (out / "encoder_model.onnx").is_file() and (out / "decoder_model.onnx").is_file()
     assert not (out / "model.onnx").exists()
     assert json.loads((out / "config.json").read_text())["use_cache"] is False
@@ -245,12 +249,12 @@ def test_seq2seq_generates_like_hf_peft(family, merge):
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_seq2seq_adapter_splits_into_encoder_and_decoder_parts(family):
+def test_seq2seq_adapter_splits_into_encoder_and_decoder_parts(export_cases, family):
     """The HF PEFT state splits by the encoder's module name into a partition sharing the same tensors."""
     from peftc.adapters import AdapterState
-    from peftc.seq2seq import encoder_prefix, split_state
+    from peftc.exporting.seq2seq import encoder_prefix, split_state
 
-    root, _ = _hf_peft(family)
+    root, _ = _hf_peft(export_cases, family)
     state = AdapterState.load(root / "adapter")
     model = FACTORIES[family][0]()
     prefix = encoder_prefix(model)
@@ -265,15 +269,15 @@ def test_seq2seq_adapter_splits_into_encoder_and_decoder_parts(family):
 
 
 @pytest.mark.slow
-def test_seq2seq_whole_state_does_not_bind_into_one_graph():
+def test_seq2seq_whole_state_does_not_bind_into_one_graph(export_cases):
     """Why the split exists: the decoder graph refuses the encoder's keys (it calls no encoder module)."""
     from peftc.passes import insertion_pipeline
 
     from peftc.adapters import AdapterState
+    from peftc.exporting.seq2seq import DecoderModule
     from peftc.program import capture
-    from peftc.seq2seq import DecoderModule
 
-    root, _ = _hf_peft("t5")
+    root, _ = _hf_peft(export_cases, "t5")
     state = AdapterState.load(root / "adapter")
     program = capture(tiny_t5(), "seq2seq", mode="eval", transform=lambda m, _names: DecoderModule(m))
     with pytest.raises(AdapterMismatchError, match="encoder"):
@@ -297,8 +301,8 @@ def test_seq2seq_refuses_prompt_methods(tmp_path):
     """Prompt methods change the inputs; the two-graph export says so instead of failing in capture."""
     from peftc.adapters import AdapterState
     from peftc.config import PromptTuningConfig
-    from peftc.seq2seq import adapted_programs
+    from peftc.exporting.graphs import EncoderDecoder
 
     state = AdapterState(PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
-    with pytest.raises(ConfigError, match="rewrite layers .* not prompt tuning"):
-        adapted_programs(tiny_t5(), state)
+    with pytest.raises(ConfigError, match="rewrite layers .*, not prompt tuning"):
+        EncoderDecoder().capture(tiny_t5(), state)

@@ -7,7 +7,6 @@ perturbed), and the two GPT-2 adapters have different ranks (4 and 8) and scales
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_gpt2
-from onnx_export_cases import ATOL, TEST_SHAPES, build, make_inputs, save_tokenizer, scratch
+from onnx_export_cases import ATOL, TEST_SHAPES, make_inputs, save_tokenizer
 
 from peftc.errors import AdapterMismatchError, ConfigError
 
@@ -112,15 +111,15 @@ def test_lift_pass_without_lora_sites_changes_nothing():
 
 
 # -- export ---------------------------------------------------------------------------------------
-def _second_run(family: str, name: str, r: int, alpha: float, seed: int, targets=None) -> Path:
-    """Another run dir over ``build(family)``'s base: another rank/scale/head, or other targets."""
+def _second_run(export_cases, family: str, name: str, r: int, alpha: float, seed: int, targets=None) -> Path:
+    """Another run dir over the family's base: another rank/scale/head, or other targets."""
     from peftc.passes import insertion_pipeline
 
     from peftc.config import LoraConfig
     from peftc.models import load_model
     from peftc.program import capture
 
-    built = build(family)
+    built = export_cases.build(family)
     seq_cls = built.task == "seq-cls"
     loaded = load_model(built.base_dir, built.task, num_labels=3 if seq_cls else None)
     program = capture(loaded.model, built.task, mode="eval")
@@ -146,25 +145,31 @@ def _second_run(family: str, name: str, r: int, alpha: float, seed: int, targets
     return run_dir
 
 
-@functools.cache
-def _swappable(family: str) -> tuple[Path, list[Path]]:
-    from peftc.exporting import export
+def _swappable(export_cases, family: str) -> tuple[Path, list[Path]]:
+    """The family's run and a rank-8 run exported as one swappable artifact (once per session)."""
 
-    built = build(family)
-    runs = [built.run_dir, _second_run(family, "run-r8", r=8, alpha=4, seed=11)]
-    out = export(runs, adapters_as_inputs=True, out=scratch(f"{family}-swappable") / "art", with_past=False)
-    return out, runs
+    def make() -> tuple[Path, list[Path]]:
+        from peftc.exporting import export
+
+        built = export_cases.build(family)
+        runs = [built.run_dir, _second_run(export_cases, family, "run-r8", r=8, alpha=4, seed=11)]
+        out = export(
+            runs, adapters_as_inputs=True, out=export_cases.scratch(f"{family}-swappable") / "art", with_past=False
+        )
+        return out, runs
+
+    return export_cases.memo(("swappable", family), make)
 
 
-def _hf_peft(family: str, adapter_dir: Path) -> torch.nn.Module:
+def _hf_peft(export_cases, family: str, adapter_dir: Path) -> torch.nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(build(family).hf_base(), adapter_dir).eval()
+    return PeftModel.from_pretrained(export_cases.build(family).hf_base(), adapter_dir).eval()
 
 
-def _check_family(family: str) -> None:
-    out, runs = _swappable(family)
-    built = build(family)
+def _check_family(export_cases, family: str) -> None:
+    out, runs = _swappable(export_cases, family)
+    built = export_cases.build(family)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["adapters_as_inputs"] is True and manifest["merged"] is False
     names = [a["name"] for a in manifest["adapters"]]
@@ -192,7 +197,7 @@ def _check_family(family: str) -> None:
         adapter = ort.LoraAdapter()
         adapter.Load(str(out / a["file"]))
         adapters.append(adapter)
-    references = [_hf_peft(family, run / "adapter") for run in runs]
+    references = [_hf_peft(export_cases, family, run / "adapter") for run in runs]
     base = built.hf_base()
     for batch, seq, pads in TEST_SHAPES:
         x = make_inputs(built.task, token_names, batch, seq, pads, seed=batch)
@@ -212,22 +217,22 @@ def _check_family(family: str) -> None:
             np.testing.assert_allclose(got[rows], want[rows], atol=ATOL, rtol=0)
 
 
-def test_swappable_gpt2_two_ranks_match_hf_peft_and_base():
-    _check_family("gpt2")
+def test_swappable_gpt2_two_ranks_match_hf_peft_and_base(export_cases):
+    _check_family(export_cases, "gpt2")
 
 
 @pytest.mark.slow
-def test_swappable_bert_seq_cls_swaps_head_and_lora():
-    _check_family("bert")
-    out, _ = _swappable("bert")
+def test_swappable_bert_seq_cls_swaps_head_and_lora(export_cases):
+    _check_family(export_cases, "bert")
+    out, _ = _swappable(export_cases, "bert")
     inputs = {i["name"] for i in json.loads((out / "manifest.json").read_text())["adapter_inputs"]}
     assert "classifier.weight" in inputs and "classifier.bias" in inputs
 
 
-def test_check_adapter_accepts_the_exported_ones_and_names_the_first_mismatch():
+def test_check_adapter_accepts_the_exported_ones_and_names_the_first_mismatch(export_cases):
     from peftc.exporters.swappable import check_adapter, read_adapter, write_adapter
 
-    out, _ = _swappable("gpt2")
+    out, _ = _swappable(export_cases, "gpt2")
     model = out / "model.onnx"
     files = [out / "adapters" / "run.onnx_adapter", out / "adapters" / "run-r8.onnx_adapter"]
     for path, rank in zip(files, (4, 8), strict=True):
@@ -236,7 +241,7 @@ def test_check_adapter_accepts_the_exported_ones_and_names_the_first_mismatch():
 
     good = {name: np.zeros(shape, np.float32) for name, (shape, _) in read_adapter(files[0]).items()}
     first = sorted(n for n in good if n.endswith("lora_A"))[0]
-    tmp = scratch("bad-adapters")
+    tmp = export_cases.scratch("bad-adapters")
     cases = {
         "shape": ({**good, first: np.zeros((4, 7), np.float32)}, rf"{first}.*shape \[4, 7\]"),
         "extra": ({**good, "transformer.h.0.mlp.c_fc.lora_A": np.zeros((4, 64), np.float32)}, "c_fc.lora_A"),
@@ -249,11 +254,11 @@ def test_check_adapter_accepts_the_exported_ones_and_names_the_first_mismatch():
             check_adapter(model, path)
 
 
-def test_sources_with_different_targets_are_refused(tmp_path):
+def test_sources_with_different_targets_are_refused(export_cases, tmp_path):
     from peftc.adapters import AdapterState
     from peftc.exporting import export
 
-    built = build("gpt2")
+    built = export_cases.build("gpt2")
     state = AdapterState.load(built.run_dir / "adapter")
     for key in [k for k in state.tensors if ".h.1." in k]:  # adapts layer 0 only
         del state.tensors[key]
@@ -265,19 +270,19 @@ def test_sources_with_different_targets_are_refused(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
-def test_merge_and_adapters_as_inputs_exclude_each_other(tmp_path):
+def test_merge_and_adapters_as_inputs_exclude_each_other(export_cases, tmp_path):
     from peftc.exporting import export
 
     with pytest.raises(ConfigError, match="exclude each other"):
-        export([build("gpt2").run_dir], merge=True, adapters_as_inputs=True, out=tmp_path / "x")
+        export([export_cases.build("gpt2").run_dir], merge=True, adapters_as_inputs=True, out=tmp_path / "x")
     with pytest.raises(ConfigError, match="adapters-as-inputs"):
-        export([build("gpt2").run_dir, build("gpt2").run_dir], out=tmp_path / "y")
+        export([export_cases.build("gpt2").run_dir, export_cases.build("gpt2").run_dir], out=tmp_path / "y")
 
 
-def test_different_bases_are_refused(tmp_path):
+def test_different_bases_are_refused(export_cases, tmp_path):
     from peftc.exporting import export
 
-    built = build("gpt2")
+    built = export_cases.build("gpt2")
     other_base = tmp_path / "other-base"
     tiny_gpt2().save_pretrained(other_base, safe_serialization=True)
     save_tokenizer(other_base)
@@ -337,14 +342,14 @@ def test_cli_refuses_bad_combinations_in_one_line(capsys, argv, needle):
 
 
 # -- IA3 -------------------------------------------------------------------------------------------
-def _ia3_run(name: str, seed: int) -> Path:
+def _ia3_run(export_cases, name: str, seed: int) -> Path:
     from peftc.passes import insertion_pipeline
 
     from peftc.config import IA3Config
     from peftc.models import load_model
     from peftc.program import capture
 
-    built = build("gpt2")
+    built = export_cases.build("gpt2")
     program = capture(load_model(built.base_dir, "causal-lm").model, "causal-lm", mode="eval")
     insertion_pipeline(IA3Config(task_type="CAUSAL_LM"))(program)
     gen = torch.Generator().manual_seed(seed)
@@ -358,10 +363,10 @@ def _ia3_run(name: str, seed: int) -> Path:
 
 
 @pytest.mark.slow
-def test_swappable_ia3_vectors_match_hf_peft(tmp_path):
+def test_swappable_ia3_vectors_match_hf_peft(export_cases, tmp_path):
     from peftc.exporting import export
 
-    runs = [_ia3_run("ia3-a", 21), _ia3_run("ia3-b", 22)]
+    runs = [_ia3_run(export_cases, "ia3-a", 21), _ia3_run(export_cases, "ia3-b", 22)]
     out = export(runs, adapters_as_inputs=True, out=tmp_path / "art", with_past=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "IA3" and [a["rank"] for a in manifest["adapters"]] == [None, None]
@@ -373,7 +378,7 @@ def test_swappable_ia3_vectors_match_hf_peft(tmp_path):
     rows = x["attention_mask"].bool().numpy()
     feeds = {k: v.numpy() for k, v in x.items()}
     with torch.no_grad():
-        want_base = build("gpt2").hf_base()(**x).logits.numpy()
+        want_base = export_cases.build("gpt2").hf_base()(**x).logits.numpy()
     np.testing.assert_allclose(session.run(["logits"], feeds)[0][rows], want_base[rows], atol=ATOL, rtol=0)
     for a, run in zip(manifest["adapters"], runs, strict=True):
         adapter = ort.LoraAdapter()
@@ -381,6 +386,6 @@ def test_swappable_ia3_vectors_match_hf_peft(tmp_path):
         options = ort.RunOptions()
         options.add_active_adapter(adapter)
         with torch.no_grad():
-            want = _hf_peft("gpt2", run / "adapter")(**x).logits.numpy()
+            want = _hf_peft(export_cases, "gpt2", run / "adapter")(**x).logits.numpy()
         assert np.abs(want[rows] - want_base[rows]).max() > 1e-2
         np.testing.assert_allclose(session.run(["logits"], feeds, options)[0][rows], want[rows], atol=ATOL, rtol=0)

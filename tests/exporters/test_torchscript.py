@@ -9,23 +9,17 @@ import zipfile
 import pytest
 import torch
 from conftest import captured
-from cpp_cases import ATOL, SHAPES, gpt2_lora, hf_logits, make_inputs, max_diff
-from peftc.exporters.torchscript import (
-    EXTRA_FILE,
-    export_program_torchscript,
-    load_torchscript,
-    program_io,
-    run_torchscript,
-    verify_torchscript,
-)
-from peftc.exporters.verify import make_cases, run_torch
+from cpp_cases import ATOL, SHAPES, hf_logits, make_inputs, max_diff
+from peftc.exporters.manifest import program_io
+from peftc.exporters.torchscript import EXTRA_FILE, export_program_torchscript, load_torchscript, run_torchscript
+from peftc.exporters.verify import make_cases, run_torch, verify_artifact
 
 from peftc.errors import CaptureError, ConfigError, ExportVerificationError
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
-def test_torchscript_matches_hf_peft_on_new_shapes(merge, tmp_path):
-    built = gpt2_lora()
+def test_torchscript_matches_hf_peft_on_new_shapes(cpp_cases, merge, tmp_path):
+    built = cpp_cases.gpt2_lora()
     program = built.program(merge)
     path = export_program_torchscript(program, tmp_path / "model.pt")
     module = torch.jit.load(str(path))
@@ -38,10 +32,10 @@ def test_torchscript_matches_hf_peft_on_new_shapes(merge, tmp_path):
         assert max_diff(got, hf_logits(built.base_model, inputs), inputs) > 1e-2
 
 
-def test_verify_torchscript_reports_every_case(tmp_path):
-    program = gpt2_lora().program(merge=True)
+def test_verify_torchscript_reports_every_case(cpp_cases, tmp_path):
+    program = cpp_cases.gpt2_lora().program(merge=True)
     path = export_program_torchscript(program, tmp_path / "model.pt")
-    report = verify_torchscript(path, program)
+    report = verify_artifact("torchscript", path, program)
     assert report.passed
     assert [c.name for c in report.cases] == ["batch1", "reshaped", "left-padded"]
     assert [c.shape for c in report.cases] == [[1, 7], [3, 5], [4, 12]]
@@ -49,19 +43,20 @@ def test_verify_torchscript_reports_every_case(tmp_path):
     assert report.max_abs_diff <= 1e-6, report.summary()
 
 
-def test_verify_torchscript_fails_against_another_model(tmp_path):
-    program = gpt2_lora().program(merge=True)
+def test_verify_torchscript_fails_against_another_model(cpp_cases, tmp_path):
+    program = cpp_cases.gpt2_lora().program(merge=True)
     path = export_program_torchscript(program, tmp_path / "model.pt")
     base, _ = captured("gpt2", "causal-lm")
     cases = make_cases(program)
+    reference = run_torch(base, cases, base.input_names)
     with pytest.raises(ExportVerificationError) as info:
-        verify_torchscript(path, program, cases, run_torch(base, cases, base.input_names), reference_name="the base")
+        verify_artifact("torchscript", path, program, cases, reference, reference_name="the base")
     assert not info.value.report.passed
     assert "TorchScript (model.pt) does not reproduce the base" in str(info.value)
 
 
-def test_interface_is_named_and_program_untouched(tmp_path):
-    program = gpt2_lora().program(merge=False)
+def test_interface_is_named_and_program_untouched(cpp_cases, tmp_path):
+    program = cpp_cases.gpt2_lora().program(merge=False)
     lora = [t for k, t in program.adapter.tensors.items() if "lora_" in k]
     for tensor in lora:
         tensor.requires_grad_(True)  # as during training
@@ -95,7 +90,7 @@ def test_ia3_unmerged_program(tmp_path):
         for tensor in program.adapter.tensors.values():
             tensor.mul_(1.5)  # l = 1 at init is the identity
     path = export_program_torchscript(program, tmp_path / "model.pt")
-    report = verify_torchscript(path, program)
+    report = verify_artifact("torchscript", path, program)
     assert report.max_abs_diff <= ATOL
     far = run_torchscript(path, make_cases(program), program.input_names)
     assert max(abs(a - b).max() for a, b in zip(far, base, strict=True)) > 1e-2
@@ -124,7 +119,7 @@ def test_other_families(family, task, merge, tmp_path):
     if merge:
         merge_pipeline()(program)
     path = export_program_torchscript(program, tmp_path / "model.pt")
-    assert verify_torchscript(path, program).max_abs_diff <= ATOL
+    assert verify_artifact("torchscript", path, program).max_abs_diff <= ATOL
 
 
 def test_train_mode_program_is_refused(tmp_path):
@@ -134,8 +129,8 @@ def test_train_mode_program_is_refused(tmp_path):
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_node_without_torchscript_equivalent_is_named(tmp_path):
-    program = gpt2_lora().program(merge=True)
+def test_node_without_torchscript_equivalent_is_named(cpp_cases, tmp_path):
+    program = cpp_cases.gpt2_lora().program(merge=True)
     output = program.graph.output_node()
     with program.graph.inserting_before(output):
         odd = program.graph.call_function(operator.pos, (1,))  # a Python builtin TorchScript export does not map
@@ -168,13 +163,13 @@ def test_program_io_describes_inputs_and_outputs_like_onnx_io():
     assert outputs[0]["shape"] == ["batch", "sequence + 4", 128]  # virtual tokens lengthen the logits
 
 
-def test_peftc_export_format_torchscript():
+def test_peftc_export_format_torchscript(export_cases):
     """``peftc export --format torchscript --merge``: a verified artifact directory."""
-    from onnx_export_cases import build, hf_logits, make_inputs
+    from onnx_export_cases import hf_logits, make_inputs
 
     from peftc.exporting import export
 
-    built = build("gpt2")
+    built = export_cases.build("gpt2")
     out = export(built.run_dir, format="torchscript", merge=True, out=built.run_dir.parent / "export-torchscript")
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())

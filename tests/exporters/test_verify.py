@@ -8,28 +8,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2
-from onnx_export_cases import CAPTURE_SHAPE, build
-from peftc.exporters.verify import (
-    DEFAULT_ATOL,
-    VerifyCase,
-    compare_outputs,
-    make_cases,
-    run_torch,
-    verify_onnx,
-)
+from onnx_export_cases import CAPTURE_SHAPE
+from peftc.exporters.verify import DEFAULT_ATOL, VerifyCase, compare_outputs, make_cases, run_torch, verify_artifact
 
 from peftc.errors import ExportVerificationError
 from peftc.program import capture
 
 
-def _bound_program(family: str, merge: bool = False):
+def _bound_program(built, merge: bool = False):
     """The family's adapted eval program, rebuilt from the saved base and adapter dirs."""
     from peftc.passes import insertion_pipeline, merge_pipeline
 
     from peftc.adapters import AdapterState
     from peftc.models import load_model
 
-    built = build(family)
     program = capture(load_model(built.base_dir, built.task).model, built.task, mode="eval")
     state = AdapterState.load(built.adapter_dir)
     insertion_pipeline(state.config, state)(program)
@@ -124,35 +116,36 @@ def test_failure_raises_with_figures():
     assert str(info.value).endswith("do this") and "\n" not in str(info.value)
 
 
-def test_verify_onnx_passes_on_the_exported_program():
-    built = build("gpt2")
-    program = _bound_program("gpt2")
-    report = verify_onnx(built.export(False) / "model.onnx", program)
+def test_verify_onnx_passes_on_the_exported_program(export_cases):
+    built = export_cases.build("gpt2")
+    program = _bound_program(built)
+    report = verify_artifact("onnx", built.export(False) / "model.onnx", program)
     assert report.passed and [c.name for c in report.cases] == ["batch1", "reshaped", "left-padded"]
+    assert report.candidate == "ONNX Runtime (model.onnx)" and report.reference == "the torch program"
     assert 0.0 < report.max_abs_diff < 1e-5  # ORT and torch reorder float sums: small, not zero
     left_padded = report.cases[-1]
     assert left_padded.padded and left_padded.compared == 4 * 12 - (3 + 6 + 11)
 
 
-def test_verify_onnx_catches_a_different_model():
-    built = build("gpt2")
+def test_verify_onnx_catches_a_different_model(export_cases):
+    built = export_cases.build("gpt2")
     base_program = capture(tiny_gpt2(), "causal-lm", mode="eval")  # no adapter
     path = built.export(True) / "model.onnx"
     with pytest.raises(ExportVerificationError) as info:
-        verify_onnx(path, base_program)
+        verify_artifact("onnx", path, base_program)
     assert info.value.report.max_abs_diff > 1e-2
-    report = verify_onnx(path, base_program, raise_on_failure=False)
+    report = verify_artifact("onnx", path, base_program, raise_on_failure=False)
     assert not report.passed and all(not c.passed for c in report.cases)
 
 
-def test_verify_onnx_compares_with_a_given_reference():
-    built = build("gpt2")
-    program = _bound_program("gpt2", merge=True)
+def test_verify_onnx_compares_with_a_given_reference(export_cases):
+    built = export_cases.build("gpt2")
+    program = _bound_program(built, merge=True)
     cases = make_cases(program)
     reference = run_torch(program, cases, program.input_names)
     path = built.export(True) / "model.onnx"
-    assert verify_onnx(path, program, cases, reference).passed
+    assert verify_artifact("onnx", path, program, cases, reference).passed
     shifted = [r + 1e-3 for r in reference]
-    report = verify_onnx(path, program, cases, shifted, raise_on_failure=False, reference_name="shifted")
+    report = verify_artifact("onnx", path, program, cases, shifted, raise_on_failure=False, reference_name="shifted")
     assert not report.passed and report.reference == "shifted"
     assert all(abs(c.max_abs_diff - 1e-3) < 1e-5 for c in report.cases)

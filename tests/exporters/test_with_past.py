@@ -6,17 +6,16 @@ batch), never peftc; the artifact is loaded by optimum with no peftc code in the
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from onnx_export_cases import save_tokenizer, scratch
+from onnx_export_cases import save_tokenizer
 
 from peftc.errors import ConfigError
-from peftc.kv import cache_geometry, past_names, present_names, with_past
-from peftc.program import capture
+from peftc.exporting.kv import cache_geometry, with_past
+from peftc.program import capture, past_names, present_names
 
 NEW_TOKENS = 8
 FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -55,12 +54,15 @@ def _peft_config(method: str):
     raise ValueError(method)
 
 
-@functools.cache
-def _hf_peft(family: str, method: str):
-    """A base dir and an HF PEFT adapter dir with non-identity weights, plus the PeftModel itself."""
+def _hf_peft(export_cases, family: str, method: str):
+    """A base dir and an HF PEFT adapter dir with non-identity weights, plus the PeftModel itself (once per session)."""
+    return export_cases.memo(("past-hf-peft", family, method), lambda: _make_hf_peft(export_cases, family, method))
+
+
+def _make_hf_peft(export_cases, family: str, method: str):
     import peft
 
-    root = scratch(f"past-{family}-{method}")
+    root = export_cases.scratch(f"past-{family}-{method}")
     factory = FACTORIES[family]
     factory().save_pretrained(root / "base", safe_serialization=True)
     save_tokenizer(root / "base")
@@ -87,12 +89,14 @@ def _generate(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return out.sequences[:, -NEW_TOKENS:], torch.stack([s.float() for s in out.logits])
 
 
-@functools.cache
-def _export(family: str, method: str, merge: bool = False):
-    from peftc.exporting import export
+def _export(export_cases, family: str, method: str, merge: bool = False):
+    def make():
+        from peftc.exporting import export
 
-    root, _ = _hf_peft(family, method)
-    return export(root / "adapter", model=str(root / "base"), merge=merge, out=root / f"onnx-{merge}")
+        root, _ = _hf_peft(export_cases, family, method)
+        return export(root / "adapter", model=str(root / "base"), merge=merge, out=root / f"onnx-{merge}")
+
+    return export_cases.memo(("past-export", family, method, merge), make)
 
 
 CASES = [
@@ -109,11 +113,11 @@ CASES = [
 
 
 @pytest.mark.parametrize(("family", "method", "merge"), CASES)
-def test_optimum_generates_the_tokens_hf_peft_generates(family, method, merge):
+def test_optimum_generates_the_tokens_hf_peft_generates(export_cases, family, method, merge):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    out = _export(family, method, merge)
-    _, peft_model = _hf_peft(family, method)
+    out = _export(export_cases, family, method, merge)
+    _, peft_model = _hf_peft(export_cases, family, method)
     ort_model = ORTModelForCausalLM.from_pretrained(out)
     assert ort_model.can_use_cache
     batch = _prompt_batch()
@@ -125,8 +129,8 @@ def test_optimum_generates_the_tokens_hf_peft_generates(family, method, merge):
     assert (base_logits[0] - logits[0]).abs().max() > 1e-3
 
 
-def test_with_past_artifact_has_optimums_signature():
-    out = _export("llama", "lora", False)
+def test_with_past_artifact_has_optimums_signature(export_cases):
+    out = _export(export_cases, "llama", "lora", False)
     manifest = json.loads((out / "manifest.json").read_text())
     layers, kv_heads, head_dim = cache_geometry(tiny_llama().config)
     inputs = {i["name"]: i for i in manifest["inputs"]}
@@ -163,10 +167,10 @@ def test_cache_steps_equal_one_full_pass():
     assert (second[0] - expected[:, 6:]).abs().max() < 1e-5
 
 
-def test_no_past_gives_the_plain_graph_and_seq_cls_refuses_past(tmp_path):
+def test_no_past_gives_the_plain_graph_and_seq_cls_refuses_past(export_cases, tmp_path):
     from peftc.exporting import export
 
-    root, _ = _hf_peft("gpt2", "lora")
+    root, _ = _hf_peft(export_cases, "gpt2", "lora")
     out = export(root / "adapter", model=str(root / "base"), with_past=False, out=tmp_path / "plain")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
@@ -176,13 +180,13 @@ def test_no_past_gives_the_plain_graph_and_seq_cls_refuses_past(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_swappable_adapters_with_past(tmp_path):
+def test_swappable_adapters_with_past(export_cases, tmp_path):
     """One KV-cache graph, LoRA tensors as inputs: each adapter verified on prefill and decode steps."""
     import peft
 
     from peftc.exporting import export
 
-    root, _ = _hf_peft("gpt2", "lora")
+    root, _ = _hf_peft(export_cases, "gpt2", "lora")
     other = root / "adapter-r8"
     torch.manual_seed(12)
     model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=8, task_type="CAUSAL_LM", init_lora_weights=False))

@@ -287,7 +287,7 @@ def test_ia3_default_targets_match_hf_peft_and_merge(fam, task):
 @pytest.mark.parametrize("fam,task", ONNX_CASES, ids=[f"{f}-{t}" for f, t in ONNX_CASES])
 def test_merged_lora_onnx_export_verifies(fam, task, tmp_path):
     from peftc.exporters.onnx import export_program_onnx
-    from peftc.exporters.verify import make_cases, run_torch, verify_onnx
+    from peftc.exporters.verify import make_cases, run_torch, verify_artifact
 
     program, _ = captured(fam, task)
     insertion_pipeline(LoraConfig(**_kwargs(task)))(program)
@@ -296,5 +296,5 @@ def test_merged_lora_onnx_export_verifies(fam, task, tmp_path):
     unmerged = run_torch(program, cases, program.input_names)  # the reference: the unmerged LoRA program
     merge_pipeline()(program)
     export_program_onnx(program, tmp_path / "model.onnx")
-    report = verify_onnx(tmp_path / "model.onnx", program, cases=cases, reference=unmerged, atol=ATOL)
+    report = verify_artifact("onnx", tmp_path / "model.onnx", program, cases=cases, reference=unmerged, atol=ATOL)
     assert report.cases and all(c.passed for c in report.cases)

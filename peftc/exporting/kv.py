@@ -13,12 +13,16 @@ and returns ``logits`` ``[batch, sequence, vocab]`` then ``present.{i}.key|value
 empty past (``past_sequence = 0``), the next ones feed the presents of the step before: one graph
 does both, as optimum's current exports do. :class:`WithPastModule` is the capture transform that
 builds it (``capture(model, "causal-lm", transform=with_past())``); adapter passes (LoRA, IA3,
-AdaLoRA, merges, lifting adapters to inputs) then run on it as on any program.
+AdaLoRA, merges, lifting adapters to inputs) then run on it as on any program. The names of the
+signature (:data:`~peftc.program.PAST_DIM`, :func:`~peftc.program.past_names`,
+:func:`~peftc.program.present_names`) live in :mod:`peftc.program`, where exporters and
+verification read them.
 
 Prompt methods (prompt tuning, P-tuning, prefix tuning) enter a with-past graph as a **constant
 prefix of the cache**: prefix tuning's learned keys/values are that prefix by definition, and a
 prompt's virtual tokens come first and attend only to each other, so their keys/values in every
-layer depend on nothing else and are computed once at export (``prompt_prefix``). Each step the
+layer depend on nothing else and are computed once at export (the method's
+:attr:`~peftc.methods.Method.cache_prefix`). Each step the
 graph puts the prefix in front of the past and prepends ``n`` ones to the mask. Positions follow HF
 PEFT 0.21: prompt tuning and P-tuning drop ``position_ids`` (the model numbers positions from the
 cache length, ``n + past + i``, padding ignored), prefix tuning shifts the given ones by ``n``. The
@@ -33,20 +37,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = [
-    "PAST_DIM",
-    "WithPastModule",
-    "cache_geometry",
-    "cache_prefix",
-    "is_with_past",
-    "past_names",
-    "present_names",
-    "prompt_prefix",
-    "with_past",
-]
+from peftc.program import PAST_DIM, past_names, present_names
 
-#: Name of the cache-length dim in the graph's signature.
-PAST_DIM = "past_sequence"
+__all__ = ["WithPastModule", "cache_geometry", "cache_prefix", "with_past"]
+
 _MASK_DIM = f"{PAST_DIM} + sequence"
 
 
@@ -59,21 +53,6 @@ def cache_geometry(config) -> tuple[int, int, int]:
     hidden = int(getattr(text, "hidden_size", None) or text.n_embd)
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     return layers, kv_heads, head_dim
-
-
-def past_names(layers: int) -> list[str]:
-    """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for each layer (optimum's names)."""
-    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
-def present_names(layers: int) -> list[str]:
-    """``present.{i}.key``, ``present.{i}.value`` for each layer (optimum's names)."""
-    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
-def is_with_past(program) -> bool:
-    """Whether ``program`` takes a KV cache (its inputs include ``past_key_values.0.key``)."""
-    return "past_key_values.0.key" in program.input_names
 
 
 class WithPastModule(nn.Module):
@@ -178,7 +157,7 @@ def cache_prefix(model: nn.Module, state) -> list[tuple[torch.Tensor, torch.Tens
 
     Each input-transforming method says how (:attr:`peftc.methods.Method.cache_prefix`): prefix tuning's
     adapter is the cache prefix itself; prompt tuning's and P-tuning's virtual tokens give theirs through
-    the model (:func:`prompt_prefix`).
+    the model (``peftc.passes.prompt.prompt_prefix``).
     """
     from peftc.methods import get_method
 
@@ -186,19 +165,3 @@ def cache_prefix(model: nn.Module, state) -> list[tuple[torch.Tensor, torch.Tens
     if method.cache_prefix is None:
         raise ValueError(f"{method.label} adapters enter through the model's layers, not as a cache prefix")
     return method.cache_prefix(model, state)
-
-
-@torch.no_grad()
-def prompt_prefix(model: nn.Module, prompt: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer keys/values of virtual-token embeddings ``prompt`` ``[n, hidden]`` run through ``model``.
-
-    The virtual tokens come first and attend only to each other (causal attention, mask of ones),
-    so this is exactly the cache a prompt-tuned model holds for them after any first step.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(inputs_embeds=prompt[None].to(next(model.parameters()).dtype), use_cache=True, return_dict=True)
-    finally:
-        model.train(was_training)
-    return [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]

@@ -1,0 +1,196 @@
+"""The exporter registry: one :class:`Exporter` per ``--format``, registered by the format's own module.
+
+The export pipeline (:mod:`peftc.exporting`) and the CLI ask this registry what a format does — which
+model file it writes, which options it refuses, how it writes a program, how it loads and runs the
+file for verification, how it describes the file's inputs and outputs for ``manifest.json`` — and
+none of them names a format. A format module (``peftc.exporters.onnx``, ``.torchscript``, ``.aoti``)
+defines its exporter and calls :func:`register_exporter` when imported; ``peftc.exporters`` lists the
+modules in ``EXPORTER_MODULES`` and the registry imports them on first use (the method registry,
+:mod:`peftc.methods`, works the same way).
+
+Exporters know the program and the files, nothing of orchestration: where the adapter came from,
+how many sources there are, or how the graphs were captured is the pipeline's business.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from peftc.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from peftc.program import Program
+
+    from .verify import VerifyCase
+
+__all__ = [
+    "AdapterFiles",
+    "ExportRequest",
+    "Exporter",
+    "WriteOptions",
+    "exporters",
+    "formats",
+    "get_exporter",
+    "register_exporter",
+]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What an export asks of a format, for :meth:`Exporter.check` (which refuses what it cannot do).
+
+    Attributes:
+        adapters_as_inputs: swappable export: adapter tensors as graph inputs, adapters as side files.
+        dtype: ``float32`` or ``float16``.
+        graphs: how many graphs the artifact holds (2 for an encoder-decoder model).
+        with_past: a KV-cache graph: ``True`` asked for, ``False`` refused, ``None`` left to the format.
+    """
+
+    adapters_as_inputs: bool = False
+    dtype: str = "float32"
+    graphs: int = 1
+    with_past: bool | None = None
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Options of :meth:`Exporter.write` that only some formats use (the others ignore them).
+
+    Attributes:
+        opset: ONNX opset.
+        external_data: ONNX weights in ``<file>.data`` (``True``), inline (``False``) or by size (``None``).
+    """
+
+    opset: int = 18
+    external_data: bool | None = None
+
+
+@runtime_checkable
+class AdapterFiles(Protocol):
+    """Swappable adapters of a format: files holding one adapter's tensors under the graph's input names."""
+
+    #: File name suffix of an adapter file (``.onnx_adapter``).
+    suffix: str
+
+    def write(self, path: Path, tensors: dict[str, np.ndarray]) -> Path:
+        """Write ``tensors`` (graph input name -> array) as one adapter file."""
+        ...
+
+    def check(self, model_path: Path, adapter_path: Path) -> Any:
+        """Refuse an adapter file that does not fit the model (``AdapterMismatchError``)."""
+        ...
+
+    def inputs(self, model_path: Path) -> dict[str, dict[str, Any]]:
+        """The model's swappable inputs: name -> ``shape``, ``dtype``, ``default_shape`` (for the manifest)."""
+        ...
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """What the pipeline needs to know about one artifact format.
+
+    Attributes:
+        name: the ``--format`` value (``"onnx"``).
+        runtime: what loads and runs the file in verification, as reports name it (``"ONNX Runtime"``).
+        summary: one line for ``peftc export --help`` (``"model.onnx for ONNX Runtime and optimum"``).
+        cache_by_default: whether a causal LM gets a KV-cache graph when ``with_past`` is not given.
+        adapter_files: how swappable adapters are stored, or ``None`` when the format takes no
+            adapters as inputs (:meth:`check` then refuses ``adapters_as_inputs``).
+    """
+
+    name: str
+    runtime: str
+    summary: str
+    cache_by_default: bool
+    adapter_files: AdapterFiles | None
+
+    def model_file(self, role: str | None = None) -> str:
+        """The model file's name: ``model.onnx``, or for one of several graphs ``<role>_model.onnx``."""
+        ...
+
+    def check(self, request: ExportRequest) -> None:
+        """Raise :class:`~peftc.errors.ConfigError` (what is refused and what to do) before any work."""
+        ...
+
+    def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
+        """Write ``program`` (eval mode) to ``path``; ``metadata`` (``peftc.*`` strings) goes into the file."""
+        ...
+
+    def run(
+        self,
+        path: Path,
+        cases: Sequence[VerifyCase],
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        adapter: Path | None = None,
+    ) -> list[Any]:
+        """Load ``path`` and run it on every case: per case one array, or a list of arrays with several outputs.
+
+        ``input_names`` are the inputs the cases feed, in graph order (inputs with a default are not fed);
+        ``adapter`` is an adapter file to activate (formats with :attr:`adapter_files`).
+        """
+        ...
+
+    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Inputs and outputs of the written file as ``manifest.json`` lists them (name, dtype, shape, dims)."""
+        ...
+
+    def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
+        """The format's own top-level ``manifest.json`` keys: ``opset`` (``None`` without one) and any others."""
+        ...
+
+
+_REGISTRY: dict[str, Exporter] = {}
+_loaded = False
+
+
+def register_exporter(exporter: Exporter) -> Exporter:
+    """Register ``exporter`` under its format name (called once by the format's own module); returns it."""
+    if not isinstance(exporter, Exporter):
+        raise TypeError(f"{type(exporter).__name__} does not implement the Exporter protocol")
+    other = _REGISTRY.get(exporter.name)
+    if other is not None and other is not exporter:
+        raise ValueError(f"export format {exporter.name!r} is registered twice")
+    _REGISTRY[exporter.name] = exporter
+    return exporter
+
+
+def _load() -> None:
+    """Import every module in ``peftc.exporters.EXPORTER_MODULES`` (each registers its exporter)."""
+    global _loaded
+    if not _loaded:
+        package = importlib.import_module("peftc.exporters")
+        for module in package.EXPORTER_MODULES:
+            importlib.import_module(f"peftc.exporters.{module}")
+        _loaded = True
+
+
+def exporters() -> list[Exporter]:
+    """Every registered exporter, in registration order."""
+    _load()
+    return list(_REGISTRY.values())
+
+
+def formats() -> list[str]:
+    """Every ``--format`` name, in registration order."""
+    return [e.name for e in exporters()]
+
+
+def get_exporter(format: str | Exporter) -> Exporter:
+    """The exporter of a format name (an exporter is returned as is).
+
+    Raises:
+        ConfigError: an unknown format, listing the supported ones.
+    """
+    if not isinstance(format, str):
+        return format
+    _load()
+    if format not in _REGISTRY:
+        raise ConfigError(f"export format {format!r} is not supported; supported: {', '.join(_REGISTRY)}")
+    return _REGISTRY[format]

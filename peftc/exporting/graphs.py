@@ -1,0 +1,225 @@
+"""Graph plans: which graphs an export holds, how each is captured, bound and given held-out inputs.
+
+A plan is the *capture* stage of the pipeline, in three kinds:
+
+- :class:`SingleGraph` without a cache: one program of the task (``model.onnx``);
+- :class:`SingleGraph` with ``with_past``: one KV-cache program (:mod:`peftc.exporting.kv`); the
+  adapter of a prompt method enters it as a constant cache prefix at capture instead of being
+  bound afterwards, since a decode step carries no prompt;
+- :class:`EncoderDecoder`: an encoder and a decoder program (:mod:`peftc.exporting.seq2seq`), each
+  to bind its own part of the adapter.
+
+Every plan answers the same three questions — :meth:`~GraphPlan.capture` (eval-mode programs, each
+with the part of the adapter the *bind* stage still has to insert), :meth:`~GraphPlan.reference`
+(held-out cases and the torch outputs on them, before any mode pass), :meth:`~GraphPlan.base_module`
+(the model without adapter, the reference of a swappable export's no-adapter run) — so the pipeline
+walks every kind the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from torch import nn
+
+from peftc.adapters import AdapterState
+from peftc.errors import ConfigError
+from peftc.program import Program
+
+from .seq2seq import SEQ2SEQ_TASK
+
+__all__ = [
+    "EncoderDecoder",
+    "Graph",
+    "GraphPlan",
+    "SingleGraph",
+    "adapted_program",
+    "bind",
+    "graph_plan",
+    "plan_kind",
+]
+
+
+@dataclass
+class Graph:
+    """One graph of an export, as it moves through the pipeline.
+
+    Attributes:
+        role: ``None`` for the only graph of an artifact; ``"encoder"`` / ``"decoder"`` for one of several.
+        program: the eval-mode program (bound after the bind stage, merged or lifted after the mode passes).
+        pending: the part of the adapter the bind stage inserts (``None``: nothing to bind, or bound at capture).
+        cases: held-out inputs (reference stage).
+        reference: the unmerged adapted program's outputs on ``cases`` (reference stage).
+    """
+
+    role: str | None
+    program: Program
+    pending: AdapterState | None = None
+    cases: list[Any] = field(default_factory=list)
+    reference: list[Any] = field(default_factory=list)
+
+
+class GraphPlan(Protocol):
+    """What an export captures: one graph, a KV-cache graph, or several graphs (see the module docstring)."""
+
+    #: One role per graph, in export order (``(None,)`` for single-graph artifacts).
+    roles: ClassVar[tuple[str | None, ...]]
+    task: str
+    with_past: bool
+
+    def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
+        """Eval-mode programs of ``model``, each with the part of ``state`` the bind stage inserts."""
+        ...
+
+    def reference(self, graphs: list[Graph]) -> None:
+        """Fill each graph's ``cases`` and ``reference`` (its program's outputs on them)."""
+        ...
+
+    def base_module(self, model: nn.Module) -> nn.Module:
+        """The module a swappable export's no-adapter run must equal: ``model`` without an adapter."""
+        ...
+
+
+def bind(graphs: list[Graph]) -> list[Graph]:
+    """The bind stage: insert each graph's pending adapter part (HF PEFT tensors) into its program."""
+    from peftc.passes import insertion_pipeline
+
+    for graph in graphs:
+        if graph.pending is not None:
+            insertion_pipeline(graph.pending.config, graph.pending)(graph.program)
+            graph.pending = None
+    return graphs
+
+
+@dataclass
+class SingleGraph:
+    """One program of ``task``: plain, or a KV-cache graph (``with_past``)."""
+
+    roles: ClassVar[tuple[str | None, ...]] = (None,)
+    task: str
+    with_past: bool = False
+
+    def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
+        from peftc.methods import get_method
+        from peftc.program import capture
+
+        from .kv import cache_prefix, with_past
+
+        if not self.with_past:
+            return [Graph(None, capture(model, self.task, mode="eval"), state)]
+        if get_method(state).transforms_inputs:  # the adapter is the cache's constant prefix: bound by capture
+            transform = with_past(cache_prefix(model, state), state.config.cache_positions)
+            program = capture(model, self.task, mode="eval", transform=transform)
+            program.adapter = state
+            return [Graph(None, program)]
+        return [Graph(None, capture(model, self.task, mode="eval", transform=with_past()), state)]
+
+    def reference(self, graphs: list[Graph]) -> None:
+        from peftc.exporters.verify import make_cases, run_torch
+
+        for graph in graphs:
+            graph.cases = make_cases(graph.program)
+            graph.reference = run_torch(graph.program, graph.cases, graph.program.input_names)
+
+    def base_module(self, model: nn.Module) -> nn.Module:
+        from peftc.tasks import TaskModule, get_task, graph_input_names
+
+        from .kv import WithPastModule
+
+        names = graph_input_names(model, get_task(self.task))
+        return (WithPastModule(model, names) if self.with_past else TaskModule(model, names)).eval()
+
+
+@dataclass
+class EncoderDecoder:
+    """An encoder-decoder LM (T5, BART): an encoder graph and a decoder graph without cache."""
+
+    roles: ClassVar[tuple[str | None, ...]] = ("encoder", "decoder")
+    task: str = SEQ2SEQ_TASK
+    with_past: bool = False
+
+    def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
+        """Each graph gets its part of ``state`` (:func:`~peftc.exporting.seq2seq.split_state`); an empty part
+        (an adapter of decoder modules only, say) leaves that graph the base model's.
+
+        Raises:
+            ConfigError: a method that changes the inputs (prompt methods), or a model without an encoder.
+        """
+        from peftc.methods import get_method, methods
+        from peftc.program import capture
+
+        from .seq2seq import DecoderModule, EncoderModule, split_state
+
+        if get_method(state).transforms_inputs:
+            layer_methods = [m.label for m in methods() if not m.transforms_inputs]
+            raise ConfigError(
+                f"seq2seq export takes adapters of methods that rewrite layers ({', '.join(layer_methods)}), not "
+                f"{get_method(state).label}; export an adapter of one of those methods"
+            )
+        graphs = []
+        for role, wrapper, part in zip(
+            self.roles, (EncoderModule, DecoderModule), split_state(state, model), strict=True
+        ):
+            program = capture(model, self.task, mode="eval", transform=lambda m, _names, w=wrapper: w(m))
+            graphs.append(Graph(role, program, part if part.tensors else None))
+        return graphs
+
+    def reference(self, graphs: list[Graph]) -> None:
+        """The decoder's cases carry the torch encoder's states, so each figure measures one graph."""
+        from peftc.exporters.verify import make_cases, run_torch
+
+        from .seq2seq import decoder_cases
+
+        encoder, decoder = graphs
+        encoder.cases = make_cases(encoder.program)
+        encoder.reference = run_torch(encoder.program, encoder.cases, encoder.program.input_names)
+        decoder.cases = decoder_cases(decoder.program, encoder.cases, encoder.reference)
+        decoder.reference = run_torch(decoder.program, decoder.cases, decoder.program.input_names)
+
+    def base_module(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError("seq2seq exports take no swappable adapters (graph_plan refuses them)")
+
+
+def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder]:
+    """The plan class of a task: encoder-decoder LMs export two graphs, every other task one."""
+    return EncoderDecoder if task == SEQ2SEQ_TASK else SingleGraph
+
+
+def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = False) -> GraphPlan:
+    """The graph plan of an export, refusing what the plan cannot hold.
+
+    Args:
+        task: the peftc task.
+        with_past: ``None``: a KV-cache graph for causal LMs (optimum's default), none otherwise.
+        adapters_as_inputs: a swappable export (one graph whose adapter tensors are inputs).
+
+    Raises:
+        ConfigError: ``with_past`` for a task without a cache; a seq2seq export with adapters as
+            inputs or a KV cache (not supported yet).
+    """
+    if plan_kind(task) is EncoderDecoder:
+        if adapters_as_inputs:
+            raise ConfigError("--adapters-as-inputs is not supported for seq2seq models yet; export each adapter alone")
+        if with_past:
+            raise ConfigError(
+                "--with-past is not supported for seq2seq models yet (the decoder re-reads its prefix each step); "
+                "drop it"
+            )
+        return EncoderDecoder(task)
+    if with_past is None:
+        return SingleGraph(task, task == "causal-lm")
+    if with_past and task != "causal-lm":
+        raise ConfigError(f"--with-past is for causal-lm models (a KV cache for generation), not {task}; drop it")
+    return SingleGraph(task, bool(with_past))
+
+
+def adapted_program(model: nn.Module, task: str, state: AdapterState, with_past: bool = False) -> Program:
+    """The eval-mode program of ``model`` with ``state`` bound: the capture and bind stages of a one-graph export.
+
+    With ``with_past``, a KV-cache graph (:mod:`peftc.exporting.kv`); prompt methods then enter as a
+    constant cache prefix (prefix tuning's keys/values, or the virtual tokens' keys/values) instead
+    of virtual tokens, since a decode step carries no prompt.
+    """
+    (graph,) = bind(SingleGraph(task, with_past).capture(model, state))
+    return graph.program

@@ -1,0 +1,405 @@
+"""Export modes: what happens to the adapter between the reference and the exporter, and what it adds to the artifact.
+
+- ``keep`` (:class:`OneAdapter`): the adapter stays in the graph as ops;
+- ``merge`` (:class:`OneAdapter` with ``merge``): each method's merge pass folds it into the weights
+  (the graph is then the base graph op for op); the merged torch program is checked against the
+  unmerged one before anything is written;
+- ``lift`` (:class:`SwappableAdapters`, ``--adapters-as-inputs``): one or more sources over one base;
+  each site's tensors become graph inputs whose defaults make the base model
+  (:class:`~peftc.passes.lift.LiftAdaptersToInputsPass`), and each source is written as an adapter
+  file of the format (``adapters/<name>.onnx_adapter``).
+
+A mode is the part of the pipeline that differs between these configurations, one hook per stage:
+which sources it accepts (:meth:`~Mode.check_sources`), what the artifact calls the adapters, the
+comparisons the verification step makes (one per graph; or one per adapter plus the base), the mode
+passes, the side files it writes, its report sections and manifest keys. The stages themselves are
+walked once, by :func:`peftc.exporting.export`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from peftc.adapters import CONFIG_FILE, WEIGHTS_FILE
+from peftc.errors import ConfigError
+
+from .graphs import Graph, GraphPlan
+from .sources import Adapters, adapter_name, adapter_names, lora_modules, refuse_other_targets, same_base
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftc.exporters.registry import AdapterFiles, Exporter
+
+__all__ = [
+    "ADAPTERS_SUBDIR",
+    "ADAPTER_SUBDIR",
+    "Comparison",
+    "Mode",
+    "OneAdapter",
+    "SwappableAdapters",
+    "copy_adapter",
+    "per_graph",
+    "select_mode",
+]
+
+#: Where the artifact keeps a byte-for-byte copy of the adapter it was built from.
+ADAPTER_SUBDIR = "adapter"
+#: Where a swappable artifact keeps ``<name>.onnx_adapter`` and a copy of each source adapter (``<name>/``).
+ADAPTERS_SUBDIR = "adapters"
+#: How reports name the torch reference of every graph.
+REFERENCE = "the unmerged adapted torch program"
+
+
+@dataclass
+class Comparison:
+    """One check of the verification step: a graph's file run (with an adapter file, maybe) vs torch outputs.
+
+    Attributes:
+        graph: the graph whose file runs (its cases are the inputs).
+        reference: the expected outputs per case.
+        reference_name: how the report names them.
+        adapter: an adapter file (relative to the artifact directory) activated for the run.
+        adapter_name: the swappable adapter it checks (``None``: the graph's own adapter, or the base).
+    """
+
+    graph: Graph
+    reference: list[Any]
+    reference_name: str
+    adapter: str | None = None
+    adapter_name: str | None = None
+
+
+def per_graph(graphs: list[Graph], values: list[Any]) -> Any:
+    """The value of a one-graph artifact, or ``{role: value}`` for an artifact of several graphs."""
+    return values[0] if len(graphs) == 1 else {g.role: v for g, v in zip(graphs, values, strict=True)}
+
+
+def _role(graph: Graph, text: str) -> str:
+    return text if graph.role is None else f"{text} ({graph.role})"
+
+
+class Mode(Protocol):
+    """The hooks of one export mode (see the module docstring); the pipeline calls each once, in stage order."""
+
+    name: str  # keep | merge | lift
+    merged: bool
+
+    def check_sources(self, adapters: Adapters) -> None:
+        """Source stage: refuse sources the mode cannot take (before the base loads)."""
+        ...
+
+    def names(self, adapters: Adapters) -> list[str]:
+        """What the artifact calls each source's adapter."""
+        ...
+
+    def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
+        """Bind stage, after every source's graphs are bound (lift: the tensors that become inputs)."""
+        ...
+
+    def comparisons(
+        self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
+    ) -> list[Comparison]:
+        """Reference stage: what the verification step compares, with the torch outputs to compare with."""
+        ...
+
+    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+        """Mode passes on the exported graphs; returns the reports of any torch-level check (merge)."""
+        ...
+
+    def reapply(self, graphs: list[Graph]) -> None:
+        """The mode passes again, unchecked, on graphs rebuilt in float16."""
+        ...
+
+    def metadata(self, names: list[str]) -> dict[str, str]:
+        """``peftc.*`` entries naming the adapter(s) in each model file."""
+        ...
+
+    def write_side_files(self, exporter: Exporter, directory: Path, graphs: list[Graph], names: list[str]) -> None:
+        """Exporter stage, after the model files: files the mode adds (lift: one adapter file per source)."""
+        ...
+
+    def copy_adapters(self, directory: Path, adapters: Adapters, names: list[str]) -> None:
+        """Artifact stage: byte-for-byte copies of the source adapters."""
+        ...
+
+    def report_entries(
+        self, format: str, graphs: list[Graph], comparisons: list[Comparison], reports: list[Any], merged: list[Any]
+    ) -> dict[str, Any]:
+        """Artifact stage: the ``report.json`` sections of the verification figures."""
+        ...
+
+    def manifest_entries(
+        self,
+        exporter: Exporter,
+        directory: Path,
+        adapters: Adapters,
+        names: list[str],
+        comparisons: list[Comparison],
+        reports: list[Any],
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Artifact stage: the manifest's ``adapter`` entry and the mode's own keys."""
+        ...
+
+
+class OneAdapter:
+    """``keep`` and ``merge``: one source, its adapter in the graph as ops or folded into the weights."""
+
+    def __init__(self, merge: bool = False):
+        self.merged = bool(merge)
+        self.name = "merge" if merge else "keep"
+
+    def check_sources(self, adapters: Adapters) -> None:
+        from peftc.methods import get_method
+
+        method = get_method(adapters.states[0])
+        if self.merged and method.merge_refusal:
+            raise ConfigError(
+                f"--merge cannot fold {method.label} adapters into the weights ({method.merge_refusal}); "
+                "export without --merge"
+            )
+
+    def names(self, adapters: Adapters) -> list[str]:
+        return [adapter_name(adapters.first)]
+
+    def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
+        return None
+
+    def comparisons(
+        self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
+    ) -> list[Comparison]:
+        return [Comparison(g, g.reference, _role(g, REFERENCE)) for g in bound[0]]
+
+    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+        """Merge: fold every graph's sites and check the merged torch program against the reference."""
+        from peftc.exporters.verify import compare_outputs, run_torch
+
+        if not self.merged:
+            return []
+        self.reapply(graphs)
+        reports = []
+        for g in graphs:
+            reports.append(
+                compare_outputs(
+                    run_torch(g.program, g.cases, g.program.input_names),
+                    g.reference,
+                    g.cases,
+                    g.program.task.name,
+                    atol=atol,
+                    candidate="the merged torch program" if g.role is None else f"the merged torch {g.role}",
+                    reference=REFERENCE,
+                ).raise_if_failed(hint="the merge pass changed the model's outputs; nothing was written")
+            )
+        return reports
+
+    def reapply(self, graphs: list[Graph]) -> None:
+        from peftc.passes import merge_pipeline
+
+        if not self.merged:
+            return
+        for g in graphs:
+            merge_pipeline()(g.program)
+            left = sorted({s.method for s in g.program.sites.values()})
+            if left:
+                raise ConfigError(
+                    f"--merge cannot fold {', '.join(left)} adapters into the weights; export without --merge"
+                )
+
+    def metadata(self, names: list[str]) -> dict[str, str]:
+        return {"peftc.adapter": names[0]}
+
+    def write_side_files(self, exporter: Exporter, directory: Path, graphs: list[Graph], names: list[str]) -> None:
+        return None
+
+    def copy_adapters(self, directory: Path, adapters: Adapters, names: list[str]) -> None:
+        copy_adapter(adapters.first.adapter_dir, directory / ADAPTER_SUBDIR)
+
+    def report_entries(
+        self, format: str, graphs: list[Graph], comparisons: list[Comparison], reports: list[Any], merged: list[Any]
+    ) -> dict[str, Any]:
+        return {
+            f"{format}_vs_torch": per_graph(graphs, [r.to_dict() for r in reports]),
+            "merged_vs_unmerged": per_graph(graphs, [r.to_dict() for r in merged]) if merged else None,
+        }
+
+    def manifest_entries(
+        self,
+        exporter: Exporter,
+        directory: Path,
+        adapters: Adapters,
+        names: list[str],
+        comparisons: list[Comparison],
+        reports: list[Any],
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        from peftc.exporters.manifest import adapter_info
+
+        first, state = adapters.first, adapters.states[0]
+        return adapter_info(first.adapter_dir, names[0], state.config.peft_type, state.config.to_dict()), {}
+
+
+@dataclass
+class SwappableAdapters:
+    """``lift``: one graph, every source's adapter as a file of the format's adapter inputs (``files``)."""
+
+    files: AdapterFiles
+    name: str = "lift"
+    merged: bool = False
+    #: Per source: graph input name -> the array its adapter file holds (after the bind stage).
+    lifted: list[dict[str, Any]] = field(default_factory=list)
+
+    def check_sources(self, adapters: Adapters) -> None:
+        """Every source: a liftable method, the same method, base, task and target modules (cheap: before loading)."""
+        from peftc.methods import get_method
+
+        srcs, states, first = adapters.srcs, adapters.states, adapters.first
+        method = states[0].config.peft_type
+        for s, source, state in zip(srcs, adapters.sources, states, strict=True):
+            if get_method(state).lift is None:
+                raise ConfigError(
+                    f"{s} is a {get_method(state).label} adapter, which cannot be a graph input "
+                    f"({get_method(state).lift_refusal}); export it without --adapters-as-inputs"
+                )
+            if state.config.peft_type != method:
+                raise ConfigError(
+                    f"{s} is a {state.config.peft_type} adapter but {srcs[0]} is {method}; one swappable model "
+                    "takes adapters of one method"
+                )
+            if same_base(source.base) != same_base(first.base):
+                raise ConfigError(
+                    f"{s} was made for base {source.base!r} but {srcs[0]} for {first.base!r}; swappable adapters "
+                    "share one base model (export them separately, or pass --model if both bases are the same)"
+                )
+            if source.task != first.task:
+                raise ConfigError(
+                    f"{s} is a {source.task} adapter but {srcs[0]} is {first.task}; export them separately"
+                )
+        for s, state in zip(srcs[1:], states[1:], strict=True):
+            refuse_other_targets(str(srcs[0]), lora_modules(states[0]), str(s), lora_modules(state))
+
+    def names(self, adapters: Adapters) -> list[str]:
+        return adapter_names(adapters.sources)
+
+    def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
+        """Each source's lifted tensors (scales folded in); their shapes must agree where ranks do not vary."""
+        from peftc.passes.lift import lifted_tensors
+
+        self.lifted = [{k: v.float().numpy() for k, v in lifted_tensors(g[0].program).items()} for g in bound]
+        for s, values in zip(adapters.srcs[1:], self.lifted[1:], strict=True):
+            refuse_other_targets(str(adapters.srcs[0]), self.lifted[0], str(s), values)
+
+    def comparisons(
+        self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
+    ) -> list[Comparison]:
+        """Each adapter file activated vs its own adapted program; no adapter vs the base model."""
+        from peftc.exporters.verify import run_torch
+
+        graph = bound[0][0]
+        inputs = graph.program.input_names  # the token inputs: the adapter tensors are not inputs yet
+        out = []
+        for name, source, graphs in zip(names, adapters.sources, bound, strict=True):
+            reference = graphs[0].reference if graphs[0] is graph else run_torch(graphs[0].program, graph.cases, inputs)
+            out.append(
+                Comparison(
+                    graph,
+                    reference,
+                    f"{REFERENCE} of {source.adapter_dir}",
+                    adapter=f"{ADAPTERS_SUBDIR}/{name}{self.files.suffix}",
+                    adapter_name=name,
+                )
+            )
+        out.append(Comparison(graph, run_torch(plan.base_module(model), graph.cases, inputs), "the base model"))
+        return out
+
+    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+        from peftc.passes.lift import LiftAdaptersToInputsPass
+
+        LiftAdaptersToInputsPass()(graphs[0].program)
+        return []
+
+    def reapply(self, graphs: list[Graph]) -> None:
+        raise NotImplementedError("swappable exports are float32 (the pipeline's dtype check refuses others)")
+
+    def metadata(self, names: list[str]) -> dict[str, str]:
+        return {"peftc.adapters_as_inputs": "true", "peftc.adapters": ",".join(names)}
+
+    def write_side_files(self, exporter: Exporter, directory: Path, graphs: list[Graph], names: list[str]) -> None:
+        """``adapters/<name><suffix>`` per source, each checked against the written model."""
+        model = directory / exporter.model_file(graphs[0].role)
+        (directory / ADAPTERS_SUBDIR).mkdir()
+        for name, values in zip(names, self.lifted, strict=True):
+            path = directory / ADAPTERS_SUBDIR / f"{name}{self.files.suffix}"
+            self.files.write(path, values)
+            self.files.check(model, path)
+
+    def copy_adapters(self, directory: Path, adapters: Adapters, names: list[str]) -> None:
+        for name, source in zip(names, adapters.sources, strict=True):
+            copy_adapter(source.adapter_dir, directory / ADAPTERS_SUBDIR / name)
+
+    def report_entries(
+        self, format: str, graphs: list[Graph], comparisons: list[Comparison], reports: list[Any], merged: list[Any]
+    ) -> dict[str, Any]:
+        pairs = list(zip(comparisons, reports, strict=True))
+        return {
+            "adapters_vs_torch": {c.adapter_name: r.to_dict() for c, r in pairs if c.adapter_name is not None},
+            "base_vs_torch": next(r.to_dict() for c, r in pairs if c.adapter_name is None),
+        }
+
+    def manifest_entries(
+        self,
+        exporter: Exporter,
+        directory: Path,
+        adapters: Adapters,
+        names: list[str],
+        comparisons: list[Comparison],
+        reports: list[Any],
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        from peftc.exporters.manifest import adapter_info
+        from peftc.passes.lift import RANK_DIM
+
+        method = adapters.states[0].config.peft_type
+        figures = {c.adapter_name: r.max_abs_diff for c, r in zip(comparisons, reports, strict=True)}
+        entries = []
+        for name, source, state, values in zip(names, adapters.sources, adapters.states, self.lifted, strict=True):
+            info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
+            ranks = sorted({int(v.shape[0]) for k, v in values.items() if k.endswith(".lora_A")})
+            info.update(
+                file=f"{ADAPTERS_SUBDIR}/{name}{self.files.suffix}",
+                hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",
+                rank=(ranks[0] if len(ranks) == 1 else ranks) if ranks else None,
+                max_abs_diff=figures[name],
+            )
+            entries.append(info)
+        swappable = self.files.inputs(directory / exporter.model_file(comparisons[0].graph.role))
+        return None, {
+            "method": method,
+            "adapters_as_inputs": True,
+            "rank_dim": RANK_DIM,
+            "adapter_inputs": [{"name": k, **v} for k, v in swappable.items()],
+            "adapters": entries,
+        }
+
+
+def select_mode(merge: bool, adapters_as_inputs: bool, exporter: Exporter) -> Mode:
+    """The mode of an export: ``merge``, ``lift`` (adapters as inputs) or ``keep``; merge and lift exclude each other.
+
+    Raises:
+        ConfigError: ``merge`` with ``adapters_as_inputs``, or adapters as inputs for a format without adapter files.
+    """
+    if adapters_as_inputs:
+        if merge:
+            raise ConfigError(
+                "--merge and --adapters-as-inputs exclude each other: merge folds one adapter into the weights, "
+                "adapters-as-inputs keeps them swappable; choose one"
+            )
+        if exporter.adapter_files is None:
+            raise ConfigError(f"--format {exporter.name} takes no adapters as inputs; use --format onnx")
+        return SwappableAdapters(exporter.adapter_files)
+    return OneAdapter(merge)
+
+
+def copy_adapter(adapter_dir: str | Path, dest: Path) -> None:
+    """A byte-for-byte copy of the HF PEFT files the artifact was built from."""
+    dest.mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(Path(adapter_dir) / name, dest / name)

@@ -1,0 +1,271 @@
+"""``peftc export``: a trained adapter to a verified deployable artifact directory — one pipeline.
+
+Every export walks the same stages, each entered once and in this order:
+
+1. **options** — format (the exporter registry), opset, dtype, tolerance; the exporter refuses what
+   it cannot do, the graph plan and the mode refuse what they cannot hold — before any file is read;
+2. **source** — resolve SRC(s) (:func:`peftc.runs.resolve_source`) and load each adapter;
+3. **base** — load the base model of the first source;
+4. **capture** — the graph plan (:mod:`.graphs`): one graph, a KV-cache graph, or an encoder and
+   a decoder graph, captured in eval mode;
+5. **bind** — insert each source's saved adapter (its part, per graph);
+6. **reference** — held-out cases and the unmerged adapted torch program's outputs on them;
+7. **mode passes** (:mod:`.modes`) — ``merge`` (checked against the reference), ``lift`` (adapter
+   tensors to graph inputs, several sources over one base) or ``keep``; for ``float16`` the graphs
+   are then rebuilt from the half-precision model;
+8. **exporter** — the registry's exporter for the format writes each graph (and the mode's side
+   files: adapter files of a swappable export);
+9. **verify** — one step: every comparison the mode asks for runs the written file with the
+   format's runtime against its torch reference (:func:`peftc.exporters.verify.verify_artifact`);
+10. **artifact** — model config, tokenizer, adapter copies, ``report.json``, ``manifest.json``
+    (:mod:`.artifact`).
+
+Merged, swappable and seq2seq exports are configurations of this walk (a mode, a graph plan), not
+copies of it. Everything is written inside :func:`peftc.files.atomic_dir`: a failed verification
+(exit code 3) or any other error leaves no artifact directory behind, and a non-empty output is
+replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from peftc.errors import ConfigError
+from peftc.files import atomic_dir, check_output_dir
+
+from .artifact import write_artifact
+from .graphs import Graph, GraphPlan, bind, graph_plan, plan_kind
+from .modes import Mode, select_mode
+from .options import check_options, default_out, requested_with_past, source_list
+from .sources import Adapters, load_base, read_sources
+
+__all__ = ["export"]
+
+logger = logging.getLogger(__name__)
+
+
+def export(
+    src: str | Path | Sequence[str | Path] = "peftc-run",
+    format: str = "onnx",
+    merge: bool = False,
+    model: str | Path | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    task: str | None = None,
+    opset: int = 18,
+    atol: float | None = None,
+    external_data: bool | None = None,
+    adapters_as_inputs: bool = False,
+    with_past: bool | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Export the adapted model of SRC to a verified artifact directory.
+
+    Args:
+        src: a peftc run directory, or an adapter directory saved by HF PEFT
+            (``adapter_config.json`` + ``adapter_model.safetensors``); with ``adapters_as_inputs``,
+            a list of them.
+        format: a registered format (:func:`peftc.exporters.formats`): ``onnx`` (ONNX Runtime),
+            ``torchscript`` (``model.pt`` for ``torch::jit::load``) or ``aoti`` (``model.pt2``, an
+            AOTInductor package of compiled kernels for ``AOTIModelPackageLoader``; needs a C++ compiler
+            and takes a minute or more to compile). TorchScript and AOTInductor take one float32 graph:
+            no ``adapters_as_inputs``, no ``dtype`` float16, no seq2seq, and ``with_past`` only when asked.
+        merge: fold the adapter into the base weights (the graph is then the base graph op for
+            op); without it the adapter stays as ops in the graph.
+        model: the base model directory or preset; overrides what SRC records (required for an
+            HF PEFT adapter whose ``base_model_name_or_path`` is not a local directory).
+        out: the artifact directory; default ``SRC/export-<format>`` (the first SRC's).
+        force: replace a non-empty ``out``.
+        task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq`` (two graphs,
+            ``encoder_model.onnx`` + ``decoder_model.onnx``, loadable with
+            ``ORTModelForSeq2SeqLM.from_pretrained(out, use_cache=False)``); overrides what SRC records.
+        opset: ONNX opset (18 or later).
+        atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
+            2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).
+        external_data: weights in ``model.onnx.data`` (``True``), inline (``False``), or by size
+            (``None``: external above ~1.8 GB).
+        adapters_as_inputs: swappable export: ``src`` may be a list of sources made for the same
+            base, method and target modules; one ``model.onnx`` takes the adapter tensors as inputs
+            (LoRA: A and B pre-scaled by ``s``, rank-0 defaults; IA3: ones; a seq-cls head: the base
+            head) so it runs as the base model without feeds, and each source becomes
+            ``adapters/<name>.onnx_adapter`` (activate it with ``RunOptions.add_active_adapter``) beside
+            a copy of its HF PEFT files. Each adapter activated is verified against its own adapted
+            torch program, no adapter against the base model. Excludes ``merge``.
+        with_past: causal LMs only: a KV-cache graph (inputs ``past_key_values.{i}.key|value``,
+            outputs ``present.{i}.key|value``, the layout optimum's ``ORTModelForCausalLM``
+            generates with; see :mod:`peftc.exporting.kv`). ``None`` (default): on for causal-lm
+            with ONNX, as in optimum.
+        dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
+            precision; verified against the float32 torch program with the float16 ``atol``).
+            float16 is for one-graph exports without ``adapters_as_inputs``.
+
+    Returns:
+        The artifact directory: the model file(s) (``model.onnx`` + ``model.onnx.data``, ``model.pt``,
+        ``model.pt2``, or ``encoder_model.onnx`` + ``decoder_model.onnx``), ``config.json``, tokenizer
+        files, ``adapter/`` (``adapters/`` for a swappable export), ``report.json``, ``manifest.json``.
+
+    Raises:
+        ConfigError: an unsupported format, opset, dtype or tolerance, an option the format, the
+            graphs or the mode cannot take, or ``merge`` with a method that cannot be merged.
+        OutputExistsError: ``out`` is not empty and ``force`` is not set, or ``out`` would replace an input.
+        AdapterFormatError, ModelLoadError, AdapterMismatchError: a SRC or the base cannot be used
+            (swappable: sources with different methods, bases, tasks or target modules).
+        ExportVerificationError: the merged program or the exported file does not reproduce the
+            unmerged adapted program within ``atol`` (exit code 3); nothing is written.
+    """
+    from peftc.exporters import ExportRequest, WriteOptions, get_exporter
+    from peftc.runs import resolve_source
+
+    # -- options: everything that can be refused before a file is read
+    atol = check_options(format, opset, atol, dtype)
+    exporter = get_exporter(format)
+    srcs = source_list(src, adapters_as_inputs)
+    plan_task = task or resolve_source(srcs[0], str(model) if model is not None else None, None).task
+    graphs_kind = plan_kind(plan_task)
+    exporter.check(ExportRequest(adapters_as_inputs, dtype, len(graphs_kind.roles), with_past))
+    one_adapter_graph = len(graphs_kind.roles) == 1 and not adapters_as_inputs  # what float16 rebuilds
+    if dtype != "float32" and not one_adapter_graph:
+        raise ConfigError(
+            f"--dtype {dtype} is supported for single-graph exports without --adapters-as-inputs; "
+            "export this one in float32"
+        )
+    plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), adapters_as_inputs)
+    mode = select_mode(merge, adapters_as_inputs, exporter)
+    out = Path(out) if out is not None else default_out(srcs[0], format)
+    check_output_dir(out, force)  # fail before minutes of work, not after
+
+    # -- source, base
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    adapters = read_sources(srcs, model, task, out)  # each SRC's own task unless ``task`` overrides it
+    mode.check_sources(adapters)
+    names = mode.names(adapters)
+    loaded = load_base(adapters)
+    timings["load_s"] = time.perf_counter() - tick
+
+    # -- capture, bind (one set of graphs per source: a swappable export compares each adapter)
+    tick = time.perf_counter()
+    bound = [bind(plan.capture(loaded.model, state)) for state in adapters.states]
+    mode.after_bind(adapters, bound)
+    timings["capture_s"] = time.perf_counter() - tick
+    graphs = bound[0]
+
+    # -- reference, then the mode passes
+    plan.reference(graphs)
+    comparisons = mode.comparisons(plan, loaded.model, adapters, names, bound)
+    merged = mode.apply(graphs, atol)
+    if dtype == "float16":  # the float32 reference is computed; now the half-precision program itself
+        graphs = _half(plan, mode, loaded.model, adapters, graphs)
+        by_role = {g.role: g for g in graphs}
+        comparisons = [replace(c, graph=by_role[c.graph.role]) for c in comparisons]
+
+    recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
+    options = WriteOptions(opset=opset, external_data=external_data)
+    with atomic_dir(out, force) as tmp:
+        # -- exporter
+        for g in graphs:
+            tick = time.perf_counter()
+            metadata = _metadata(plan, mode, adapters, names, g, recorded_dtype)
+            exporter.write(g.program, tmp / exporter.model_file(g.role), metadata, options)
+            timings[_timing("export", g)] = time.perf_counter() - tick
+        mode.write_side_files(exporter, tmp, graphs, names)
+
+        # -- verify: one step for every comparison, failures raised once all are known
+        reports = _verify(exporter, tmp, graphs, comparisons, atol, timings)
+        for report in reports:
+            report.raise_if_failed(
+                hint=f"nothing was written to {out}; if every figure is close to atol, a larger --atol may be justified"
+            )
+
+        # -- artifact
+        write_artifact(
+            tmp,
+            exporter=exporter,
+            options=options,
+            plan=plan,
+            mode=mode,
+            graphs=graphs,
+            adapters=adapters,
+            names=names,
+            loaded=loaded,
+            checks=(comparisons, reports, merged),
+            atol=atol,
+            dtype=recorded_dtype,
+            timings=timings,
+        )
+    logger.info(
+        "exported %s (%s, %s) to %s: %s", ", ".join(map(str, srcs)), exporter.name, mode.name, out,
+        "; ".join(r.summary() for r in reports),
+    )  # fmt: skip
+    return out
+
+
+def _half(plan: GraphPlan, mode: Mode, model, adapters: Adapters, graphs: list[Graph]) -> list[Graph]:
+    """The same adapted (and merged) graphs in float16, captured again from ``model`` converted in place.
+
+    Called once the float32 reference is computed: the float32 programs share ``model``'s tensors
+    and are not used again. Merges fold in float32 (``MergeLoraPass``) before rounding to float16.
+    """
+    import torch
+    from torch import nn
+
+    state = adapters.states[0]
+    model.half()
+    tensors = {k: nn.Parameter(t.detach().to(torch.float16), requires_grad=False) for k, t in state.tensors.items()}
+    half = bind(plan.capture(model, replace(state, tensors=tensors)))
+    mode.reapply(half)
+    for new, old in zip(half, graphs, strict=True):
+        new.cases, new.reference = old.cases, old.reference
+    return half
+
+
+def _metadata(
+    plan: GraphPlan, mode: Mode, adapters: Adapters, names: list[str], graph: Graph, dtype: str | None
+) -> dict[str, str]:
+    """``peftc.*`` entries stored in a model file (ONNX metadata_props, TorchScript's peftc.json…)."""
+    metadata = {"peftc.task": plan.task}
+    if graph.role is not None:  # which graph of several
+        metadata["peftc.graph"] = graph.role
+    metadata.update(
+        {
+            "peftc.peft_type": adapters.states[0].config.peft_type,
+            **mode.metadata(names),
+            "peftc.merged": str(mode.merged).lower(),
+            "peftc.with_past": str(plan.with_past).lower(),
+        }
+    )
+    if dtype is not None:
+        metadata["peftc.dtype"] = dtype
+    return metadata
+
+
+def _timing(stage: str, graph: Graph) -> str:
+    return f"{stage}_s" if graph.role is None else f"{stage}_{graph.role}_s"
+
+
+def _verify(exporter, directory: Path, graphs: list[Graph], comparisons, atol: float, timings: dict[str, float]):
+    """The verification step: each comparison's file run vs its torch reference (reports in comparison order)."""
+    from peftc.exporters.verify import verify_artifact
+
+    reports = {}
+    for g in graphs:
+        tick = time.perf_counter()
+        for i, c in enumerate(comparisons):
+            if c.graph is g:
+                reports[i] = verify_artifact(
+                    exporter,
+                    directory / exporter.model_file(g.role),
+                    g.program,
+                    g.cases,
+                    c.reference,
+                    atol=atol,
+                    reference_name=c.reference_name,
+                    raise_on_failure=False,
+                    adapter=directory / c.adapter if c.adapter is not None else None,
+                )
+        timings[_timing("verify", g)] = time.perf_counter() - tick
+    return [reports[i] for i in range(len(comparisons))]
