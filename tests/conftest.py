@@ -221,3 +221,28 @@ def captured(fam: str, task: str, mode: str = "eval"):
     memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     memo[id(program.model_config)] = program.model_config
     return copy.deepcopy(program, memo), model
+
+
+# -- session-scoped artifacts of the exporter tests ----------------------------------------------
+# Built once per session under pytest's temporary dirs (per worker under pytest-xdist), which pytest cleans
+# up: nothing is shared between processes and nothing relies on atexit. They live here, not in a
+# tests/exporters/conftest.py, because pytest imports every non-package conftest as the module ``conftest``
+# and a second one would shadow these factories for ``from conftest import …``.
+
+
+@pytest.fixture(scope="session")
+def export_cases(tmp_path_factory):
+    """The tiny models' base and run directories, their exports and HF PEFT references (``ExportCases``)."""
+    import onnx_export_cases
+
+    cases = onnx_export_cases.ExportCases(tmp_path_factory.mktemp("exports"))
+    onnx_export_cases._SESSION = cases  # the module-level helpers (scratch, build, base_onnx) use it
+    return cases
+
+
+@pytest.fixture(scope="session")
+def cpp_cases(export_cases):
+    """The HF PEFT GPT-2 adapter, the AOTInductor package and the C++ example binary (``CppCases``)."""
+    from cpp_cases import CppCases
+
+    return CppCases(export_cases)

@@ -27,7 +27,7 @@ from peftc.adapters import CONFIG_FILE, WEIGHTS_FILE
 from peftc.errors import ConfigError
 
 from .graphs import Graph, GraphPlan
-from .sources import Adapters, adapter_name, adapter_names, lora_modules, refuse_other_targets, same_base
+from .sources import Adapters, adapted_modules, adapter_name, adapter_names, refuse_other_targets, same_base
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftc.exporters.registry import AdapterFiles, Exporter
@@ -247,6 +247,8 @@ class SwappableAdapters:
     merged: bool = False
     #: Per source: graph input name -> the array its adapter file holds (after the bind stage).
     lifted: list[dict[str, Any]] = field(default_factory=list)
+    #: Per source: the ranks of its lifted tensors (the sizes along their rank dims).
+    ranks: list[list[int]] = field(default_factory=list)
 
     def check_sources(self, adapters: Adapters) -> None:
         """Every source: a liftable method, the same method, base, task and target modules (cheap: before loading)."""
@@ -275,18 +277,23 @@ class SwappableAdapters:
                     f"{s} is a {source.task} adapter but {srcs[0]} is {first.task}; export them separately"
                 )
         for s, state in zip(srcs[1:], states[1:], strict=True):
-            refuse_other_targets(str(srcs[0]), lora_modules(states[0]), str(s), lora_modules(state))
+            refuse_other_targets(str(srcs[0]), adapted_modules(states[0]), str(s), adapted_modules(state))
 
     def names(self, adapters: Adapters) -> list[str]:
         return adapter_names(adapters.sources)
 
     def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
         """Each source's lifted tensors (scales folded in); their shapes must agree where ranks do not vary."""
-        from peftc.passes.lift import lifted_tensors
+        from peftc.passes.lift import lifted_inputs
 
-        self.lifted = [{k: v.float().numpy() for k, v in lifted_tensors(g[0].program).items()} for g in bound]
-        for s, values in zip(adapters.srcs[1:], self.lifted[1:], strict=True):
-            refuse_other_targets(str(adapters.srcs[0]), self.lifted[0], str(s), values)
+        tensors = [{t.input_name: t for _, t in lifted_inputs(g[0].program)} for g in bound]
+        for s, values in zip(adapters.srcs[1:], tensors[1:], strict=True):
+            refuse_other_targets(str(adapters.srcs[0]), tensors[0], str(s), values)
+        self.lifted = [{k: t.value.float().numpy() for k, t in values.items()} for values in tensors]
+        self.ranks = [
+            sorted({int(t.value.shape[t.rank_dim]) for t in values.values() if t.rank_dim is not None})
+            for values in tensors
+        ]
 
     def comparisons(
         self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
@@ -360,9 +367,8 @@ class SwappableAdapters:
         method = adapters.states[0].config.peft_type
         figures = {c.adapter_name: r.max_abs_diff for c, r in zip(comparisons, reports, strict=True)}
         entries = []
-        for name, source, state, values in zip(names, adapters.sources, adapters.states, self.lifted, strict=True):
+        for name, source, state, ranks in zip(names, adapters.sources, adapters.states, self.ranks, strict=True):
             info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
-            ranks = sorted({int(v.shape[0]) for k, v in values.items() if k.endswith(".lora_A")})
             info.update(
                 file=f"{ADAPTERS_SUBDIR}/{name}{self.files.suffix}",
                 hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",

@@ -24,7 +24,7 @@ __all__ = [
     "adapter_names",
     "head_classes",
     "load_base",
-    "lora_modules",
+    "adapted_modules",
     "read_sources",
     "refuse_other_targets",
     "refuse_out_over_inputs",
@@ -115,37 +115,48 @@ def same_base(spec: str) -> str:
     return str(path.resolve()) if path.exists() else str(spec)
 
 
-def lora_modules(state: AdapterState) -> dict[str, Any]:
-    """The adapted modules of a LoRA/IA3 state, as lifted input names (shapes unknown before capture)."""
+def adapted_modules(state: AdapterState) -> dict[str, Any]:
+    """The modules a state adapts (by its method's own tensors) and the base parameters it copies, by name.
+
+    Cheap (no capture): what two swappable sources must agree on before any model is loaded.
+    """
+    from peftc.methods import get_method
+
+    method = get_method(state)
     out: dict[str, Any] = {}
     for key in state.tensors:
-        if key.endswith(".ia3_l"):
-            out[key.removeprefix("base_model.model.")] = None
-        for part in ("lora_A", "lora_B"):
-            if f".{part}." in key:
-                out[f"{key.split(f'.{part}.')[0].removeprefix('base_model.model.')}.{part}"] = None
+        name = key.removeprefix("base_model.model.")
+        marker = next((m for m in method.markers if m in name), None)
+        out[name.partition(marker)[0].rstrip(".") if marker else name] = None
     return out
 
 
 def refuse_other_targets(first: str, want: dict[str, Any], src: str, have: dict[str, Any]) -> None:
-    """Sources must adapt the same modules (ranks may differ): refuse naming the first difference."""
+    """Sources must adapt the same modules and lift the same tensors; shapes must agree except along a
+    tensor's rank dim (``LiftedTensor.rank_dim``: ranks may differ). Refuse naming the first difference.
+
+    ``want``/``have``: name -> ``None`` (:func:`adapted_modules`, before capture) or a
+    :class:`~peftc.methods.LiftedTensor` (after binding).
+    """
     for name in want:
         if name not in have:
             raise AdapterMismatchError(
-                f"{src} does not adapt {name.rsplit('.', 1)[0]} but {first} does; swappable adapters must have the "
-                "same target modules (and modules_to_save): retrain with the same targets or export separately"
+                f"{src} does not adapt {name} but {first} does; swappable adapters must have the same target "
+                "modules, method options and modules_to_save: retrain with the same targets or export separately"
             )
     for name in have:
         if name not in want:
             raise AdapterMismatchError(
-                f"{src} adapts {name.rsplit('.', 1)[0]} but {first} does not; swappable adapters must have the "
-                "same target modules (and modules_to_save): retrain with the same targets or export separately"
+                f"{src} adapts {name} but {first} does not; swappable adapters must have the same target "
+                "modules, method options and modules_to_save: retrain with the same targets or export separately"
             )
-        if (
-            not name.endswith((".lora_A", ".lora_B"))
-            and have[name] is not None
-            and have[name].shape != want[name].shape
-        ):
+        if have[name] is not None and want[name] is not None and _fixed_shape(have[name]) != _fixed_shape(want[name]):
             raise AdapterMismatchError(
-                f"{src} tensor {name} has shape {list(have[name].shape)} but {first}'s is {list(want[name].shape)}"
+                f"{src} tensor {name} has shape {list(have[name].value.shape)} but {first}'s is "
+                f"{list(want[name].value.shape)}; only the rank may differ between swappable adapters"
             )
+
+
+def _fixed_shape(tensor: Any) -> list[int | None]:
+    """A lifted tensor's shape with its rank dim blanked (the dim that varies between adapters)."""
+    return [None if i == tensor.rank_dim else int(d) for i, d in enumerate(tensor.value.shape)]

@@ -80,6 +80,33 @@ class ExportCases:
         return self.memo(("hf-peft", family), lambda: _hf_peft(self.build(family)))
 
 
+#: This session's :class:`ExportCases`, set by the ``export_cases`` fixture (tests/conftest.py), for test
+#: modules that use the module-level helpers below; such a module requests the fixture with
+#: ``pytestmark = pytest.mark.usefixtures("export_cases")``.
+_SESSION: ExportCases | None = None
+
+
+def session_cases() -> ExportCases:
+    if _SESSION is None:
+        raise RuntimeError('request the export_cases fixture: pytestmark = pytest.mark.usefixtures("export_cases")')
+    return _SESSION
+
+
+def scratch(name: str) -> Path:
+    """A fresh directory under this session's root."""
+    return session_cases().scratch(name)
+
+
+def build(family: str) -> Built:
+    """This session's base and run directories of ``family`` (:meth:`ExportCases.build`)."""
+    return session_cases().build(family)
+
+
+def base_onnx(family: str) -> Path:
+    """This session's base-model ONNX export of ``family`` (:meth:`ExportCases.base_onnx`)."""
+    return session_cases().base_onnx(family)
+
+
 @dataclass
 class Built:
     """One family's base model, run directory and (lazily) its exports."""

@@ -30,6 +30,8 @@ from onnx_export_cases import (
 
 from peftc.errors import AdapterMismatchError
 
+pytestmark = pytest.mark.usefixtures("export_cases")  # the module-level helpers use this session's cases
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("peft", reason="HF PEFT is the reference for these tests")
 

@@ -20,6 +20,8 @@ from onnx_export_cases import ATOL, SPECS, TEST_SHAPES, make_inputs, save_tokeni
 
 from peftc.errors import AdapterMismatchError
 
+pytestmark = pytest.mark.usefixtures("export_cases")  # the module-level helpers use this session's cases
+
 ort = pytest.importorskip("onnxruntime")
 peft = pytest.importorskip("peft")
 
@@ -189,13 +191,6 @@ def test_swappable_adapters_with_another_layout_are_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AdapterMismatchError,
-    reason="peftc.exporting._refuse_other_targets exempts only '.lora_A'/'.lora_B' names from the shape check, "
-    "not each LiftedTensor's rank_dim: LoKr adapters of different ranks are refused although the lifted graph "
-    "takes any rank (tests/passes/test_lokr_pass.py::test_lifted_rank_is_symbolic)",
-)
 def test_swappable_lokr_adapters_of_different_ranks():
     from peftc.exporting import export
 
