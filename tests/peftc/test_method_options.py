@@ -73,7 +73,7 @@ def test_config_file_alone_selects_its_method(tmp_path):
 
 
 def test_flag_of_another_method_names_the_methods_it_applies_to():
-    with pytest.raises(ConfigError, match=r"--r does not apply to method 'ia3'; it applies to lora, adalora"):
+    with pytest.raises(ConfigError, match=r"--r does not apply to method 'ia3'; it applies to lora, dora, adalora, lo"):
         _method_config(TrainConfig(method="ia3", r=4), "causal-lm")
 
 
