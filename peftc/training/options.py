@@ -153,7 +153,9 @@ class TrainConfig:
     save_every: int | None = _help("Write checkpoints/step-N every N optimizer steps.", default=None)
     resume: bool = _help("Continue from the newest checkpoint in --out.", default=False)
     force: bool = _help("Replace a non-empty --out.", default=False)
-    progress: bool = _help("Show a progress bar and print the eval metrics after each epoch.", default=True)
+    progress: bool = _help(
+        "Show a progress bar (the eval metrics after each epoch are printed either way).", default=True
+    )
     log_every: int = _help("Write the mean training loss to metrics.jsonl every N optimizer steps.", default=10)
 
     def validate(self) -> None:
