@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     except PeftcError as e:
         if debug:
             raise
-        click.echo(f"{e.label}: {e}", err=True)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a value held
+        click.echo(f"{e.label}: {message}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

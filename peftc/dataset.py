@@ -122,6 +122,11 @@ def default_data(model: str, task: str) -> tuple[Path, Path] | None:
     return (shipped_file(names[0]), shipped_file(names[1])) if names else None
 
 
+def _names(obj: dict) -> str:
+    """The keys of a data line for a message: as they are when printable, else quoted (a message is one line)."""
+    return ", ".join(k if k.isprintable() and k.strip() == k and k else repr(k) for k in sorted(obj)) or "none"
+
+
 def _fail(path: Path, lineno: int, what: str, task: str) -> DataError:
     return DataError(f"{path}:{lineno}: {what}; each line must be a JSON object like {_EXAMPLE[task]}")
 
@@ -183,7 +188,7 @@ def read_jsonl(
             lines.append(lineno)
             continue
         if "text" not in obj:
-            raise _fail(path, lineno, f"missing field 'text' (fields: {', '.join(sorted(obj)) or 'none'})", task)
+            raise _fail(path, lineno, f"missing field 'text' (fields: {_names(obj)})", task)
         text = obj["text"]
         if not isinstance(text, str):
             raise _fail(path, lineno, f"field 'text' must be a string, got {type(text).__name__}", task)
@@ -226,7 +231,7 @@ def _token_example(path: Path, lineno: int, obj: dict, seen: list[Any]) -> tuple
     task = "token-cls"
     for key in ("tokens", "labels"):
         if key not in obj:
-            raise _fail(path, lineno, f"missing field {key!r} (fields: {', '.join(sorted(obj)) or 'none'})", task)
+            raise _fail(path, lineno, f"missing field {key!r} (fields: {_names(obj)})", task)
         if not isinstance(obj[key], list) or not obj[key]:
             raise _fail(path, lineno, f"field {key!r} must be a non-empty list, got {obj[key]!r}", task)
     tokens, labels = obj["tokens"], obj["labels"]
