@@ -191,7 +191,10 @@ def _train_epilog() -> str:
         f"it ({applies}); set any other field with --set FIELD=VALUE.\n\n"
         f"Training presets: without --config, peftc trains with {presets} wherever the method's config has these "
         f"fields; they differ from HF PEFT's defaults ({hf}). A --config file is taken as written; a method "
-        f"flag or --set overrides both."
+        f"flag or --set overrides both.\n\n"
+        "Exit codes: 0 done; 1 error; 2 usage (a bad option or value); 75 stopped by SIGTERM after writing a "
+        "checkpoint at the next step (rerun with --resume); 130 interrupted (Ctrl-C). Both 75 and 130 print the "
+        "command that resumes the run."
     )
 
 

@@ -8,6 +8,9 @@ A run directory (what ``peftc train`` writes)::
       metrics.jsonl       one JSON object per logged step / eval
       checkpoints/        step-N/ with adapter, optimizer and scheduler state (safetensors)
       base_model/         only for generated presets (tiny-gpt2): the base as a HF model dir
+      started.json        while the run is unfinished: its options (``--resume`` restarts such a run afresh
+                          when it has no checkpoint yet)
+      .peftc.lock         while ``peftc train`` runs: its pid and host (one run per directory)
 
 An adapter trained on the ``minilm`` preset records ``base_model_name_or_path: "minilm"`` (the preset's
 name, not the path it resolved to on the training machine); ``resolve_source`` resolves preset names.

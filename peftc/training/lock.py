@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peftc.errors import OutputExistsError, RunLockedError
+from peftc.errors import ConfigError, OutputExistsError, RunLockedError
 
 try:  # POSIX; elsewhere the pid check alone decides staleness
     import fcntl
@@ -82,12 +82,21 @@ def run_lock(run_dir: Path, command: str = "peftc train") -> Iterator[RunLock]:
     Raises:
         RunLockedError: another live process holds the lock (the message names its pid, host and start).
         OutputExistsError: ``run_dir`` is a file.
+        ConfigError: ``run_dir`` or its lock cannot be created (permissions, a read-only file system).
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExistsError(f"output {run_dir} exists and is not a directory; choose another --out")
-    created = _make_dirs(run_dir)
+    try:
+        created = _make_dirs(run_dir)
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot create it ({e.strerror or e}); choose a writable --out") from e
     try:
         lock = _acquire(run_dir / LOCK_FILE, command)
+    except OSError as e:
+        _remove_empty(created)
+        raise ConfigError(
+            f"--out {run_dir}: cannot create its lock {LOCK_FILE} ({e.strerror or e}); choose a writable --out"
+        ) from e
     except BaseException:
         _remove_empty(created)
         raise

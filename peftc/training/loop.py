@@ -336,9 +336,14 @@ def _occupied(run_dir: Path, ckpt: Path | None) -> str:
     keep = f"; it holds exports ({', '.join(exports)}): move them out first" if exports else ""
     if (run_dir / RUN_FILE).is_file():
         newest = f" (checkpoints up to step {checkpoint_step(ckpt)})" if ckpt is not None else ""
+        if ckpt is not None:
+            return (
+                f"output directory {run_dir} holds a finished run{newest}: train it further with --resume (and "
+                f"more --epochs or --max-steps), choose another --out, or pass --force to replace it{keep}"
+            )
         return (
-            f"output directory {run_dir} holds a finished run{newest}; choose another --out, or pass --force to "
-            f"replace it{keep}"
+            f"output directory {run_dir} holds a finished run; choose another --out, or pass --force to replace "
+            f"it{keep}"
         )
     if ckpt is not None:
         return (

@@ -152,8 +152,12 @@ class TrainConfig:
         default=None,
     )
     save_every: int | None = _help("Write checkpoints/step-N every N optimizer steps.", default=None)
-    resume: bool = _help("Continue from the newest checkpoint in --out.", default=False)
-    force: bool = _help("Replace a non-empty --out.", default=False)
+    resume: bool = _help(
+        "Continue from the newest checkpoint in --out; with none yet, start the run there (afresh, if --out holds "
+        "only an unfinished run of the same options): safe on a preemptible job's command line.",
+        default=False,
+    )
+    force: bool = _help("Replace a non-empty --out (refused while it holds exports, export-*).", default=False)
     progress: bool = _help(
         "Show a progress bar (the eval metrics after each epoch are printed either way).", default=True
     )
