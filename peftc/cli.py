@@ -218,7 +218,11 @@ def train(**options: Any) -> None:
         raise TrainingInterrupted(_interrupted_message(Path(cfg.out).expanduser())) from None
     except TrainingStopped as e:  # SIGTERM: the checkpoint is written; say how to continue, exactly
         if e.step is None:
-            raise TrainingStopped(f"{e}; rerun with: {_resume_command()}", e.run_dir) from None
+            raise TrainingStopped(
+                f"SIGTERM during setup, before the first training step (nothing new written); rerun with: "
+                f"{_resume_command()}",
+                e.run_dir,
+            ) from None
         raise TrainingStopped(
             f"SIGTERM at step {e.step}: wrote checkpoint {Path(cfg.out).expanduser() / 'checkpoints'}/step-{e.step}; "
             f"resume with: {_resume_command()}",

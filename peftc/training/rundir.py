@@ -3,8 +3,8 @@
 The layout is documented in :mod:`peftc.runs` (which also reads it back for export). Writing rules:
 
 * nothing is written before :meth:`RunWriter.open` (called after the first optimizer step), so a bad
-  flag, data file or model leaves no trace on disk (but the lock, :mod:`peftc.training.lock`, removed
-  again); records logged before it are kept in memory;
+  flag, data file or model leaves no trace on disk (the run's lock, :mod:`peftc.training.lock`, goes
+  with the run, and so does a directory made only for it); records logged before it are kept in memory;
 * an existing non-empty directory is replaced only with ``force`` (checked again when opening) — and
   never when it holds exports (``export-*``, or any directory with a ``manifest.json``): they are
   deliverables, made from the old adapter, which ``--force`` would either delete or leave beside a new
