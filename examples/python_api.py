@@ -53,8 +53,8 @@ def main(workdir: str) -> None:
 
     model = ORTModelForCausalLM.from_pretrained(artifact)
     tokenizer = AutoTokenizer.from_pretrained(artifact)
-    prompt = tokenizer(["the movie was"], return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
-    tokens = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    prompt = tokenizer(["the movie was"], return_tensors="pt")  # a causal tokenizer: no token types, no [CLS]
+    tokens = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     print("generated:", tokenizer.decode(tokens[0]))
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["main"]
 
-_EXIT_INTERNAL = 2
+_EXIT_INTERNAL = 1  # an internal error is an error (exit 1); 2 is click's for usage errors
 
 
 def _quiet_libraries() -> None:
@@ -96,7 +97,7 @@ _TRAIN_FLAG_NAMES = {"config_file": "--config", "options": "--set", "progress": 
 _TRAIN_CLI_HELP = {
     "options": "Any other method-config field by its HF PEFT name (repeatable; VALUE parsed as JSON, else a "
     "string), e.g. --set init_r=12 --set prefix_projection=true.",
-    "progress": "No progress bar, no eval lines after each epoch.",
+    "progress": "No progress bar (the eval line after each epoch is still printed).",
 }
 
 
@@ -190,7 +191,10 @@ def _train_epilog() -> str:
         f"it ({applies}); set any other field with --set FIELD=VALUE.\n\n"
         f"Training presets: without --config, peftc trains with {presets} wherever the method's config has these "
         f"fields; they differ from HF PEFT's defaults ({hf}). A --config file is taken as written; a method "
-        f"flag or --set overrides both."
+        f"flag or --set overrides both.\n\n"
+        "Exit codes: 0 done; 1 error; 2 usage (a bad option or value); 75 stopped by SIGTERM after writing a "
+        "checkpoint at the next step (rerun with --resume); 130 interrupted (Ctrl-C). Both 75 and 130 print the "
+        "command that resumes the run."
     )
 
 
@@ -201,16 +205,66 @@ def train(**options: Any) -> None:
     With no options it fine-tunes the real pretrained MiniLM for sentiment classification on the
     embedded data set.
     """
+    from peftc.errors import TrainingInterrupted, TrainingStopped
     from peftc.training import TrainConfig
     from peftc.training import train as run_train
 
     options["progress"] = not options.pop("no_progress")
     options["options"] = _parse_settings(options.pop("options")) or None
     cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
-    result = run_train(cfg)
+    try:
+        result = run_train(cfg)
+    except KeyboardInterrupt:  # click would print only "aborted"
+        raise TrainingInterrupted(_interrupted_message(Path(cfg.out).expanduser())) from None
+    except TrainingStopped as e:  # SIGTERM: the checkpoint is written; say how to continue, exactly
+        if e.step is None:
+            raise TrainingStopped(
+                f"SIGTERM during setup, before the first training step (nothing new written); rerun with: "
+                f"{_resume_command()}",
+                e.run_dir,
+            ) from None
+        raise TrainingStopped(
+            f"SIGTERM at step {e.step}: wrote checkpoint {Path(cfg.out).expanduser() / 'checkpoints'}/step-{e.step}; "
+            f"resume with: {_resume_command()}",
+            e.run_dir,
+            e.step,
+        ) from None
     click.echo(f"run directory: {result.run_dir}")
     if result.metrics:
         click.echo("final eval: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))
+
+
+#: The command line ``main`` was called with (for the exact command ``peftc train`` suggests to resume).
+_ARGV: list[str] = []
+
+
+def _resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--force``, which would delete the checkpoints)."""
+    import shlex
+
+    args = [a for a in _ARGV if a != "--force"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["peftc", *args])
+
+
+def _interrupted_message(run_dir: Path) -> str:
+    """Ctrl-C during ``peftc train``: what the run directory holds now and how to continue."""
+    from peftc.training.checkpoints import checkpoint_step, latest_checkpoint
+    from peftc.training.rundir import unfinished_leftovers
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        return (
+            f"{run_dir} holds checkpoints up to step {checkpoint_step(ckpt)} ({ckpt.relative_to(run_dir)}); "
+            f"resume with: {_resume_command()}"
+        )
+    if unfinished_leftovers(run_dir):
+        return (
+            f"{run_dir} holds no checkpoint yet (--save-every N writes them); rerunning with --resume starts "
+            f"afresh: {_resume_command()}"
+        )
+    return f"before the first training step; nothing was written to {run_dir}"
 
 
 def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:
@@ -505,7 +559,9 @@ def inspect(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning peftc errors into one line and an exit code."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
+    _ARGV[:] = args
     try:
         cli.main(args=argv, prog_name="peftc", standalone_mode=False)
     except click.exceptions.Abort:
@@ -517,7 +573,8 @@ def main(argv: list[str] | None = None) -> None:
     except PeftcError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a value held
+        click.echo(f"{e.label}: {message}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class MethodConfig:
                     f"{self.peft_type} config field {f.name!r} must be {_type_name(hints[f.name])}, "
                     f"got {value!r} ({type(value).__name__})"
                 )
+            if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN/Infinity: no method takes them
+                raise ConfigError(f"{self.peft_type} config field {f.name!r} must be a finite number, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object HF PEFT writes as ``adapter_config.json``."""
@@ -223,7 +226,7 @@ def config_from_dict(data: Any, source: str = "adapter config") -> MethodConfig:
     from peftc.methods import methods
 
     classes = {m.peft_type: m.config_class for m in methods()}
-    if peft_type not in classes:
+    if not isinstance(peft_type, str) or peft_type not in classes:
         raise ConfigError(
             f"{source} names peft_type={peft_type!r}, which peftc does not know; "
             f"supported: {', '.join(sorted(classes))}"

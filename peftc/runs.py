@@ -8,6 +8,12 @@ A run directory (what ``peftc train`` writes)::
       metrics.jsonl       one JSON object per logged step / eval
       checkpoints/        step-N/ with adapter, optimizer and scheduler state (safetensors)
       base_model/         only for generated presets (tiny-gpt2): the base as a HF model dir
+      started.json        while the run is unfinished: its options (``--resume`` restarts such a run afresh
+                          when it has no checkpoint yet)
+      .peftc.lock         while ``peftc train`` runs: its pid and host (one run per directory)
+
+An adapter trained on the ``minilm`` preset records ``base_model_name_or_path: "minilm"`` (the preset's
+name, not the path it resolved to on the training machine); ``resolve_source`` resolves preset names.
 
 ``resolve_source`` turns what a user passes to ``peftc export`` — a run directory or an adapter
 directory saved by HF PEFT — into the adapter, the base model location and the task.
@@ -22,6 +28,7 @@ from typing import Any
 
 from peftc.adapters import CONFIG_FILE
 from peftc.errors import AdapterFormatError, ModelLoadError
+from peftc.models import PRESETS
 
 __all__ = ["RUN_FILE", "Source", "read_run", "resolve_source"]
 
@@ -63,9 +70,21 @@ def resolve_source(src: str | Path, model: str | None = None, task: str | None =
         raise AdapterFormatError(f"{src} does not exist; pass a peftc run directory or an HF PEFT adapter directory")
     if (src / RUN_FILE).is_file():
         run = read_run(src)
-        # A generated preset's base travels with the run dir, wherever the run dir has moved.
+        # A generated preset's base travels with the run dir, wherever the run dir has moved; an on-disk
+        # preset (minilm) is found by name on this machine (older runs recorded the path it resolved to).
         local_base = src / "base_model"
-        base = model or (str(local_base) if local_base.is_dir() else run["model"]["source"] or run["model"]["spec"])
+        recorded = run.get("model") or {}
+        preset = recorded.get("preset")
+        if model:
+            base = model
+        elif local_base.is_dir():
+            base = str(local_base)
+        elif preset in PRESETS:
+            base = preset
+        else:
+            base = recorded.get("source") or recorded.get("spec")
+        if not base:
+            raise ModelLoadError(f"{src / RUN_FILE} names no base model; pass it with --model DIR")
         labels = run.get("id2label")
         return Source(
             adapter_dir=src / "adapter",
@@ -89,9 +108,12 @@ def resolve_source(src: str | Path, model: str | None = None, task: str | None =
     base = model or config.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{config_path} names no base_model_name_or_path; pass the base model with --model DIR")
-    if not model and not Path(base).is_dir():
+    if not isinstance(base, str):
+        raise AdapterFormatError(f"{config_path}: base_model_name_or_path must be a string, got {base!r}")
+    if not model and base not in PRESETS and not Path(base).is_dir():
         raise ModelLoadError(
-            f"base_model_name_or_path={base!r} in {config_path} is not a local directory; pass --model DIR"
+            f"base_model_name_or_path={base!r} in {config_path} is neither a local directory nor a preset "
+            f"({', '.join(PRESETS)}); pass --model DIR"
         )
     resolved_task = task or _TASK_FROM_PEFT.get(config.get("task_type") or "")
     if resolved_task is None:

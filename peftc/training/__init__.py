@@ -14,7 +14,10 @@ The package's modules, each with one job:
 * :mod:`~peftc.training.checkpoints`: ``checkpoints/step-N`` (adapter, optimizer moments, scheduler, RNG
   states, the method's own state) and what ``--resume`` reads back and checks;
 * :mod:`~peftc.training.rundir`: the run directory, created lazily after the first optimizer step;
-  ``metrics.jsonl`` and ``run.json``.
+  ``metrics.jsonl``, ``run.json``, and what ``--resume`` / ``--force`` may do with a directory's contents;
+* :mod:`~peftc.training.lock`: ``--out/.peftc.lock``, one ``peftc train`` per run directory.
+
+SIGTERM stops a run at the next step boundary after a checkpoint (:class:`~peftc.errors.TrainingStopped`).
 """
 
 from __future__ import annotations

@@ -163,17 +163,26 @@ def restore_checkpoint(
     return trainer
 
 
-def check_resume(options: dict[str, Any], saved: dict[str, Any], ckpt: Path) -> None:
+def check_resume(
+    options: dict[str, Any], saved: dict[str, Any], ckpt: Path | None, run_dir: Path | None = None
+) -> None:
     """Refuse to resume with options that change the trajectory (:data:`TRAJECTORY_FIELDS`).
+
+    Args:
+        options: this call's options.
+        saved: the options the run was started with (a checkpoint's, or ``started.json``'s).
+        ckpt: the checkpoint ``saved`` comes from, if any (its run directory is named in the message).
+        run_dir: the run directory, when there is no checkpoint.
 
     Raises:
         ConfigError: naming the first option that differs, with both values.
     """
+    where = run_dir if run_dir is not None else ckpt.parent.parent if ckpt is not None else "--out"
     options = json.loads(json.dumps(options))  # as saved: tuples become lists (target_modules=("q", "v"))
     for name in TRAJECTORY_FIELDS:
         if saved.get(name) != options.get(name):
             raise ConfigError(
-                f"--resume: {name}={options.get(name)!r} but the run in {ckpt.parent.parent} was started with "
+                f"--resume: {name}={options.get(name)!r} but the run in {where} was started with "
                 f"{name}={saved.get(name)!r}; resume with the same options or start a new run"
             )
     for name in ("epochs", "max_steps"):

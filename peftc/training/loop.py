@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,14 +34,15 @@ from peftc import __version__
 from peftc.adapters import AdapterState
 from peftc.config import MethodConfig, PromptLearningConfig
 from peftc.dataset import Dataset, Encoded, batch_order, collate, count_targets, encode, read_jsonl
-from peftc.errors import ConfigError, ModelLoadError
-from peftc.files import check_output_dir
+from peftc.errors import ConfigError, ModelLoadError, OutputExistsError, TrainingStopped
 from peftc.methods import get_method
 from peftc.models import LoadedModel, check_model_spec, load_model
 from peftc.program import Program, capture
 from peftc.reporting import StepMeter, count_tokens, make_reporters
+from peftc.runs import RUN_FILE
 from peftc.tasks import HEAD_TASKS, TaskSpec
 from peftc.training.checkpoints import (
+    CHECKPOINTS,
     check_resume,
     checkpoint_step,
     latest_checkpoint,
@@ -47,8 +50,18 @@ from peftc.training.checkpoints import (
     restore_checkpoint,
     save_checkpoint,
 )
+from peftc.training.lock import run_lock
 from peftc.training.options import TrainConfig, infer_task, method_config, method_name, resolve_data
-from peftc.training.rundir import ADAPTER_DIR, BASE_MODEL_DIR, RunWriter
+from peftc.training.rundir import (
+    ADAPTER_DIR,
+    BASE_MODEL_DIR,
+    RunWriter,
+    check_no_exports,
+    contents,
+    exports_in,
+    started_options,
+    unfinished_leftovers,
+)
 
 __all__ = ["TrainResult", "evaluate", "train"]
 
@@ -167,7 +180,12 @@ def _build(
     train_enc = encode(train_data, loaded.tokenizer, task, max_length, pad_id)
     eval_enc = encode(eval_data, loaded.tokenizer, task, max_length, pad_id) if eval_data else None
 
-    base_source = str((run_dir / BASE_MODEL_DIR).resolve()) if loaded.preset == "tiny-gpt2" else loaded.source
+    if loaded.preset == "tiny-gpt2":  # generated: saved into the run (base_model/), it exists nowhere else
+        base_source = str((run_dir / BASE_MODEL_DIR).resolve())
+    elif loaded.preset is not None:  # the name resolves on any machine; the site-packages path would not
+        base_source = loaded.preset
+    else:
+        base_source = loaded.source
     config.base_model_name_or_path = base_source
     train_prog = capture(loaded.model, task, mode="train")
     eval_prog = capture(loaded.model, task, mode="eval")
@@ -265,28 +283,124 @@ def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _find_checkpoint(cfg: TrainConfig, run_dir: Path, options: dict[str, Any]) -> Path | None:
-    """The checkpoint a ``--resume`` continues from (checked against ``options``), or ``None``."""
-    if not cfg.resume:
-        check_output_dir(run_dir, cfg.force)
-        return None
+def _notice(message: str, *args: Any) -> None:
+    """A line for the user on stderr (the CLI logs warnings and above, bare)."""
+    logger.warning(message, *args)
+
+
+def _find_checkpoint(cfg: TrainConfig, run_dir: Path, options: dict[str, Any]) -> tuple[Path | None, bool]:
+    """Decide what this call does with ``run_dir``: ``(checkpoint to continue from, replace what it holds)``.
+
+    Without ``--resume``: a fresh run, into an empty ``run_dir`` (with ``--force``: replacing it, unless it
+    holds exports). A directory holding a run's checkpoints is refused with ``--resume`` named first.
+    With ``--resume``: the newest checkpoint (the options checked against the run's); none in an empty or
+    missing ``run_dir``: a new run; none, and only what an unfinished run of the same options wrote before
+    its first checkpoint: that run starts afresh (both with a line saying so). Anything else is refused.
+    """
     ckpt = latest_checkpoint(run_dir)
+    held = contents(run_dir)
+    if not cfg.resume:
+        if held and not cfg.force:
+            raise OutputExistsError(_occupied(run_dir, ckpt))
+        if held:
+            check_no_exports(run_dir)
+        return None, bool(held)
     if ckpt is None:
-        if run_dir.exists() and not run_dir.is_dir():
-            check_output_dir(run_dir, False)
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.force:
-            raise ConfigError(
-                f"--resume: {run_dir} holds no checkpoint (checkpoints/step-N); checkpoints are written "
-                "with --save-every N; pass --force to start over"
+        if not held:
+            _notice("--resume: no run in %s yet; starting a new one", run_dir)
+            return None, False
+        started = started_options(run_dir) if unfinished_leftovers(run_dir) else None
+        if started is not None:
+            check_resume(options, started, None, run_dir=run_dir)
+            _notice(
+                "--resume: %s holds an unfinished run of these options that stopped before its first checkpoint; "
+                "starting it afresh",
+                run_dir,
             )
-        logger.info("--resume: no checkpoint in %s; starting a new run", run_dir)
-        return None
+            return None, True
+        if cfg.force:
+            check_no_exports(run_dir)
+            return None, True
+        what = "a finished run" if (run_dir / RUN_FILE).is_file() else "files no unfinished peftc run wrote"
+        raise ConfigError(
+            f"--resume: {run_dir} holds no checkpoint (checkpoints/step-N, written with --save-every N) but "
+            f"{what} ({', '.join(p.name for p in held[:5])}{', …' if len(held) > 5 else ''}); pass --force to "
+            "replace it, or choose another --out"
+        )
     check_resume(options, read_trainer_state(ckpt)["train_config"], ckpt)
-    return ckpt
+    return ckpt, False
+
+
+def _occupied(run_dir: Path, ckpt: Path | None) -> str:
+    """Why a non-empty ``--out`` is refused without ``--resume``/``--force`` (``--resume`` first where it applies)."""
+    exports = exports_in(run_dir)
+    keep = f"; it holds exports ({', '.join(exports)}): move them out first" if exports else ""
+    if (run_dir / RUN_FILE).is_file():
+        newest = f" (checkpoints up to step {checkpoint_step(ckpt)})" if ckpt is not None else ""
+        if ckpt is not None:
+            return (
+                f"output directory {run_dir} holds a finished run{newest}: train it further with --resume (and "
+                f"more --epochs or --max-steps), choose another --out, or pass --force to replace it{keep}"
+            )
+        return (
+            f"output directory {run_dir} holds a finished run; choose another --out, or pass --force to replace "
+            f"it{keep}"
+        )
+    if ckpt is not None:
+        return (
+            f"output directory {run_dir} holds an unfinished run with checkpoints (newest: "
+            f"{ckpt.relative_to(run_dir)}): continue it with --resume and the same options, or pass --force to "
+            f"delete it and start over{keep}"
+        )
+    if unfinished_leftovers(run_dir):
+        return (
+            f"output directory {run_dir} holds an unfinished run that stopped before its first checkpoint: "
+            "rerun with --resume (it starts afresh), or pass --force to replace it"
+        )
+    return f"output directory {run_dir} is not empty; pass --force to replace it or choose another --out{keep}"
+
+
+class _StopOnSigterm:
+    """SIGTERM (what a scheduler sends before it kills a job) asks the loop to stop at the next step boundary.
+
+    Before the first step there is nothing to save: the signal stops setup at once. Installed only in the
+    main thread (Python delivers signals there), for the duration of :func:`train`; the previous handler
+    comes back after.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_loop = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        if not self.in_loop:
+            raise _SetupStopped  # a BaseException, like KeyboardInterrupt: no library's `except Exception` eats it
+
+
+class _SetupStopped(BaseException):
+    """SIGTERM during setup (loading, capture): nothing of this call's training to save."""
+
+
+_SETUP_STOPPED = "stopped by SIGTERM during setup, before this run's first training step; it wrote nothing new"
 
 
 def train(cfg: TrainConfig | None = None) -> TrainResult:
     """Train an adapter and write a run directory (see :mod:`peftc.runs` for the layout).
+
+    The run holds ``--out``'s lock (:mod:`peftc.training.lock`) throughout. In the main thread, SIGTERM
+    makes it write a checkpoint at the next step boundary and raise :class:`TrainingStopped` (the CLI
+    exits 75); ``--resume`` continues from there.
 
     Args:
         cfg: the options; ``None`` or ``TrainConfig()`` fine-tunes MiniLM on the shipped sentiment data.
@@ -300,7 +414,10 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         ModelLoadError: the base model or its tokenizer cannot be loaded.
         CaptureError: ``torch.export`` cannot capture the model.
         TargetNotFoundError: ``target_modules`` matched nothing.
-        OutputExistsError: ``out`` is not empty and neither ``force`` nor ``resume`` was given.
+        OutputExistsError: ``out`` is not empty and neither ``force`` nor ``resume`` was given, or ``force``
+            would delete exports.
+        RunLockedError: another ``peftc train`` is writing ``out``.
+        TrainingStopped: SIGTERM; a checkpoint was written (unless it came before the first step).
     """
     cfg = cfg or TrainConfig()
     started = time.perf_counter()
@@ -319,7 +436,25 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         "eval_data": eval_path,
         "method": method_name(config, cfg.method.lower() if cfg.method else None),
     }
-    ckpt = _find_checkpoint(cfg, run_dir, options)
+    try:
+        with _StopOnSigterm() as stop, run_lock(run_dir):
+            return _train(cfg, run_dir, task, config, options, data_path, eval_path, stop, started)
+    except _SetupStopped:
+        raise TrainingStopped(_SETUP_STOPPED, run_dir=run_dir) from None
+
+
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    task: str,
+    config: MethodConfig,
+    options: dict[str, Any],
+    data_path: str,
+    eval_path: str | None,
+    stop: _StopOnSigterm,
+    started: float,
+) -> TrainResult:
+    ckpt, replace = _find_checkpoint(cfg, run_dir, options)
 
     s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt)
     opt = _optimizer(cfg, s.params)
@@ -333,13 +468,13 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     params = [p for _, p in s.params]
 
     step, epoch, batch_pos, window, last_eval = 0, 0, 0, [], {}
-    writer = RunWriter(run_dir, cfg.force, resumed=ckpt is not None, loaded=s.loaded)
+    writer = RunWriter(run_dir, replace, resumed=ckpt is not None, loaded=s.loaded, options=options)
     if ckpt is not None:
         trainer = restore_checkpoint(ckpt, s.params, opt, sched, hooks)
         step, epoch, batch_pos = trainer["step"], trainer["epoch"], trainer["batch"]
         window, last_eval = list(trainer["window"]), dict(trainer["last_eval"])
         writer.truncate_metrics(step)
-        logger.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, step, epoch, batch_pos)
+        _notice("resuming %s from %s (step %d of %d)", run_dir, ckpt.relative_to(run_dir), step, total_steps)
     else:
         _seed_everything(cfg.seed)
     # trackers open lazily at the first record (after the run dir exists); rank 0 only under torchrun
@@ -361,6 +496,26 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
 
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
     task_spec = s.train_prog.task
+    saved_step = checkpoint_step(ckpt) if ckpt is not None else None
+
+    def save() -> None:
+        nonlocal saved_step
+        e, b = (epoch + 1, 0) if batch_pos >= n_batches else (epoch, batch_pos)
+        trainer = {
+            "step": step,
+            "epoch": e,
+            "batch": b,
+            "window": window,
+            "last_eval": last_eval,
+            "train_config": options,
+            "total_steps": total_steps,
+        }
+        save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
+        saved_step = step
+
+    stop.in_loop = True
+    if stop.requested:  # came during setup, after the handler's own check
+        raise TrainingStopped(_SETUP_STOPPED, run_dir=run_dir)
     try:
         while step < total_steps:
             batches = batch_order(len(s.train_enc), cfg.batch_size, cfg.seed, epoch)
@@ -403,21 +558,25 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                     eval_record = {"type": "eval", "step": step, "epoch": round(ep, 4), **last_eval}
                     writer.log(eval_record)
                     reporters.log(eval_record)
+                    line = f"epoch {ep:.2f} step {step}: eval {_fmt(last_eval)}"
                     if cfg.progress:
-                        bar.write(f"epoch {ep:.2f} step {step}: eval {_fmt(last_eval)}")
+                        bar.write(line)
+                    else:  # no bar, but the eval lines still
+                        print(line, flush=True)
                 if cfg.save_every and step % cfg.save_every == 0:
-                    e, b = (epoch + 1, 0) if batch_pos >= n_batches else (epoch, batch_pos)
-                    trainer = {
-                        "step": step,
-                        "epoch": e,
-                        "batch": b,
-                        "window": window,
-                        "last_eval": last_eval,
-                        "train_config": options,
-                        "total_steps": total_steps,
-                    }
                     with meter.paused():
-                        save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
+                        save()
+                if stop.requested and step < total_steps:
+                    if saved_step != step:
+                        with meter.paused():
+                            save()
+                    raise TrainingStopped(
+                        f"stopped by SIGTERM at step {step} of {total_steps}: checkpoint "
+                        f"{run_dir / CHECKPOINTS / f'step-{step}'} written; continue with --resume and the same "
+                        "options",
+                        run_dir=run_dir,
+                        step=step,
+                    )
             if batch_pos >= n_batches:
                 epoch, batch_pos = epoch + 1, 0
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,9 +152,15 @@ class TrainConfig:
         default=None,
     )
     save_every: int | None = _help("Write checkpoints/step-N every N optimizer steps.", default=None)
-    resume: bool = _help("Continue from the newest checkpoint in --out.", default=False)
-    force: bool = _help("Replace a non-empty --out.", default=False)
-    progress: bool = _help("Show a progress bar and print the eval metrics after each epoch.", default=True)
+    resume: bool = _help(
+        "Continue from the newest checkpoint in --out; with none yet, start the run there (afresh, if --out holds "
+        "only an unfinished run of the same options): safe on a preemptible job's command line.",
+        default=False,
+    )
+    force: bool = _help("Replace a non-empty --out (refused while it holds exports, export-*).", default=False)
+    progress: bool = _help(
+        "Show a progress bar (the eval metrics after each epoch are printed either way).", default=True
+    )
     log_every: int = _help("Write the mean training loss to metrics.jsonl every N optimizer steps.", default=10)
     report_to: str = _help(
         "Also send every metrics record to experiment trackers: a comma list of tensorboard, mlflow, wandb, "
@@ -176,6 +183,12 @@ class TrainConfig:
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for f in dataclasses.fields(self):  # nan/inf pass every range check below; no option means them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):

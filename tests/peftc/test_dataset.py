@@ -178,3 +178,21 @@ def test_shipped_data_is_valid_and_balanced():
     c, h = read_jsonl(corpus, "causal-lm"), read_jsonl(held_out, "causal-lm")
     assert len(c) >= 200 and len(h) >= 20 and not set(c.texts) & set(h.texts)
     assert default_data("minilm", "causal-lm") is None
+
+
+def test_causal_texts_end_with_eos_unless_cut(tmp_path):
+    """A causal tokenizer's eos ends every text that fits; a text cut at max_length gets none."""
+    from peftc.models import causal_tokenizer, preset_path
+
+    try:
+        tok = causal_tokenizer(preset_path("minilm"))
+    except Exception as e:  # noqa: BLE001 - the package is optional
+        pytest.skip(f"MiniLM tokenizer unavailable: {e}")
+    path = _write(tmp_path, [{"text": "one two three"}, {"text": "word " * 20}, {"text": "a b c d e f g h"}])
+    enc = encode(read_jsonl(path, "causal-lm"), tok, "causal-lm", max_length=8)
+    plain = [tok(t)["input_ids"] for t in ("one two three", "a b c d e f g h")]
+    assert enc.input_ids[0] == plain[0] + [tok.eos_token_id]
+    assert enc.input_ids[1] == tok("word " * 20)["input_ids"][:8]  # cut: no eos
+    assert enc.input_ids[2] == plain[1] and len(plain[1]) == 8  # exactly max_length: no room for one
+    assert enc.token_type_ids is None
+    assert tok.cls_token_id is None or tok.cls_token_id not in sum(enc.input_ids, [])

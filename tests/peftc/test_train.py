@@ -348,6 +348,9 @@ def test_minilm_short_run_learns_and_matches_peft(tmp_path):
     assert res.eval_metrics["loss"] < 0.4 and res.eval_metrics["accuracy"] > 0.8, res.eval_metrics
 
     run = json.loads((out / "run.json").read_text())
+    # the preset's name, not this machine's site-packages path: the adapter loads on another machine too
+    assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "minilm"
+    assert run["model"] == {"spec": "minilm", "source": "minilm", "preset": "minilm"}
     id2label = {int(k): v for k, v in run["id2label"].items()}
     base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2, id2label=id2label).eval()
     ref = peft.PeftModel.from_pretrained(base, str(res.adapter_dir)).eval()
