@@ -239,8 +239,7 @@ def _save(fig: Any, out: Path) -> None:
     import matplotlib
 
     buf = io.BytesIO()
-    fmt = out.suffix.lower()[1:]
-    if fmt == "svg":
+    if out.suffix.lower() == ".svg":
         with matplotlib.rc_context({"svg.hashsalt": "peftc", "svg.fonttype": "path"}):
             fig.savefig(buf, format="svg", metadata={"Date": None})
     else:
