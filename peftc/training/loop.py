@@ -21,6 +21,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -562,7 +563,7 @@ def _train(
                     if cfg.progress:
                         bar.write(line)
                     else:  # no bar, but the eval lines still
-                        print(line, flush=True)
+                        print(line, file=sys.stderr, flush=True)  # where the bar would have written it
                 if cfg.save_every and step % cfg.save_every == 0:
                     with meter.paused():
                         save()
