@@ -96,6 +96,7 @@ def _matmuls(path: Path) -> int:
 FAMILIES = [pytest.param("gpt2"), pytest.param("llama", marks=pytest.mark.slow)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unmerged_and_merged_exports_verify_and_match_hf_peft(family):
     """Unmerged: one more matmul per site (x·ΔWᵀ; ONNX folds the constant kron(w1, w2)·s into one ΔW
@@ -131,6 +132,7 @@ def _swappable(family: str) -> tuple[Path, list[Path]]:
     return out, runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_swappable_two_lokr_adapters_match_hf_peft_and_base(family):
     out, runs = _swappable(family)

@@ -209,6 +209,7 @@ SEQ2SEQ_PARAMS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "merge"), SEQ2SEQ_PARAMS)
 def test_seq2seq_generates_like_hf_peft(export_cases, family, merge):
     """ORTModelForSeq2SeqLM(use_cache=False).generate == HF PEFT generate; states and logits within 1e-4."""

@@ -227,6 +227,7 @@ def test_tiny_gpt2_with_lora():
     assert_no_overlap(svg)
 
 
+@pytest.mark.slow
 def test_32_layer_llama_stays_small():
     from transformers import LlamaConfig, LlamaForCausalLM
 
