@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import batch_for, captured, real_positions
+from conftest import batch_for, captured, real_positions, tiny_gpt2
 from peftc.passes import MergeAdaLoraPass, insertion_pipeline, merge_pipeline
 from peftc.passes.adalora import ranknum_denominator
 from peftc.passes.adalora_training import AdaLoraTraining, resize_by_rank_pattern
@@ -324,3 +324,34 @@ def test_peftc_train_adalora_end_to_end(tmp_path):
         theirs = hf(**dict(zip(program.input_names, inputs, strict=True))).logits
     sel = real_positions(program, inputs)
     torch.testing.assert_close(ours[sel], theirs[sel], atol=ATOL, rtol=0)
+
+
+def test_lift_makes_a_e_and_scaled_b_graph_inputs_and_rank_zero_is_the_base():
+    """Swappable AdaLoRA: A, E and B·s/(ranknum+1e-5) become inputs; the scale and ranknum ops go."""
+    from peftc.passes.lift import LiftAdaptersToInputsPass, lifted_inputs
+
+    from peftc.program import capture
+
+    model = tiny_gpt2()
+    program = capture(model, "causal-lm", mode="eval")
+    insertion_pipeline(AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, task_type="CAUSAL_LM"))(program)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for tensor in program.adapter.tensors.values():  # away from init (E = 0 would be the base model)
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
+    x = [torch.randint(1, 100, (2, 7), generator=gen), torch.ones(2, 7, dtype=torch.long)]
+    x.append(torch.arange(7).expand(2, 7).contiguous())
+    lifted = lifted_inputs(program)
+    with torch.no_grad():
+        want = program(*x)
+        want_base = capture(model, "causal-lm", mode="eval")(*x)
+    assert (want - want_base).abs().max() > 1e-2
+    assert LiftAdaptersToInputsPass()(program).modified
+    roles = {n.meta.get("peftc_role") for n in program.graph.nodes}
+    assert not roles & {"lora_scale", "lora_ranknum"}
+    assert [t.input_name for _, t in lifted] == program.input_names[3:]
+    with torch.no_grad():
+        got = program(*x, *(t.value for _, t in lifted))
+        got_base = program(*x, *(t.default for _, t in lifted))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_base, want_base, atol=1e-5, rtol=0)
