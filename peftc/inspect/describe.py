@@ -255,7 +255,8 @@ def _site_facts(site: dict[str, Any]) -> str:
     the shape, else whatever facts the method's ``describe_site`` gave."""
     fin, fout = site.get("in", site.get("in_features")), site.get("out", site.get("out_features"))
     if site.get("rank") is not None or (fin is not None and fout is not None and not site.get("shape")):
-        return f"in={fin} out={fout} r={site.get('rank')}"
+        variant = f" ({site['variant']})" if site.get("variant") else ""  # DoRA: a LoRA variant, peft_type LORA
+        return f"in={fin} out={fout} r={site.get('rank')}{variant}"
     if site.get("shape"):
         return str(site["shape"])
     skip = {"module", "name", "method"}
