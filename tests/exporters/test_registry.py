@@ -128,6 +128,7 @@ class _FakeExporter:
     summary = "model.fake (a test double)"
     cache_by_default = False
     adapter_files = None
+    runtime_config = None
 
     def __init__(self, offset: float = 0.0):
         self.offset = offset
