@@ -104,13 +104,17 @@ def _og_generate(og, out, max_length: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("family", "merge"),
-    [pytest.param("gpt2", True, id="gpt2-lora-merged"), pytest.param("llama", False, id="llama-gqa-lora")],
+    ("family", "method", "merge"),
+    [
+        pytest.param("gpt2", "lora", True, id="gpt2-lora-merged"),
+        pytest.param("llama", "lora", False, id="llama-gqa-lora"),
+        pytest.param("llama", "prefix-tuning", False, id="llama-gqa-prefix-tuning"),  # a constant cache prefix
+    ],
 )
-def test_genai_generates_the_tokens_hf_peft_generates(export_cases, family, merge):
+def test_genai_generates_the_tokens_hf_peft_generates(export_cases, family, method, merge):
     og = pytest.importorskip("onnxruntime_genai", reason=_SKIP)
-    out = _export(export_cases, family, "lora", merge)
-    _, peft_model = _hf_peft(export_cases, family, "lora")
+    out = _export(export_cases, family, method, merge)
+    _, peft_model = _hf_peft(export_cases, family, method)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         want = peft_model.generate(
