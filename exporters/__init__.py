@@ -3,19 +3,22 @@
 One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``torchscript``, ``aoti``):
 it writes a program to its model file, loads and runs that file, and describes its inputs and outputs.
 ``verify`` holds the one verification step (held-out cases, :func:`~.verify.verify_artifact`),
-``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files.
+``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files, ``genai``
+onnxruntime-genai's ``genai_config.json`` for KV-cache ONNX files.
 :func:`peftc.exporting.export` runs the whole stage and asks the registry for the format.
 
 Adding a format is one module that calls :func:`register_exporter` plus its name in
 :data:`EXPORTER_MODULES`.
 """
 
+from .genai import GENAI_CONFIG_FILE, genai_config
 from .manifest import MANIFEST_FILE, REPORT_FILE, build_manifest, check_manifest, onnx_io, read_manifest
 from .onnx import DEFAULT_OPSET, MODEL_FILE, export_program_onnx
 from .registry import (
     AdapterFiles,
     Exporter,
     ExportRequest,
+    RuntimeConfig,
     WriteOptions,
     exporters,
     formats,
@@ -31,12 +34,14 @@ __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_OPSET",
     "EXPORTER_MODULES",
+    "GENAI_CONFIG_FILE",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "REPORT_FILE",
     "AdapterFiles",
     "ExportRequest",
     "Exporter",
+    "RuntimeConfig",
     "VerificationReport",
     "WriteOptions",
     "build_manifest",
@@ -45,6 +50,7 @@ __all__ = [
     "export_program_onnx",
     "exporters",
     "formats",
+    "genai_config",
     "get_exporter",
     "make_cases",
     "onnx_io",

@@ -191,6 +191,7 @@ class AotiExporter:
     summary = "model.pt2 (AOTInductor: compiled kernels, needs a C++ compiler) for LibTorch/C++"
     cache_by_default = False  # and a KV-cache graph is refused (see the module docstring)
     adapter_files = None
+    runtime_config = None
 
     def model_file(self, role: str | None = None) -> str:
         return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"

@@ -15,7 +15,8 @@ The format's exporter (:data:`ONNX`, registered as ``--format onnx``) takes ever
 the pipeline: float16, KV-cache graphs (on by default for causal LMs, as optimum exports them),
 several graphs (``encoder_model.onnx`` + ``decoder_model.onnx``: optimum's file names) and swappable
 adapters (graph inputs backed by defaults, adapters as ``.onnx_adapter`` files: :mod:`.swappable`).
-Verification runs the file with ONNX Runtime (:func:`run_onnx`).
+Verification runs the file with ONNX Runtime (:func:`run_onnx`). A causal LM's KV-cache file also
+gets onnxruntime-genai's ``genai_config.json`` (:mod:`.genai`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from peftc.errors import CaptureError, ConfigError, ExportVerificationError
 from peftc.program import Program, is_with_past
 
+from .genai import GenaiConfig
 from .registry import ExportRequest, WriteOptions, register_exporter
 from .swappable import OnnxAdapterFiles
 from .verify import VerifyCase
@@ -250,6 +252,7 @@ class OnnxExporter:
     summary = "model.onnx (ONNX Runtime, optimum)"
     cache_by_default = True  # optimum's causal-lm exports are KV-cache graphs
     adapter_files = OnnxAdapterFiles()
+    runtime_config = GenaiConfig()  # onnxruntime-genai: og.Model(artifact_dir)
 
     def model_file(self, role: str | None = None) -> str:
         return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"  # optimum: encoder_model.onnx, …

@@ -33,6 +33,7 @@ __all__ = [
     "AdapterFiles",
     "ExportRequest",
     "Exporter",
+    "RuntimeConfig",
     "WriteOptions",
     "exporters",
     "formats",
@@ -92,6 +93,18 @@ class AdapterFiles(Protocol):
 
 
 @runtime_checkable
+class RuntimeConfig(Protocol):
+    """A generation runtime's config beside a KV-cache model file (onnxruntime-genai's ``genai_config.json``)."""
+
+    #: The config's file name in the artifact.
+    file: str
+
+    def write(self, directory: Path, model_file: str, program: Program) -> Path:
+        """Write the config of ``program`` (written to ``directory/model_file``); returns its path."""
+        ...
+
+
+@runtime_checkable
 class Exporter(Protocol):
     """What the pipeline needs to know about one artifact format.
 
@@ -102,6 +115,8 @@ class Exporter(Protocol):
         cache_by_default: whether a causal LM gets a KV-cache graph when ``with_past`` is not given.
         adapter_files: how swappable adapters are stored, or ``None`` when the format takes no
             adapters as inputs (:meth:`check` then refuses ``adapters_as_inputs``).
+        runtime_config: the generation runtime's config that a causal LM's KV-cache file gets beside it
+            (ONNX: onnxruntime-genai's ``genai_config.json``), or ``None`` when the format has none.
     """
 
     name: str
@@ -109,6 +124,7 @@ class Exporter(Protocol):
     summary: str
     cache_by_default: bool
     adapter_files: AdapterFiles | None
+    runtime_config: RuntimeConfig | None
 
     def model_file(self, role: str | None = None) -> str:
         """The model file's name: ``model.onnx``, or for one of several graphs ``<role>_model.onnx``."""

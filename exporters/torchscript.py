@@ -343,6 +343,7 @@ class TorchScriptExporter:
     summary = "model.pt (TorchScript) for LibTorch/C++ (see examples/cpp)"
     cache_by_default = False  # the C++ example feeds no cache: a KV-cache graph only when asked
     adapter_files = None
+    runtime_config = None
 
     def model_file(self, role: str | None = None) -> str:
         return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"

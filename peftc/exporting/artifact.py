@@ -1,10 +1,11 @@
 """The artifact writer: what an export directory holds beside its model file(s).
 
 Written inside :func:`peftc.files.atomic_dir` once every file verified: the model's ``config.json``
-(architecture, label map, ``use_cache``), generation config and tokenizer; the adapter copies (the
-mode's); ``report.json`` (the verification figures, the cases, the timings) and then
-``manifest.json`` (the interface as the exporter describes it, provenance, sha256 of every file —
-``report.json`` included, which is why it is written first).
+(architecture, label map, ``use_cache``), generation config and tokenizer; for a KV-cache graph, the
+format's generation-runtime config (ONNX: onnxruntime-genai's ``genai_config.json``, search defaults
+read from the generation config); the adapter copies (the mode's); ``report.json`` (the verification
+figures, the cases, the timings) and then ``manifest.json`` (the interface as the exporter describes
+it, provenance, sha256 of every file — ``report.json`` included, which is why it is written first).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def write_artifact(
     """
     comparisons, reports, merged = checks
     write_model_files(directory, loaded, with_past=plan.with_past)
+    runtime = write_runtime_config(directory, exporter, plan, graphs)
     mode.copy_adapters(directory, adapters, names)
     write_report(
         directory,
@@ -65,12 +67,24 @@ def write_artifact(
         base_model=base_info(adapters.first.base, loaded),
         adapter=adapter,
         merged=mode.merged,
-        extra={**files, "with_past": plan.with_past, **({"dtype": dtype} if dtype is not None else {})},
+        extra={
+            **files,
+            "with_past": plan.with_past,
+            **({"runtime_config": runtime} if runtime is not None else {}),
+            **({"dtype": dtype} if dtype is not None else {}),
+        },
         mode_extra=mode_extra,
     )
 
 
-__all__ = ["base_info", "write_artifact", "write_manifest", "write_model_files", "write_report"]
+__all__ = [
+    "base_info",
+    "write_artifact",
+    "write_manifest",
+    "write_model_files",
+    "write_report",
+    "write_runtime_config",
+]
 
 
 def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> None:
@@ -86,6 +100,19 @@ def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> 
         generation.save_pretrained(directory)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
+
+
+def write_runtime_config(directory: Path, exporter: Any, plan: GraphPlan, graphs: list[Graph]) -> str | None:
+    """The format's generation-runtime config beside a KV-cache model file; its name, or ``None`` when none.
+
+    Written after the generation config it reads its search defaults from; only a one-graph
+    KV-cache artifact (a causal LM) has one.
+    """
+    config = exporter.runtime_config
+    if config is None or not plan.with_past or len(graphs) != 1:
+        return None
+    config.write(directory, exporter.model_file(graphs[0].role), graphs[0].program)
+    return config.file
 
 
 def base_info(spec: str, loaded: Any) -> dict[str, Any]:

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from peftc.exporters import AdapterFiles, Exporter, ExportRequest, WriteOptions, exporters, formats, get_exporter
+from peftc.exporters import (
+    AdapterFiles,
+    Exporter,
+    ExportRequest,
+    RuntimeConfig,
+    WriteOptions,
+    exporters,
+    formats,
+    get_exporter,
+)
 from peftc.exporters import registry as registry_module
 
 from peftc.errors import ConfigError, ExportVerificationError
@@ -34,6 +43,7 @@ def test_every_registered_exporter_satisfies_the_protocol():
         assert all(isinstance(getattr(exporter, a), str) and getattr(exporter, a) for a in ("runtime", "summary"))
         assert isinstance(exporter.cache_by_default, bool)
         assert exporter.adapter_files is None or isinstance(exporter.adapter_files, AdapterFiles)
+        assert exporter.runtime_config is None or isinstance(exporter.runtime_config, RuntimeConfig)
         for name in methods:  # the protocol's parameters, in its order
             want = list(inspect.signature(getattr(Exporter, name)).parameters)[1:]
             assert list(inspect.signature(getattr(exporter, name)).parameters) == want, (exporter.name, name)
@@ -128,6 +138,7 @@ class _FakeExporter:
     summary = "model.fake (a test double)"
     cache_by_default = False
     adapter_files = None
+    runtime_config = None
 
     def __init__(self, offset: float = 0.0):
         self.offset = offset
