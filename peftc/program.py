@@ -266,7 +266,7 @@ def capture(
         make = getattr(wrapper, "example_inputs", None)
         inputs = make() if callable(make) else example_inputs(model, names)
     wanted_dims = getattr(wrapper, "dynamic_dims", None) or {name: {0: "batch", 1: "sequence"} for name in names}
-    max_seq = _max_positions(model.config)
+    table = max_seq = _max_positions(model.config)
     if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
         max_seq -= wrapper.extra_positions
     ep = None
@@ -276,9 +276,10 @@ def capture(
         try:
             ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
         except Exception as e:  # torch.export raises many unrelated types
-            if max_dim and max_dim == max_seq and f"!= {max_seq}" in str(e):
+            if max_dim and max_dim == max_seq and f"!= {table}" in str(e):
                 # model code guards ``sequence != table size`` (GPT-Neo slices a [max, max] causal-mask
-                # buffer by the length): capture up to one position less (Program.max_positions says so)
+                # buffer by the length; with virtual tokens ``n + sequence != table size``): capture up to
+                # one position less (Program.max_positions says so)
                 max_dim = max_seq - 1
             elif min_dim == 1:
                 min_dim = 2
