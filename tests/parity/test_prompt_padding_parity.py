@@ -129,3 +129,44 @@ def test_padded_batches_match_hf_peft(fam, task, method):
         padded = float((ours - expected)[0][rows[0]].abs().max())
         print(f"{fam}/{task}/{method} {padding}-padded: peftc vs HF PEFT max diff {diff:.3g} (padded row {padded:.3g})")
         assert diff <= ATOL, padding
+
+
+#: With-past (KV-cache) graphs: the methods whose positions the graph handles differently (drop / shift).
+KV_CASES = [("opt", "prompt-tuning"), ("opt", "p-tuning"), ("opt", "prefix")]
+
+
+@pytest.mark.parametrize("fam,method", KV_CASES, ids=[f"{f}-{m}" for f, m in KV_CASES])
+def test_with_past_steps_match_hf_peft_full_pass(fam, method, tmp_path):
+    """Prefill + one decode step of the with-past graph equal HF PEFT's pass over the whole padded sequence."""
+    from peftc.exporting.kv import cache_geometry, cache_prefix, with_past
+
+    model = build(fam, "causal-lm")
+    program = capture(model, "causal-lm", mode="eval")
+    cfg = _CONFIGS[method]("CAUSAL_LM")
+    insertion_pipeline(cfg)(program)
+    state = program.adapter
+    _perturb(state)
+    hf = _hf_model(model, cfg, state)
+    saved = AdapterState.load(state.save(tmp_path / "adapter"))  # what an export reads
+    prefix = cache_prefix(model, saved)
+    past = capture(model, "causal-lm", mode="eval", transform=with_past(prefix, saved.config.cache_positions))
+    layers, kv_heads, head_dim = cache_geometry(model.config)
+    empty = [torch.zeros(3, kv_heads, 0, head_dim)] * (2 * layers)
+    for padding in ("left", "right"):
+        ids, mask = _batch(program, padding)[:2]
+        seq = ids.shape[1]
+        full = torch.cat([ids, torch.tensor([[5, 9]] * 3)], dim=1)
+        full_mask = torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = hf(input_ids=full, attention_mask=full_mask, position_ids=positions).logits
+            first = past(ids, mask[:, :seq], positions[:, :seq], *empty)
+            second = past(full[:, seq:], full_mask, positions[:, seq:], *first[1:])
+        expected = expected[:, -full.shape[1] :]  # prompt methods' logits also cover the virtual tokens
+        diff = max(
+            float((first[0] - expected[:, :seq])[mask.bool()].abs().max()),
+            float((second[0] - expected[:, seq:]).abs().max()),
+        )
+        print(f"{fam}/{method} with past, {padding}-padded: peftc vs HF PEFT max diff {diff:.3g}")
+        assert diff <= ATOL, padding
