@@ -58,7 +58,7 @@ from peftc.config import PromptLearningConfig
 from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.methods import Method
 from peftc.program import Program, Site, capture
-from peftc.tasks import TaskModule
+from peftc.tasks import TaskModule, TaskSpec
 
 from .base import InPlacePass, PassManager, PassResult, SiteDecision
 from .modules_to_save import ModulesToSavePass
@@ -324,7 +324,8 @@ class PromptPass(InPlacePass):
         state.to_saved = lambda s, m=module: _saved_tensors(m, s)
         module.train(program.mode == "train")
         with export_attention(model):
-            new = capture(model, program.task, program.mode, transform=lambda m, names: self._wrapper(m, names, module))
+            wrap = lambda m, names: self._wrapper(m, names, module, program.task)  # noqa: E731
+            new = capture(model, program.task, program.mode, transform=wrap)
         program.graph_module = new.graph_module
         program.input_names = new.input_names
         program.dynamic_dims = new.dynamic_dims
@@ -352,7 +353,7 @@ class PromptPass(InPlacePass):
         """Width of the saved ``prompt_embeddings`` rows."""
         return int(cfg.token_dim)
 
-    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule) -> TaskModule:
+    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule, task: TaskSpec) -> TaskModule:
         return PromptTaskModule(model, input_names, module)
 
     def _fresh_module(self, cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:
