@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import fx, nn
 from torch.export import Dim
 
@@ -270,11 +271,12 @@ def capture(
     if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
         max_seq -= wrapper.extra_positions
     ep = None
-    min_dim, max_dim = 1, max_seq
+    min_dim, max_dim, oblivious = 1, max_seq, False
     while ep is None:
         shapes = dynamic_shapes(names, wanted_dims, min_dim, max_dim)
         try:
-            ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
+            with fx_config.patch(backed_size_oblivious=oblivious):
+                ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
         except Exception as e:  # torch.export raises many unrelated types
             if max_dim and max_dim == max_seq and f"!= {table}" in str(e):
                 # model code guards ``sequence != table size`` (GPT-Neo slices a [max, max] causal-mask
@@ -283,6 +285,10 @@ def capture(
                 max_dim = max_seq - 1
             elif min_dim == 1:
                 min_dim = 2
+            elif getattr(wrapper, "extra_positions", 0) and not oblivious and "min(" in str(e):
+                # a reshape's contiguity guard on ``n + sequence`` (Bloom's heads: min(n+s, h(n+s)) == n+s) that
+                # the symbolic solver cannot prove with the offset n; size-oblivious reasoning (sizes ≥ 2) does
+                oblivious = True
             else:
                 raise CaptureError(
                     f"cannot capture {type(model).__name__} for task {spec.name!r}: {type(e).__name__}: "

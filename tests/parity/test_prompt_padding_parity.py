@@ -6,7 +6,8 @@ the model (as HF PEFT does: it drops ``position_ids``) and hand it the mask with
 Each case runs prompt tuning, P-tuning or prefix tuning with random (perturbed) prompts, checks that the
 adapter changes the base logits, and compares with ``peft.get_peft_model`` holding the same tensors on a
 left-padded and a right-padded batch (rows 0 and 2 padded by 3 tokens), at real positions (and, for prompt
-methods, the virtual ones). fp32, atol 1e-5.
+methods, the virtual ones), plus a one-row batch. The with-past (KV-cache) graphs of the same methods run a
+prefill and a decode step and are compared with HF PEFT's one pass over the whole sequence. fp32, atol 1e-5.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from test_families import build
 
 from peftc.adapters import AdapterState
 from peftc.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from peftc.errors import CaptureError
 from peftc.program import capture
 
 peft = pytest.importorskip("peft")
@@ -45,12 +45,9 @@ CASES = [
     ("opt", "causal-lm", "p-tuning"),
     ("opt", "causal-lm", "prefix"),
     ("opt", "seq-cls", "prompt-tuning"),
-    pytest.param(
-        "bloom",
-        "causal-lm",
-        "prefix",
-        marks=pytest.mark.xfail(raises=CaptureError, strict=True, reason="Bloom's n + seq keys do not capture"),
-    ),
+    ("bloom", "causal-lm", "prompt-tuning"),  # ALiBi from cumsum(mask)
+    ("bloom", "causal-lm", "p-tuning"),
+    ("bloom", "causal-lm", "prefix"),
 ]
 
 
@@ -105,7 +102,7 @@ def _perturb(state: AdapterState, seed: int = 3) -> None:
             t.add_(0.5 * torch.randn(t.shape, generator=gen))
 
 
-@pytest.mark.parametrize("fam,task,method", CASES, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("fam,task,method", CASES, ids=[f"{f}-{t}-{m}" for f, t, m in CASES])
 def test_padded_batches_match_hf_peft(fam, task, method):
     model = build(fam, task)
     program = capture(model, task, mode="eval")
@@ -129,10 +126,25 @@ def test_padded_batches_match_hf_peft(fam, task, method):
         padded = float((ours - expected)[0][rows[0]].abs().max())
         print(f"{fam}/{task}/{method} {padding}-padded: peftc vs HF PEFT max diff {diff:.3g} (padded row {padded:.3g})")
         assert diff <= ATOL, padding
+    one = batch_for(program, batch=1, seq=4, left_pad=False)  # size-1 batch: no dim specialised by the capture
+    ours, expected = program(*one).detach(), _logits(hf, program, one)
+    assert float((ours - expected)[_rows(program, one, ours)].abs().max()) <= ATOL
+
+
+def _tokens(program, ids, mask, positions) -> tuple:
+    """A with-past program's token inputs (``position_ids`` where the model takes them)."""
+    given = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    return tuple(given[n] for n in program.input_names if n in given)
 
 
 #: With-past (KV-cache) graphs: the methods whose positions the graph handles differently (drop / shift).
-KV_CASES = [("opt", "prompt-tuning"), ("opt", "p-tuning"), ("opt", "prefix")]
+KV_CASES = [
+    ("opt", "prompt-tuning"),
+    ("opt", "p-tuning"),
+    ("opt", "prefix"),
+    ("bloom", "prompt-tuning"),
+    ("bloom", "prefix"),
+]
 
 
 @pytest.mark.parametrize("fam,method", KV_CASES, ids=[f"{f}-{m}" for f, m in KV_CASES])
@@ -161,8 +173,8 @@ def test_with_past_steps_match_hf_peft_full_pass(fam, method, tmp_path):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             expected = hf(input_ids=full, attention_mask=full_mask, position_ids=positions).logits
-            first = past(ids, mask[:, :seq], positions[:, :seq], *empty)
-            second = past(full[:, seq:], full_mask, positions[:, seq:], *first[1:])
+            first = past(*_tokens(past, ids, mask, positions[:, :seq]), *empty)
+            second = past(*_tokens(past, full[:, seq:], full_mask, positions[:, seq:]), *first[1:])
         expected = expected[:, -full.shape[1] :]  # prompt methods' logits also cover the virtual tokens
         diff = max(
             float((first[0] - expected[:, :seq])[mask.bool()].abs().max()),
