@@ -16,10 +16,12 @@ Exactly as HF PEFT 0.21 (``PeftModel.get_prompt``, ``PeftModelForCausalLM.forwar
   themselves (BERT, seq-cls decoders) start at the cache length ``n`` too. ``token_type_ids`` are kept;
 * logits keep the input's shape (``[batch, seq, vocab]`` / ``[batch, labels]``): unlike prompt tuning
   nothing is prepended to the sequence itself;
-* models whose task head takes no ``past_key_values`` (``BertForSequenceClassification``) run the
-  backbone (the first child that is a ``PreTrainedModel``), then ``dropout`` if the model has one, then the
-  head (the first child named like ``classifier``/``score``/``modules_to_save``), on ``outputs[1]`` (the
-  pooled output) — HF PEFT's own path.
+* models whose task head takes no ``past_key_values`` (``BertForSequenceClassification``,
+  ``BertForTokenClassification``) run the backbone (the first child that is a ``PreTrainedModel``), then
+  ``dropout`` if the model has one, then the head (the first child named like
+  ``classifier``/``score``/``modules_to_save``), on ``outputs[1]`` (the pooled output) for seq-cls and on
+  ``outputs[0]`` (every position) for token-cls — HF PEFT's own paths
+  (``PeftModelForSequenceClassification`` / ``PeftModelForTokenClassification._prefix_tuning_forward``).
 
 The prefix is part of the captured graph (parameters ``prompt.*``), so an ONNX export has no KV-cache
 inputs. On disk (HF PEFT's format) the adapter is ``prompt_embeddings`` = P ``[n, layers·2·token_dim]``, for
@@ -45,7 +47,7 @@ from peftc.config import PromptLearningConfig, help_field
 from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.methods import Method, register_method
 from peftc.program import Program
-from peftc.tasks import TaskModule
+from peftc.tasks import HEAD_TASKS, TaskModule, TaskSpec
 
 from .base import PassManager
 from .modules_to_save import ModulesToSavePass
@@ -101,7 +103,7 @@ class PrefixTuningConfig(PromptLearningConfig):
             )
 
 
-#: Child names HF PEFT takes as the classification head (``PeftModelForSequenceClassification``).
+#: Child names HF PEFT takes as the head (``PeftModelForSequenceClassification`` / ``…ForTokenClassification``).
 _HEAD_NAMES = ("classifier", "score")
 
 
@@ -142,7 +144,7 @@ def split_prefix(prefix: torch.Tensor, config: PromptLearningConfig) -> list[tup
 
 
 def _backbone_and_head(model: nn.Module, config: PromptLearningConfig) -> tuple[str, str] | None:
-    """HF PEFT's seq-cls fallback: (backbone child, head child) for a task model without ``past_key_values``."""
+    """HF PEFT's seq-cls / token-cls fallback: (backbone child, head child) for a model without ``past_key_values``."""
     from transformers import PreTrainedModel
 
     backbone = next((n for n, m in model.named_children() if isinstance(m, PreTrainedModel)), None)
@@ -163,9 +165,15 @@ class PrefixTaskModule(TaskModule):
     """TaskModule that feeds the prefix as past key values (HF PEFT's prefix-tuning forward)."""
 
     def __init__(
-        self, model: nn.Module, input_names: list[str], prefix: PromptModule, config: PrefixTuningConfig
+        self,
+        model: nn.Module,
+        input_names: list[str],
+        prefix: PromptModule,
+        config: PrefixTuningConfig,
+        per_token: bool = False,
     ) -> None:
         super().__init__(model, input_names)
+        self.per_token = per_token  # the head reads every position (token-cls), else the pooled output
         self.prompt = prefix  # graph parameters ``prompt.<param>``, as for prompt tuning
         self.config = config
         self.extra_positions = prefix.num_tokens  # positions n.. are taken: capture limits the sequence to max - n
@@ -188,10 +196,10 @@ class PrefixTaskModule(TaskModule):
             return self.model(**kwargs, past_key_values=cache, **self._extra, return_dict=True).logits
         backbone, head = self._split
         outputs = self.model.get_submodule(backbone)(**kwargs, past_key_values=cache, return_dict=True)
-        pooled = outputs[1] if len(outputs) > 1 else outputs[0]
+        hidden = outputs[0] if self.per_token or len(outputs) < 2 else outputs[1]  # sequence / pooled output
         if "dropout" in dict(self.model.named_children()):
-            pooled = self.model.dropout(pooled)
-        return self.model.get_submodule(head)(pooled)
+            hidden = self.model.dropout(hidden)
+        return self.model.get_submodule(head)(hidden)
 
 
 def _kv_shape(model_config: Any) -> tuple[int | None, int | None]:
@@ -220,7 +228,7 @@ class PrefixPass(PromptPass):
 
     def _check_model(self, cfg: PromptLearningConfig, model: nn.Module, program: Program) -> None:
         name = type(model).__name__
-        if not _takes_past(model) and (program.task.name != "seq-cls" or _backbone_and_head(model, cfg) is None):
+        if not _takes_past(model) and (program.task.name not in HEAD_TASKS or _backbone_and_head(model, cfg) is None):
             raise ConfigError(
                 f"{name} takes no past_key_values, which prefix tuning feeds its keys and values through; "
                 "use prompt-tuning or p-tuning for this model"
@@ -240,8 +248,8 @@ class PrefixPass(PromptPass):
     def _width(self, cfg: PromptLearningConfig) -> int:
         return int(cfg.num_layers) * 2 * int(cfg.token_dim)
 
-    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule) -> TaskModule:
-        return PrefixTaskModule(model, input_names, module, self.config)
+    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule, task: TaskSpec) -> TaskModule:
+        return PrefixTaskModule(model, input_names, module, self.config, per_token=task.per_token)
 
     def _fresh_module(self, cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:
         zero = cfg.init_weights == "zero"

@@ -11,8 +11,10 @@ PEFT 0.21 (``PeftModelForCausalLM.forward`` / ``PeftModelForSequenceClassificati
 
 * the attention mask gets ``n`` leading ones; BERT's ``token_type_ids`` get ``n`` leading zeros;
 * ``position_ids`` are *dropped* (HF PEFT warns and passes ``None``), so the model numbers the
-  ``n + seq`` positions ``0..n+seq-1`` whatever the padding; prompt programs therefore have no
-  ``position_ids`` input (graph inputs: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``));
+  ``n + seq`` positions by its own rule from the extended mask: ``0..n+seq-1`` whatever the padding
+  (GPT-2, LLaMA: from the cache position), or counting only unmasked tokens (OPT: ``cumsum(mask)·mask - 1``;
+  Bloom's ALiBi likewise). Prompt programs therefore have no ``position_ids`` input (graph inputs:
+  ``input_ids``, ``attention_mask`` (+ ``token_type_ids``)) and never number positions themselves;
 * causal-lm logits cover the virtual tokens too: ``[batch, n + seq, vocab]`` (HF's shape); the loss
   labels those positions -100 (:meth:`peftc.tasks.TaskSpec.loss`), and real token ``i`` is row
   ``n + i``. Seq-cls logits are ``[batch, labels]``; GPT-2/LLaMA heads pool the last position (HF
@@ -56,7 +58,7 @@ from peftc.config import PromptLearningConfig
 from peftc.errors import AdapterMismatchError, ConfigError
 from peftc.methods import Method
 from peftc.program import Program, Site, capture
-from peftc.tasks import TaskModule
+from peftc.tasks import TaskModule, TaskSpec
 
 from .base import InPlacePass, PassManager, PassResult, SiteDecision
 from .modules_to_save import ModulesToSavePass
@@ -135,10 +137,9 @@ class PromptTaskModule(TaskModule):
     """TaskModule that prepends the prompt to the input embeddings (HF PEFT's prompt-learning forward)."""
 
     def __init__(self, model: nn.Module, input_names: list[str], prompt: PromptModule):
-        super().__init__(model, [n for n in input_names if n != "position_ids"])  # HF PEFT drops position_ids
-        # ... so the model numbers positions 0..n+seq-1; passing them explicitly gives the same values and
-        # keeps torch.export from guarding on the model's own cache_position arithmetic (LLaMA).
-        self._positions = "position_ids" in input_names
+        # HF PEFT drops position_ids, so the model numbers positions from the mask it gets, by its own rule
+        # (a left-padded row starts at n on OPT, at n + pads on GPT-2): no positions are made up here
+        super().__init__(model, [n for n in input_names if n != "position_ids"])
         self.prompt = prompt
         self.extra_positions = prompt.num_tokens  # capture limits the sequence dim to max_positions - n
 
@@ -152,8 +153,6 @@ class PromptTaskModule(TaskModule):
         if "token_type_ids" in kwargs:
             types = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat((types.new_zeros(batch, n), types), dim=1)
-        if self._positions:
-            kwargs["position_ids"] = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0).expand(batch, -1)
         return self.model(inputs_embeds=embeds, **kwargs, **self._extra, return_dict=True).logits
 
 
@@ -325,7 +324,8 @@ class PromptPass(InPlacePass):
         state.to_saved = lambda s, m=module: _saved_tensors(m, s)
         module.train(program.mode == "train")
         with export_attention(model):
-            new = capture(model, program.task, program.mode, transform=lambda m, names: self._wrapper(m, names, module))
+            wrap = lambda m, names: self._wrapper(m, names, module, program.task)  # noqa: E731
+            new = capture(model, program.task, program.mode, transform=wrap)
         program.graph_module = new.graph_module
         program.input_names = new.input_names
         program.dynamic_dims = new.dynamic_dims
@@ -353,7 +353,7 @@ class PromptPass(InPlacePass):
         """Width of the saved ``prompt_embeddings`` rows."""
         return int(cfg.token_dim)
 
-    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule) -> TaskModule:
+    def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule, task: TaskSpec) -> TaskModule:
         return PromptTaskModule(model, input_names, module)
 
     def _fresh_module(self, cfg: PromptLearningConfig, n: int, d: int) -> PromptModule:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import fx, nn
 from torch.export import Dim
 
@@ -266,22 +267,28 @@ def capture(
         make = getattr(wrapper, "example_inputs", None)
         inputs = make() if callable(make) else example_inputs(model, names)
     wanted_dims = getattr(wrapper, "dynamic_dims", None) or {name: {0: "batch", 1: "sequence"} for name in names}
-    max_seq = _max_positions(model.config)
+    table = max_seq = _max_positions(model.config)
     if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
         max_seq -= wrapper.extra_positions
     ep = None
-    min_dim, max_dim = 1, max_seq
+    min_dim, max_dim, oblivious = 1, max_seq, False
     while ep is None:
         shapes = dynamic_shapes(names, wanted_dims, min_dim, max_dim)
         try:
-            ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
+            with fx_config.patch(backed_size_oblivious=oblivious):
+                ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
         except Exception as e:  # torch.export raises many unrelated types
-            if max_dim and max_dim == max_seq and f"!= {max_seq}" in str(e):
+            if max_dim and max_dim == max_seq and f"!= {table}" in str(e):
                 # model code guards ``sequence != table size`` (GPT-Neo slices a [max, max] causal-mask
-                # buffer by the length): capture up to one position less (Program.max_positions says so)
+                # buffer by the length; with virtual tokens ``n + sequence != table size``): capture up to
+                # one position less (Program.max_positions says so)
                 max_dim = max_seq - 1
             elif min_dim == 1:
                 min_dim = 2
+            elif getattr(wrapper, "extra_positions", 0) and not oblivious and "min(" in str(e):
+                # a reshape's contiguity guard on ``n + sequence`` (Bloom's heads: min(n+s, h(n+s)) == n+s) that
+                # the symbolic solver cannot prove with the offset n; size-oblivious reasoning (sizes ≥ 2) does
+                oblivious = True
             else:
                 raise CaptureError(
                     f"cannot capture {type(model).__name__} for task {spec.name!r}: {type(e).__name__}: "

@@ -25,6 +25,11 @@ class TaskSpec:
     optimum_task: str  # the task name optimum uses for the same thing
     takes_position_ids: bool  # decoders get explicit positions (padding-aware, as optimum exports them)
 
+    @property
+    def per_token(self) -> bool:
+        """Logits ``[batch, sequence, classes]``: the head reads every position's hidden state, not a pooled one."""
+        return self.name in _PER_TOKEN
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.name == "causal-lm":
             labels = batch["labels"]

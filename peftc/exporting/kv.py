@@ -24,8 +24,9 @@ prompt's virtual tokens come first and attend only to each other, so their keys/
 layer depend on nothing else and are computed once at export (the method's
 :attr:`~peftc.methods.Method.cache_prefix`). Each step the
 graph puts the prefix in front of the past and prepends ``n`` ones to the mask. Positions follow HF
-PEFT 0.21: prompt tuning and P-tuning drop ``position_ids`` (the model numbers positions from the
-cache length, ``n + past + i``, padding ignored), prefix tuning shifts the given ones by ``n``. The
+PEFT 0.21: prompt tuning and P-tuning drop ``position_ids`` (the model numbers positions by its own rule
+from the cache and the mask with ``n`` leading ones: ``n + past + i`` on GPT-2/LLaMA, padding counted;
+unmasked tokens only on OPT, as in one full pass), prefix tuning shifts the given ones by ``n``. The
 presents it returns exclude the prefix, so the caller's bookkeeping (mask length = past + new
 tokens) is the plain model's.
 """
@@ -133,7 +134,7 @@ class WithPastModule(nn.Module):
             if self.positions == "shift" and "position_ids" in tokens:
                 tokens["position_ids"] = tokens["position_ids"] + n
             else:
-                tokens.pop("position_ids", None)  # the model numbers them from the cache length
+                tokens.pop("position_ids", None)  # the model numbers them from the cache and the mask
         out = self.model(**{**tokens, "attention_mask": mask}, past_key_values=cache, use_cache=True, return_dict=True)
         presents: list[torch.Tensor] = []
         for layer in out.past_key_values.layers:

@@ -4,6 +4,8 @@ GPT-2, LLaMA with grouped-query attention (2 key/value heads for 4 query heads) 
 PEFT's backbone + head path), each with and without ``prefix_projection``, on a left-padded batch. Every
 prefix (and head) is perturbed with random values, and each case first checks that the prefix changes the
 base model's logits, so equal logits prove something. Causal-lm logits are compared at real tokens.
+Token classification (BERT, RoBERTa: HF PEFT's backbone + head path on every position) is compared at
+real tokens of left- and right-padded batches, atol 1e-5.
 """
 
 from __future__ import annotations
@@ -144,3 +146,59 @@ def test_prefix_key_values_are_hf_peft_cache_contents():
         assert k.shape == v.shape == (1, 2, N_VT, 16)  # [1, kv_heads, n, head_dim]
         torch.testing.assert_close(k, layer.keys, atol=1e-6, rtol=0)
         torch.testing.assert_close(v, layer.values, atol=1e-6, rtol=0)
+
+
+def _token_cls_model(fam: str):
+    """BERT or RoBERTa with a token-classification head (a ``classifier`` over every position)."""
+    import transformers
+    from conftest import tiny_bert_token
+    from test_families import SPECS
+
+    if fam == "bert":
+        return tiny_bert_token()
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(**SPECS["roberta"][3], num_labels=5)
+    return transformers.RobertaForTokenClassification(cfg).eval()
+
+
+TOKEN_CASES = [("bert", False), ("bert", True), ("roberta", False)]
+
+
+@pytest.mark.parametrize(
+    "fam,projection", TOKEN_CASES, ids=[f"{f}-{'projection' if p else 'direct'}" for f, p in TOKEN_CASES]
+)
+def test_token_cls_backbone_and_head_match_hf_peft(fam, projection, tmp_path):
+    """Token-cls heads take no past_key_values: backbone + dropout + head on every position, as HF PEFT does."""
+    from peftc.program import capture
+
+    model = _token_cls_model(fam)
+    program = capture(model, "token-cls", mode="eval")
+    cfg = PrefixTuningConfig(
+        num_virtual_tokens=N_VT,
+        task_type="TOKEN_CLS",
+        prefix_projection=projection,
+        encoder_hidden_size=24 if projection else None,
+        modules_to_save=["classifier"],
+    )
+    insertion_pipeline(cfg)(program)
+    state = program.adapter
+    _perturb(state)
+    hf = _hf_model(model, cfg, state)
+    saved = state.save(tmp_path / "peftc")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), saved).eval()
+    assert type(loaded).__name__ == "PeftModelForTokenClassification"
+    for padding in ("left", "right"):
+        inputs = dict(zip(program.input_names, batch_for(program, left_pad=False), strict=True))
+        pads = slice(0, 3) if padding == "left" else slice(-3, None)
+        inputs["input_ids"][0, pads], inputs["attention_mask"][0, pads] = 0, 0
+        inputs = tuple(inputs.values())
+        real = inputs[program.input_names.index("attention_mask")].bool()
+        ours = program(*inputs).detach()
+        assert ours.shape == (3, 9, 5)  # one row of label logits per position
+        assert (ours - _logits(model, program, inputs))[real].abs().max() > 1e-2  # the prefix is not a no-op
+        diff = float((ours - _logits(hf, program, inputs))[real].abs().max())
+        saved_diff = float((ours - _logits(loaded, program, inputs))[real].abs().max())
+        print(
+            f"{fam}/token-cls projection={projection} {padding}-padded: vs HF PEFT {diff:.3g}, saved {saved_diff:.3g}"
+        )
+        assert max(diff, saved_diff) <= 1e-5, padding
