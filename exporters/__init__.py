@@ -25,7 +25,7 @@ from .registry import (
 from .verify import DEFAULT_ATOL, VerificationReport, compare_outputs, make_cases, verify_artifact
 
 #: The format modules, in the order ``--format`` lists them; each registers its exporter when imported.
-EXPORTER_MODULES = ("onnx", "torchscript", "aoti")
+EXPORTER_MODULES = ("onnx", "torchscript", "aoti", "executorch")
 
 __all__ = [
     "DEFAULT_ATOL",
