@@ -1,7 +1,8 @@
 """Exporters from a captured program to deployable artifacts (installed as ``peftc.exporters``).
 
-One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``torchscript``, ``aoti``):
-it writes a program to its model file, loads and runs that file, and describes its inputs and outputs.
+One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``torchscript``, ``aoti``,
+``executorch``): it writes a program to its model file, loads and runs that file, and describes its
+inputs and outputs.
 ``verify`` holds the one verification step (held-out cases, :func:`~.verify.verify_artifact`),
 ``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files.
 :func:`peftc.exporting.export` runs the whole stage and asks the registry for the format.

@@ -125,7 +125,7 @@ def export_program_executorch(
 
     bounds = dim_bounds(program, max_batch)
     tick = time.perf_counter()
-    exported = _reexport(program, bounds)
+    exported, bounds = _reexport(program, bounds)
     info = {
         "input_names": list(program.input_names),
         "output_names": list(program.output_names),
@@ -154,22 +154,31 @@ def export_program_executorch(
     return path
 
 
-def _reexport(program: Program, bounds: dict[str, dict[str, int]]) -> torch.export.ExportedProgram:
-    """``torch.export`` of the program's graph module with its named dims, ``batch`` bounded (min 1, else 2)."""
+def _reexport(
+    program: Program, bounds: dict[str, dict[str, int]]
+) -> tuple[torch.export.ExportedProgram, dict[str, dict[str, int]]]:
+    """``torch.export`` of the program's graph module with its named dims, ``batch`` bounded (min 1, else 2).
+
+    Returns:
+        The exported program and the bounds it has (``batch`` and ``sequence`` from 2 when 1 failed).
+    """
     errors: list[BaseException] = []
-    max_sequence = program.max_positions()
     module = _attention_as_matmuls(program)
     for min_dim in (1, 2):
-        shapes = dynamic_shapes(program.input_names, program.dynamic_dims, min_dim, max_sequence)
-        shapes = tuple(_cap_batch(s, bounds) for s in shapes)
+        shapes = dynamic_shapes(program.input_names, program.dynamic_dims, min_dim, program.max_positions())
+        batch = torch.export.Dim("batch", min=min_dim, max=max(bounds["batch"]["max"], min_dim))
+        shapes = tuple(_cap_batch(s, batch) for s in shapes)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return torch.export.export(module, tuple(program.example_inputs), dynamic_shapes=shapes, strict=False)
+                exported = torch.export.export(
+                    module, tuple(program.example_inputs), dynamic_shapes=shapes, strict=False
+                )
+            got = {k: ({**v, "min": min_dim} if k in ("batch", "sequence") else v) for k, v in bounds.items()}
+            return exported, got
         except Exception as e:  # torch.export raises many unrelated types
             errors.append(e)
             logger.debug("re-export with min dim %d failed: %s", min_dim, e)
-        bounds = {k: ({**v, "min": max(v["min"], 2)} if k in ("batch", "sequence") else v) for k, v in bounds.items()}
     e = errors[-1]
     first = str(e).strip().splitlines()
     raise CaptureError(
@@ -224,28 +233,11 @@ def _attention(
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-def _cap_batch(shape: dict[int, Any] | None, bounds: dict[str, dict[str, int]]) -> dict[int, Any] | None:
-    """The same dims with ``batch`` given its ExecuTorch upper bound (one shared ``Dim`` object)."""
+def _cap_batch(shape: dict[int, Any] | None, batch: Any) -> dict[int, Any] | None:
+    """The same dims with the ``batch`` axis replaced by ``batch`` (one ``Dim`` shared by every input)."""
     if shape is None:
         return None
-    out = {}
-    for axis, dim in shape.items():
-        name = getattr(dim, "__name__", None)
-        if name == "batch":
-            dim = _batch_dim(dim.min, bounds["batch"]["max"])
-        out[axis] = dim
-    return out
-
-
-_BATCH_DIMS: dict[tuple[int, int], Any] = {}
-
-
-def _batch_dim(low: int, high: int) -> Any:
-    # one Dim per bound pair: torch.export needs every input's batch axis to be the same Dim object
-    key = (low, high)
-    if key not in _BATCH_DIMS:
-        _BATCH_DIMS[key] = torch.export.Dim("batch", min=low, max=high)
-    return _BATCH_DIMS[key]
+    return {axis: batch if getattr(dim, "__name__", None) == "batch" else dim for axis, dim in shape.items()}
 
 
 def load_executorch(path: str | Path) -> Any:
