@@ -19,6 +19,15 @@ The file carries no key/value metadata of its own, so the ``peftc.*`` entries an
 (``to_edge(..., constant_methods=...)``): a C++ runtime reads it with ``module.execute("peftc_json")``…
 as a string tensor is not a type ExecuTorch has, it is stored as the UTF-8 bytes in an int list.
 
+**What the lowering needs from the graph.** ``scaled_dot_product_attention`` is written out as
+matmuls and a softmax before the re-export (ExecuTorch's decomposition of it breaks the ``view``
+HF applies after it; :func:`_attention_as_matmuls`), and the Edge IR validator is off (it pins the
+batch dim to the example's size; :func:`_check_dims` checks instead that every named dim stayed
+dynamic). The written file is run once in a child process: where the XNNPACK-delegated program
+crashes the runtime (measured: unmerged DoRA, a segfault on every input), it is lowered again with
+ExecuTorch's portable kernels only and the manifest says ``backend: portable``. The numerical
+verification then runs the file here as for every format.
+
 Measured on the tiny GPT-2 / BERT LoRA programs (merged and unmerged): max |.pte − program| ~2e-7
 on batch 1, a new batch/sequence shape and a left-padded batch.
 
@@ -34,6 +43,9 @@ import copy
 import importlib.util
 import json
 import logging
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -56,6 +68,7 @@ __all__ = [
     "MAX_BATCH",
     "MODEL_FILE",
     "dim_bounds",
+    "check_bounds",
     "executorch_available",
     "export_program_executorch",
     "load_executorch",
@@ -120,9 +133,6 @@ def export_program_executorch(
         raise ConfigError(
             f"cannot export a {program.mode}-mode program (it bakes in dropout); capture the model with mode='eval'"
         )
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
     bounds = dim_bounds(program, max_batch)
     tick = time.perf_counter()
     exported, bounds = _reexport(program, bounds)
@@ -132,26 +142,81 @@ def export_program_executorch(
         "task": program.task.name,
         "dynamic_dims": {name: {str(k): v for k, v in dims.items()} for name, dims in program.dynamic_dims.items()},
         "dim_bounds": bounds,
+        "backend": "XNNPACK",
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
+    path.write_bytes(_lower(exported, program, info))
+    crash = _crash_of(path, program)
+    if crash:  # lowering may change the program: lower a fresh re-export with portable kernels only
+        logger.warning(
+            "the XNNPACK-delegated %s crashes ExecuTorch (%s); writing it with portable kernels", path, crash
+        )
+        info["backend"] = "portable"
+        path.write_bytes(_lower(_reexport(program, bounds)[0], program, info))
+    logger.info(
+        "wrote %s (ExecuTorch/%s, %.1f s, bounds %s)", path, info["backend"], time.perf_counter() - tick, bounds
+    )
+    return path
+
+
+def _lower(exported: torch.export.ExportedProgram, program: Program, info: dict[str, Any]) -> bytes:
+    """The ``.pte`` bytes of ``exported``: Edge dialect, XNNPACK delegate when ``info["backend"]`` says so."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             edge = to_edge_transform_and_lower(
                 exported,
-                partitioner=[XnnpackPartitioner()],
+                partitioner=[XnnpackPartitioner()] if info["backend"] == "XNNPACK" else None,
                 constant_methods={INFO_METHOD: list(json.dumps(info).encode())},
+                # ExecuTorch 1.5's IR dtype validator takes len() of a tensor returned where its schema
+                # says Tensor[], which guards the batch size to the example's (2): the .pte would plan
+                # memory for batch 2 and overrun it on larger batches. The numerical verification
+                # checks the program instead; _check_dims below checks that no dim was specialised.
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
             )
-            written = edge.to_executorch()
+            _check_dims(edge.exported_program(), program)
+            return edge.to_executorch().buffer
+    except CaptureError:
+        raise
     except Exception as e:  # the lowering raises many unrelated types
         first = str(e).strip().splitlines()
         raise CaptureError(
             f"ExecuTorch could not lower the {program.task.name} program: {type(e).__name__}: "
             f"{first[0] if first else ''}; export with --format onnx or torchscript instead"
         ) from e
-    path.write_bytes(written.buffer)
-    logger.info("wrote %s (ExecuTorch/XNNPACK, %.1f s, bounds %s)", path, time.perf_counter() - tick, bounds)
-    return path
+
+
+_SMOKE = """
+import sys, torch
+from executorch.runtime import Runtime
+method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
+inputs = torch.load(sys.argv[2])
+method.execute(inputs)
+method.execute([t[:1] for t in inputs])
+"""
+
+
+def _crash_of(path: Path, program: Program) -> str | None:
+    """How running the ``.pte`` on the capture example (and its first row) kills a process, or ``None``.
+
+    Measured with ExecuTorch 1.5.1: the XNNPACK-delegated unmerged DoRA program segfaults on every
+    input (the same program with portable kernels runs and verifies). A crash cannot be caught in
+    this process, so the file is tried once in a child process before verification runs it here.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.pt"
+        torch.save([t.contiguous() for t in program.example_inputs], inputs)
+        done = subprocess.run(
+            [sys.executable, "-c", _SMOKE, str(path), str(inputs)], capture_output=True, text=True, timeout=600
+        )
+    if done.returncode >= 0:
+        if done.returncode:
+            logger.debug("ExecuTorch smoke run failed: %s", done.stderr[-2000:])
+        return None  # a Python error is verification's to report, with its figures
+    return f"signal {-done.returncode}"
 
 
 def _reexport(
@@ -184,6 +249,20 @@ def _reexport(
     raise CaptureError(
         f"torch.export of the {program.task.name} program failed: {type(e).__name__}: {first[0] if first else ''}"
     ) from e
+
+
+def _check_dims(edge: torch.export.ExportedProgram, program: Program) -> None:
+    """Raise :class:`CaptureError` when lowering made a named dim of an input static (memory planned too small)."""
+    names = edge.graph_signature.user_inputs
+    values = {n.name: n.meta.get("val") for n in edge.graph.nodes if n.op == "placeholder"}
+    for graph_name, name in zip(names, program.input_names, strict=False):
+        val = values.get(graph_name)
+        for axis, dim in program.dynamic_dims.get(name, {}).items():
+            if isinstance(val, torch.Tensor) and axis < val.dim() and not isinstance(val.shape[axis], torch.SymInt):
+                raise CaptureError(
+                    f"ExecuTorch lowering fixed the {dim!r} dim of input {name!r} to {int(val.shape[axis])} "
+                    "(the .pte would only take that size); export with --format onnx or torchscript instead"
+                )
 
 
 def _attention_as_matmuls(program: Program) -> fx.GraphModule:
@@ -267,11 +346,34 @@ def run_executorch(path: str | Path, cases: Sequence[VerifyCase], input_names: S
     :func:`~peftc.exporters.verify.run_torch` returns them.
     """
     method = load_executorch(path)
+    meta = method.metadata
+    planned = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
     outs = []
     for case in cases:
-        out = method.execute([t.contiguous() for t in case.ordered(input_names)])
+        inputs = [t.contiguous() for t in case.ordered(input_names)]
+        check_bounds(inputs, input_names, planned, path)
+        out = method.execute(inputs)
         outs.append(numpy_outputs(out[0] if len(out) == 1 else list(out)))
     return outs
+
+
+def check_bounds(
+    inputs: Sequence[torch.Tensor], names: Sequence[str], planned: Sequence[tuple[int, ...]], path: str | Path
+) -> None:
+    """Refuse inputs larger than the ``.pte`` planned memory for (the runtime would write past its buffers).
+
+    Raises:
+        ConfigError: naming the input, its shape and the bounds.
+    """
+    if len(inputs) != len(planned):
+        raise ConfigError(f"{Path(path).name} takes {len(planned)} inputs, got {len(inputs)} ({', '.join(names)})")
+    for tensor, name, bound in zip(inputs, names, planned, strict=True):
+        if tensor.dim() != len(bound) or any(s > b for s, b in zip(tensor.shape, bound, strict=True)):
+            raise ConfigError(
+                f"input {name!r} of shape {list(tensor.shape)} exceeds the bounds {list(bound)} that "
+                f"{Path(path).name} was planned for (manifest.json: executorch.dim_bounds); "
+                "split the batch, or export with a larger max_batch"
+            )
 
 
 class ExecuTorchExporter:
@@ -316,7 +418,10 @@ class ExecuTorchExporter:
         info = read_info(path)
         return {
             "opset": None,
-            "executorch": {"backend": "XNNPACK", "dim_bounds": info.get("dim_bounds", dim_bounds(program))},
+            "executorch": {
+                "backend": info.get("backend", "XNNPACK"),
+                "dim_bounds": info.get("dim_bounds", dim_bounds(program)),
+            },
         }
 
 
