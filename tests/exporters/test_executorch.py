@@ -222,3 +222,26 @@ def test_dim_bounds_cap_the_batch():
     program, _ = captured("bert", "seq-cls")
     assert et.dim_bounds(program) == {"batch": {"min": 1, "max": et.MAX_BATCH}, "sequence": {"min": 1, "max": 64}}
     assert et.dim_bounds(program, max_batch=2)["batch"]["max"] == 2
+
+
+def test_inputs_past_the_planned_bounds_are_refused():
+    """ExecuTorch does not check sizes against its planned buffers: peftc refuses before it writes past them."""
+    ids = torch.ones(9, 5, dtype=torch.long)
+    with pytest.raises(ConfigError, match=r"input 'input_ids' of shape \[9, 5\] exceeds the bounds \[8, 64\]"):
+        et.check_bounds([ids], ["input_ids"], [(8, 64)], "model.pte")
+    with pytest.raises(ConfigError, match="takes 2 inputs, got 1"):
+        et.check_bounds([ids], ["input_ids"], [(8, 64), (8, 64)], "model.pte")
+    assert et.check_bounds([ids[:8]], ["input_ids"], [(8, 64)], "model.pte") is None
+
+
+def test_a_crashing_program_is_detected_in_a_child_process(monkeypatch, tmp_path):
+    """A runtime crash (signal) is reported, a Python error is left to verification, success is None."""
+    from types import SimpleNamespace
+
+    program = SimpleNamespace(example_inputs=(torch.ones(2, 3, dtype=torch.long),))
+    monkeypatch.setattr(et, "_SMOKE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert et._crash_of(tmp_path / "model.pte", program) == "signal 11"
+    monkeypatch.setattr(et, "_SMOKE", "raise ValueError('wrong output')")
+    assert et._crash_of(tmp_path / "model.pte", program) is None
+    monkeypatch.setattr(et, "_SMOKE", "import sys, torch; assert torch.load(sys.argv[2])[0].shape == (2, 3)")
+    assert et._crash_of(tmp_path / "model.pte", program) is None
