@@ -11,13 +11,14 @@ serialised with ``to_executorch()``. Python runs it with ``executorch.runtime.Ru
 dynamic dim can take, so each dim needs a small upper bound: ``sequence`` is bounded by
 :meth:`Program.max_positions` (the model's position table, as for AOTInductor), ``batch`` by
 :data:`MAX_BATCH` (the program's own bound, 2**16, would plan gigabytes). Both bounds go into
-``manifest.json`` (``executorch.dim_bounds``) and the embedded ``peftc.*`` metadata; a larger input is
-refused by the runtime.
+``manifest.json`` (``executorch.dim_bounds``) and the embedded metadata. ExecuTorch itself does not
+check an input against its planned buffers (a larger one is written past them), so
+:func:`run_executorch` refuses it first (:func:`check_bounds`); a C++ caller must do the same.
 
-The file carries no key/value metadata of its own, so the ``peftc.*`` entries and the interface
-(input and output names, task, bounds) are a JSON constant method ``peftc_json`` in the program
-(``to_edge(..., constant_methods=...)``): a C++ runtime reads it with ``module.execute("peftc_json")``…
-as a string tensor is not a type ExecuTorch has, it is stored as the UTF-8 bytes in an int list.
+A ``.pte`` has no key/value metadata, so the interface (input and output names, task, dims, bounds,
+backend) and the ``peftc.*`` entries are a constant method ``peftc_json`` of the program
+(``constant_methods``): JSON as a list of its UTF-8 byte values (ExecuTorch has no string values),
+read by :func:`read_info` or in C++ with ``module.execute("peftc_json")``.
 
 **What the lowering needs from the graph.** ``scaled_dot_product_attention`` is written out as
 matmuls and a softmax before the re-export (ExecuTorch's decomposition of it breaks the ``view``
