@@ -25,8 +25,9 @@ matmuls and a softmax before the re-export (ExecuTorch's decomposition of it bre
 HF applies after it; :func:`_attention_as_matmuls`), and the Edge IR validator is off (it pins the
 batch dim to the example's size; :func:`_check_dims` checks instead that every named dim stayed
 dynamic). The written file is run once in a child process: where the XNNPACK-delegated program
-crashes the runtime (measured: unmerged DoRA, a segfault on every input), it is lowered again with
-ExecuTorch's portable kernels only and the manifest says ``backend: portable``. The numerical
+crashes the runtime (measured: unmerged DoRA, a segfault on every input) or XNNPACK's passes refuse
+the graph (measured: LLaMA-Adapter, ``ConvertToLinearPass``), it is lowered again with ExecuTorch's
+portable kernels only and the manifest says ``backend: portable``. The numerical
 verification then runs the file here as for every format.
 
 Measured on the tiny GPT-2 / BERT LoRA programs (merged and unmerged): max |.pte − program| ~2e-7
@@ -146,12 +147,13 @@ def export_program_executorch(
         "backend": "XNNPACK",
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
-    path.write_bytes(_lower(exported, program, info))
-    crash = _crash_of(path, program)
-    if crash:  # lowering may change the program: lower a fresh re-export with portable kernels only
-        logger.warning(
-            "the XNNPACK-delegated %s crashes ExecuTorch (%s); writing it with portable kernels", path, crash
-        )
+    try:
+        path.write_bytes(_lower(exported, program, info))
+        problem = _crash_of(path, program)
+    except CaptureError as e:  # XNNPACK's passes refuse some graphs (LLaMA-Adapter's prompt projections)
+        problem = str(e)
+    if problem:  # lowering may change the program: lower a fresh re-export with portable kernels only
+        logger.warning("the XNNPACK-delegated %s failed (%s); writing it with portable kernels", path.name, problem)
         info["backend"] = "portable"
         path.write_bytes(_lower(_reexport(program, bounds)[0], program, info))
     logger.info(
