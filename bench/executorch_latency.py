@@ -81,7 +81,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    import executorch
+    from importlib.metadata import version
+
     import onnxruntime as ort
     from executorch.extension.pybindings import portable_lib
     from peftc.exporters.executorch import export_program_executorch, load_executorch
@@ -102,7 +103,7 @@ def main() -> None:
         f"LoRA r={args.rank} on c_attn, merged"
     )
     print(
-        f"threads: {args.threads} (torch {torch.__version__}, executorch {executorch.__version__}, "
+        f"threads: {args.threads} (torch {torch.__version__}, executorch {version('executorch')}, "
         f"onnxruntime {ort.__version__})"
     )
     if hasattr(os, "getloadavg"):  # other load on the machine skews absolute figures (ratios less so)
@@ -111,7 +112,8 @@ def main() -> None:
         tick = time.perf_counter()
         pte = export_program_executorch(program, Path(tmp) / "model.pte")
         print(f"ExecuTorch export (re-export + XNNPACK lowering): {time.perf_counter() - tick:.1f} s")
-        onnx_path = export_program_onnx(program, Path(tmp) / "model.onnx")
+        onnx_path = Path(tmp) / "model.onnx"
+        export_program_onnx(program, onnx_path)
         portable_lib._unsafe_reset_threadpool(args.threads)
         method = load_executorch(pte)
         options = ort.SessionOptions()
