@@ -143,7 +143,6 @@ def test_every_method_verifies(family, config, merge, tmp_path):
     assert et.read_info(path)["backend"] == ("portable" if portable else "XNNPACK")  # see the exporter's docstring
 
 
-@pytest.mark.usefixtures("executorch_installed")
 def test_attention_rewrite_keeps_the_program():
     """The spelled-out attention equals the fused op, fully masked rows included (finite, no NaN)."""
     program, _ = captured("gpt2", "causal-lm")
