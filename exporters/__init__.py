@@ -1,7 +1,8 @@
 """Exporters from a captured program to deployable artifacts (installed as ``peftc.exporters``).
 
-One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``torchscript``, ``aoti``):
-it writes a program to its model file, loads and runs that file, and describes its inputs and outputs.
+One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``torchscript``, ``aoti``,
+``executorch``): it writes a program to its model file, loads and runs that file, and describes its
+inputs and outputs.
 ``verify`` holds the one verification step (held-out cases, :func:`~.verify.verify_artifact`),
 ``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files, ``genai``
 onnxruntime-genai's ``genai_config.json`` for KV-cache ONNX files.
@@ -28,7 +29,7 @@ from .registry import (
 from .verify import DEFAULT_ATOL, VerificationReport, compare_outputs, make_cases, verify_artifact
 
 #: The format modules, in the order ``--format`` lists them; each registers its exporter when imported.
-EXPORTER_MODULES = ("onnx", "torchscript", "aoti")
+EXPORTER_MODULES = ("onnx", "torchscript", "aoti", "executorch")
 
 __all__ = [
     "DEFAULT_ATOL",

@@ -3,7 +3,7 @@
 The export pipeline (:mod:`peftc.exporting`) and the CLI ask this registry what a format does — which
 model file it writes, which options it refuses, how it writes a program, how it loads and runs the
 file for verification, how it describes the file's inputs and outputs for ``manifest.json`` — and
-none of them names a format. A format module (``peftc.exporters.onnx``, ``.torchscript``, ``.aoti``)
+none of them names a format. A format module (``peftc.exporters.onnx``, ``.torchscript``, ``.aoti``, ``.executorch``)
 defines its exporter and calls :func:`register_exporter` when imported; ``peftc.exporters`` lists the
 modules in ``EXPORTER_MODULES`` and the registry imports them on first use (the method registry,
 :mod:`peftc.methods`, works the same way).
@@ -188,13 +188,19 @@ def _load() -> None:
 
 
 def exporters() -> list[Exporter]:
-    """Every registered exporter, in registration order."""
+    """Every registered exporter: those of ``EXPORTER_MODULES`` in its order, then any other in registration order.
+
+    Not plain registration order: a module that imports another format's module (ExecuTorch reuses
+    TorchScript's checks) would otherwise register both before the formats listed between them.
+    """
     _load()
-    return list(_REGISTRY.values())
+    modules = importlib.import_module("peftc.exporters").EXPORTER_MODULES
+    rank = {f"peftc.exporters.{module}": i for i, module in enumerate(modules)}
+    return sorted(_REGISTRY.values(), key=lambda e: rank.get(type(e).__module__, len(rank)))
 
 
 def formats() -> list[str]:
-    """Every ``--format`` name, in registration order."""
+    """Every ``--format`` name, in the order of :func:`exporters`."""
     return [e.name for e in exporters()]
 
 
@@ -208,5 +214,5 @@ def get_exporter(format: str | Exporter) -> Exporter:
         return format
     _load()
     if format not in _REGISTRY:
-        raise ConfigError(f"export format {format!r} is not supported; supported: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"export format {format!r} is not supported; supported: {', '.join(formats())}")
     return _REGISTRY[format]

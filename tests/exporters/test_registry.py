@@ -35,7 +35,7 @@ SOURCES = [*sorted((REPO / "peftc").rglob("*.py")), *sorted((REPO / "exporters")
 
 
 def test_every_registered_exporter_satisfies_the_protocol():
-    assert formats() == ["onnx", "torchscript", "aoti"]
+    assert formats() == ["onnx", "torchscript", "aoti", "executorch"]
     methods = ("model_file", "check", "write", "run", "describe_io", "manifest_entries")
     for exporter in exporters():
         assert isinstance(exporter, Exporter), exporter
@@ -49,12 +49,12 @@ def test_every_registered_exporter_satisfies_the_protocol():
             assert list(inspect.signature(getattr(exporter, name)).parameters) == want, (exporter.name, name)
         single, encoder = exporter.model_file(), exporter.model_file("encoder")
         assert "." in single and encoder != single and encoder.endswith(single), (single, encoder)
-    assert [e.model_file() for e in exporters()] == ["model.onnx", "model.pt", "model.pt2"]
+    assert [e.model_file() for e in exporters()] == ["model.onnx", "model.pt", "model.pt2", "model.pte"]
 
 
 def test_unknown_format_lists_the_registry():
     with pytest.raises(
-        ConfigError, match="export format 'tflite' is not supported; supported: onnx, torchscript, aoti"
+        ConfigError, match="export format 'tflite' is not supported; supported: onnx, torchscript, aoti, executorch"
     ):
         get_exporter("tflite")
 

@@ -1,0 +1,249 @@
+"""ExecuTorch export: the .pte in ExecuTorch's runtime vs HF PEFT on held-out shapes, every method, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import captured
+from onnx_export_cases import ATOL, TEST_SHAPES, hf_logits, make_inputs, max_diff
+from peftc.exporters import ExportRequest, get_exporter
+from peftc.exporters import executorch as et
+from peftc.exporters.verify import make_cases, run_torch, verify_artifact
+
+from peftc.errors import ConfigError, ExportVerificationError
+
+
+@pytest.fixture
+def executorch_installed():
+    pytest.importorskip("executorch", reason="--format executorch needs the edge extra: pip install 'peftc[edge]'")
+
+
+def _pipeline_export(export_cases, family: str, merge: bool):
+    """``peftc export --format executorch`` of the session's non-identity LoRA run (once per session)."""
+    from peftc.exporting import export
+
+    built = export_cases.build(family)
+    out = built.run_dir.parent / f"export-executorch-{'merged' if merge else 'unmerged'}"
+    return built, export_cases.memo(
+        ("executorch", family, merge), lambda: export(built.run_dir, format="executorch", merge=merge, out=out)
+    )
+
+
+@pytest.mark.slow  # one ExecuTorch lowering each: ~20 s on two shared cores
+@pytest.mark.usefixtures("executorch_installed")
+@pytest.mark.parametrize("family", [pytest.param("gpt2", id="gpt2-causal-lm"), pytest.param("bert", id="bert-seq-cls")])
+@pytest.mark.parametrize("merge", [pytest.param(True, id="merged"), pytest.param(False, id="unmerged")])
+def test_peftc_export_format_executorch_matches_hf_peft(export_cases, family, merge):
+    """``peftc export --format executorch``: verified, described, and the .pte agrees with HF PEFT."""
+    built, out = _pipeline_export(export_cases, family, merge)
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["format"] == "executorch" and manifest["model_file"] == "model.pte" and manifest["opset"] is None
+    assert manifest["merged"] is merge
+    assert manifest["executorch"] == {
+        "backend": "XNNPACK",
+        "dim_bounds": {"batch": {"min": 1, "max": et.MAX_BATCH}, "sequence": {"min": 1, "max": 64}},
+    }
+    assert report["verified"] and report["executorch_vs_torch"]["max_abs_diff"] <= ATOL
+    names = [i["name"] for i in manifest["inputs"]]
+    info = et.read_info(out / "model.pte")
+    assert info["input_names"] == names and info["output_names"] == ["logits"] and info["task"] == built.task
+    assert info["peftc.merged"] == str(merge).lower()
+
+    method = et.load_executorch(out / "model.pte")
+    hf_peft, hf_base = built.hf_peft(), built.hf_base()
+    for batch, seq, pads in TEST_SHAPES:  # held-out shapes, one left-padded batch
+        inputs = make_inputs(built.task, names, batch, seq, pads)
+        got = method.execute(list(inputs.values()))[0].numpy()
+        assert max_diff(built.task, got, hf_logits(hf_peft, inputs), inputs) <= ATOL, (batch, seq, pads)
+        # the adapter is not the identity: the artifact is far from the bare base model
+        assert max_diff(built.task, got, hf_logits(hf_base, inputs), inputs) > 1e-3
+
+
+@pytest.mark.slow  # shares the merged GPT-2 export above, or pays for it
+@pytest.mark.usefixtures("executorch_installed")
+def test_verify_executorch_fails_against_another_model(export_cases):
+    built, out = _pipeline_export(export_cases, "gpt2", merge=True)
+    program, _ = captured("gpt2", "causal-lm")  # the base: the adapter moves the logits away from it
+    cases = make_cases(program)
+    reference = run_torch(program, cases, program.input_names)
+    with pytest.raises(ExportVerificationError) as info:
+        verify_artifact("executorch", out / "model.pte", program, cases, reference, reference_name="the base")
+    assert not info.value.report.passed
+    assert "ExecuTorch (model.pte) does not reproduce the base" in str(info.value)
+
+
+def _perturbed(family: str, task: str, config, merge: bool):
+    """A program with ``config``'s adapter inserted, every adapter tensor moved off its no-op value."""
+    from peftc.passes import insertion_pipeline, merge_pipeline
+
+    program, _ = captured(family, task)
+    base = run_torch(program, make_cases(program), program.input_names)
+    insertion_pipeline(config)(program)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for key, tensor in sorted(program.adapter.tensors.items()):
+            if "ranknum" not in key and tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.1)
+    if merge:
+        merge_pipeline()(program)
+    return program, base
+
+
+def _method_params():
+    from peftc.config import (
+        AdaLoraConfig,
+        AdaptionPromptConfig,
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+    )
+
+    lm = {"task_type": "CAUSAL_LM"}
+    weight_methods = {
+        "lora": LoraConfig(r=4, **lm),
+        "dora": LoraConfig(r=4, use_dora=True, **lm),
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, **lm),
+        "ia3": IA3Config(**lm),
+        "loha": LoHaConfig(r=4, **lm),
+        "lokr": LoKrConfig(r=4, **lm),
+    }
+    params = [
+        pytest.param("gpt2", config, merge, id=f"{name}-{'merged' if merge else 'unmerged'}")
+        for name, config in weight_methods.items()
+        for merge in (False, True)
+    ]
+    params += [
+        pytest.param("gpt2", PromptTuningConfig(num_virtual_tokens=4, **lm), False, id="prompt-tuning"),
+        pytest.param("gpt2", PromptEncoderConfig(num_virtual_tokens=4, **lm), False, id="p-tuning"),
+        pytest.param("gpt2", PrefixTuningConfig(num_virtual_tokens=4, **lm), False, id="prefix-tuning"),
+        pytest.param("llama", AdaptionPromptConfig(adapter_len=4, adapter_layers=1, **lm), False, id="llama-adapter"),
+    ]
+    return params
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("executorch_installed")
+@pytest.mark.parametrize(("family", "config", "merge"), _method_params())
+def test_every_method_verifies(family, config, merge, tmp_path):
+    program, base = _perturbed(family, "causal-lm", config, merge)
+    path = et.export_program_executorch(program, tmp_path / "model.pte")
+    report = verify_artifact("executorch", path, program)
+    assert report.max_abs_diff <= ATOL, report.summary()
+    got = et.run_executorch(path, make_cases(program), program.input_names)
+    # not the identity (prompt methods lengthen the logits by their virtual tokens: compare the real positions)
+    assert max(float(abs(a[:, -b.shape[1] :] - b).max()) for a, b in zip(got, base, strict=True)) > 1e-3
+    portable = (getattr(config, "use_dora", False) and not merge) or type(config).__name__ == "AdaptionPromptConfig"
+    assert et.read_info(path)["backend"] == ("portable" if portable else "XNNPACK")  # see the exporter's docstring
+
+
+def test_attention_rewrite_keeps_the_program():
+    """The spelled-out attention equals the fused op, fully masked rows included (finite, no NaN)."""
+    program, _ = captured("gpt2", "causal-lm")
+    nodes_before = [n.format_node() for n in program.graph.nodes]
+    rewritten = et._attention_as_matmuls(program)
+    assert [n.format_node() for n in program.graph.nodes] == nodes_before  # the program is untouched
+    targets = [n.target for n in rewritten.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    assert targets.count(et._attention) == 2  # one per layer
+    for case in make_cases(program):
+        args = case.ordered(program.input_names)
+        real = case.inputs["attention_mask"].bool()  # padded query positions differ and are read by no one
+        torch.testing.assert_close(rewritten(*args)[real], program(*args)[real], atol=1e-5, rtol=0)
+    q, k, v = (torch.randn(2, 4, 5, 16) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, :, 0] = False  # a fully masked query row
+    got = et._attention(q, k, v, mask)
+    assert torch.isfinite(got).all()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(got[:, :, 1:], want[:, :, 1:], atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def pretend_installed(monkeypatch):
+    """The refusals are decided before executorch is imported: they hold with or without the extra."""
+    monkeypatch.setattr(et, "executorch_available", lambda: True)
+
+
+@pytest.mark.usefixtures("pretend_installed")
+@pytest.mark.parametrize(
+    ("request_", "match"),
+    [
+        (ExportRequest(adapters_as_inputs=True), "ExecuTorch takes one adapter: export each adapter on its own"),
+        (ExportRequest(dtype="float16"), "--dtype float16 is supported for --format onnx only"),
+        (ExportRequest(graphs=2), "--format executorch takes causal-lm, seq-cls and token-cls"),
+        (ExportRequest(with_past=True), "--with-past with --format executorch is not supported.*--format onnx"),
+    ],
+    ids=["adapters-as-inputs", "float16", "seq2seq", "with-past"],
+)
+def test_executorch_refuses_what_it_cannot_take(request_, match):
+    exporter = get_exporter("executorch")
+    with pytest.raises(ConfigError, match=match):
+        exporter.check(request_)
+    assert exporter.check(ExportRequest(with_past=False)) is None and not exporter.cache_by_default
+
+
+def test_missing_executorch_is_refused_before_any_work(export_cases, monkeypatch):
+    from peftc.exporting import export
+
+    monkeypatch.setattr(et, "executorch_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"needs the executorch package.*pip install 'peftc\[edge\]'"):
+        get_exporter("executorch").check(ExportRequest())
+    built = export_cases.build("gpt2")
+    out = built.run_dir.parent / "export-executorch-missing"
+    with pytest.raises(ConfigError, match=r"pip install 'peftc\[edge\]'"):
+        export(built.run_dir, format="executorch", out=out)
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("pretend_installed")
+def test_with_past_is_refused_by_the_pipeline_before_any_work(export_cases):
+    from peftc.exporting import export
+
+    built = export_cases.build("gpt2")
+    out = built.run_dir.parent / "export-executorch-with-past"
+    with pytest.raises(ConfigError, match="--with-past with --format executorch"):
+        export(built.run_dir, format="executorch", with_past=True, out=out)
+    assert not out.exists()
+
+
+def test_train_mode_program_is_refused(tmp_path, pretend_installed):
+    program, _ = captured("gpt2", "causal-lm", mode="train")
+    with pytest.raises(ConfigError, match="train-mode program"):
+        et.export_program_executorch(program, tmp_path / "model.pte")
+    assert not (tmp_path / "model.pte").exists()
+
+
+def test_dim_bounds_cap_the_batch():
+    program, _ = captured("bert", "seq-cls")
+    assert et.dim_bounds(program) == {"batch": {"min": 1, "max": et.MAX_BATCH}, "sequence": {"min": 1, "max": 64}}
+    assert et.dim_bounds(program, max_batch=2)["batch"]["max"] == 2
+
+
+def test_inputs_past_the_planned_bounds_are_refused():
+    """ExecuTorch does not check sizes against its planned buffers: peftc refuses before it writes past them."""
+    ids = torch.ones(9, 5, dtype=torch.long)
+    with pytest.raises(ConfigError, match=r"input 'input_ids' of shape \[9, 5\] exceeds the bounds \[8, 64\]"):
+        et.check_bounds([ids], ["input_ids"], [(8, 64)], "model.pte")
+    with pytest.raises(ConfigError, match="takes 2 inputs, got 1"):
+        et.check_bounds([ids], ["input_ids"], [(8, 64), (8, 64)], "model.pte")
+    assert et.check_bounds([ids[:8]], ["input_ids"], [(8, 64)], "model.pte") is None
+
+
+def test_a_crashing_program_is_detected_in_a_child_process(monkeypatch, tmp_path):
+    """A runtime crash (signal) is reported, a Python error is left to verification, success is None."""
+    from types import SimpleNamespace
+
+    program = SimpleNamespace(example_inputs=(torch.ones(2, 3, dtype=torch.long),))
+    monkeypatch.setattr(et, "_SMOKE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert et._crash_of(tmp_path / "model.pte", program) == "signal 11"
+    monkeypatch.setattr(et, "_SMOKE", "raise ValueError('wrong output')")
+    assert et._crash_of(tmp_path / "model.pte", program) is None
+    monkeypatch.setattr(et, "_SMOKE", "import sys, torch; assert torch.load(sys.argv[2])[0].shape == (2, 3)")
+    assert et._crash_of(tmp_path / "model.pte", program) is None
