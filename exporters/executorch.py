@@ -387,6 +387,7 @@ class ExecuTorchExporter:
     summary = f"model.pte (ExecuTorch, XNNPACK delegate) for on-device runtimes; needs {_INSTALL}"
     cache_by_default = False  # a KV-cache graph is refused (in-program cache not written yet)
     adapter_files = None
+    runtime_config = None
 
     def model_file(self, role: str | None = None) -> str:
         return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"
