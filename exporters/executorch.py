@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import fx
 
 from peftc.errors import CaptureError, ConfigError
@@ -193,10 +194,12 @@ def _lower(exported: torch.export.ExportedProgram, program: Program, info: dict[
 
 
 _SMOKE = """
-import sys, torch
+import sys
+from safetensors.torch import load_file
 from executorch.runtime import Runtime
 method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
-inputs = torch.load(sys.argv[2])
+saved = load_file(sys.argv[2])
+inputs = [saved[str(i)] for i in range(len(saved))]
 method.execute(inputs)
 method.execute([t[:1] for t in inputs])
 """
@@ -210,8 +213,8 @@ def _crash_of(path: Path, program: Program) -> str | None:
     this process, so the file is tried once in a child process before verification runs it here.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp) / "inputs.pt"
-        torch.save([t.contiguous() for t in program.example_inputs], inputs)
+        inputs = Path(tmp) / "inputs.safetensors"  # safetensors, never a pickle
+        save_file({str(i): t.contiguous() for i, t in enumerate(program.example_inputs)}, str(inputs))
         done = subprocess.run(
             [sys.executable, "-c", _SMOKE, str(path), str(inputs)], capture_output=True, text=True, timeout=600
         )

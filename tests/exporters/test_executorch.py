@@ -245,5 +245,9 @@ def test_a_crashing_program_is_detected_in_a_child_process(monkeypatch, tmp_path
     assert et._crash_of(tmp_path / "model.pte", program) == "signal 11"
     monkeypatch.setattr(et, "_SMOKE", "raise ValueError('wrong output')")
     assert et._crash_of(tmp_path / "model.pte", program) is None
-    monkeypatch.setattr(et, "_SMOKE", "import sys, torch; assert torch.load(sys.argv[2])[0].shape == (2, 3)")
+    monkeypatch.setattr(
+        et,
+        "_SMOKE",
+        "import sys; from safetensors.torch import load_file as load\nassert load(sys.argv[2])['0'].shape == (2, 3)",
+    )
     assert et._crash_of(tmp_path / "model.pte", program) is None
