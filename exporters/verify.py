@@ -69,11 +69,11 @@ class VerifyCase:
 
     @property
     def shape(self) -> list[int]:
-        return list(self.inputs["input_ids"].shape)
+        return list(self.inputs["input_ids" if "input_ids" in self.inputs else next(iter(self.inputs))].shape)
 
     @property
     def padded(self) -> bool:
-        return bool((self.inputs["attention_mask"] == 0).any())
+        return "attention_mask" in self.inputs and bool((self.inputs["attention_mask"] == 0).any())
 
     def ordered(self, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
         return tuple(self.inputs[n] for n in names)
@@ -159,6 +159,8 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
     positions. Real tokens avoid the pad id (decoder seq-cls finds the last token by it).
     """
     cfg = program.model_config
+    if program.input_names == ["pixel_values"]:
+        return _image_cases(program, seed)
     vocab = int(getattr(cfg, "vocab_size", 128) or 128)
     pad_id = getattr(cfg, "pad_token_id", None)
     pad_id = int(pad_id) if isinstance(pad_id, int) and 0 <= pad_id < vocab else 0
@@ -192,6 +194,26 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
         VerifyCase("batch1", batch(1, 7, [0]), "a single unpadded sequence"),
         VerifyCase("reshaped", batch(3, 5, [0, 0, 0]), "batch and sequence unlike the capture example"),
         VerifyCase("left-padded", batch(4, 12, [0, 3, 6, 11]), "rows left-padded by 0, 3, 6 and 11 tokens"),
+    ]
+
+
+def _image_cases(program: Program, seed: int) -> list[VerifyCase]:
+    """Image graphs (fixed height and width, dynamic batch): one image, then batches of 3 and 4 unlike the capture's 2.
+
+    Pixels are normalised-image-like (standard normal), not the capture example's.
+    """
+    from peftc.program import image_shape
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = image_shape(program.model_config)
+
+    def images(b: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.randn(b, *shape, generator=gen)}
+
+    return [
+        VerifyCase("batch1", images(1), "a single image"),
+        VerifyCase("batch3", images(3), "a batch unlike the capture example"),
+        VerifyCase("batch4", images(4), "a larger batch"),
     ]
 
 

@@ -9,6 +9,11 @@ HF PEFT's keys (``base_model.model.classifier.weight``). A bias of a module that
 key without it, so peftc writes and reads exactly that name. With ``bias="all"`` HF PEFT also saves a
 head's bias as ``<head>.modules_to_save.bias`` and ``<head>.original_module.bias``: duplicates of
 ``<head>.bias`` and of the base value, accepted on load and not written back.
+
+A saved module's persistent buffers are the adapter's too, as HF PEFT saves them: SegFormer's
+``decode_head`` holds a BatchNorm whose ``running_mean``/``running_var``/``num_batches_tracked``
+a train-mode graph updates in place. They get copies bound as buffers (never trained by the
+optimizer), so training updates the adapter's statistics and the base model's stay as loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from peftc.program import MODEL_PREFIX, Program
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
 
-__all__ = ["ModulesToSavePass", "base_param_key", "trainable_base_params"]
+__all__ = ["ModulesToSavePass", "base_param_key", "saved_base_buffers", "trainable_base_params"]
 
 
 #: Sub-module names of HF PEFT's ModulesToSaveWrapper that appear in keys it saves with bias="all".
@@ -63,6 +68,28 @@ def _saved_base_copy(program: Program, key: str, tensor: nn.Parameter) -> bool:
     return True
 
 
+def _saved_module(module: str, modules_to_save: list[str] | None) -> bool:
+    return bool(modules_to_save) and any(
+        module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in modules_to_save or ()
+    )
+
+
+def saved_base_buffers(program: Program, modules_to_save: list[str] | None) -> list[str]:
+    """HF module-relative names of the persistent buffers of ``modules_to_save`` (BatchNorm statistics)."""
+    if not modules_to_save:
+        return []
+    model = program.source.model if program.source is not None else None
+    persistent = set(model.state_dict()) if model is not None else None
+    names = []
+    for path, _ in program.graph_module.named_buffers():
+        name = path.removeprefix(MODEL_PREFIX)
+        if not path.startswith(MODEL_PREFIX) or (persistent is not None and name not in persistent):
+            continue
+        if _saved_module(name.rpartition(".")[0], modules_to_save):
+            names.append(name)
+    return names
+
+
 def trainable_base_params(program: Program, modules_to_save: list[str] | None, bias: str = "none") -> list[str]:
     """HF module-relative names of the base parameters the adapter trains in full."""
     names = []
@@ -72,9 +99,7 @@ def trainable_base_params(program: Program, modules_to_save: list[str] | None, b
             continue
         name = path.removeprefix(MODEL_PREFIX)
         module = name.rpartition(".")[0]
-        saved = modules_to_save and any(
-            module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in modules_to_save
-        )
+        saved = _saved_module(module, modules_to_save)
         is_bias = name.endswith("bias") and (bias == "all" or (bias == "lora_only" and module in lora_modules))
         if saved or is_bias:
             names.append(name)
@@ -117,6 +142,23 @@ class ModulesToSavePass(InPlacePass):
                     f"{list(base.shape)}; the adapter was made for another base model (e.g. other num_labels)"
                 )
             set_attr(gm, MODEL_PREFIX + name, copy)
+            used.add(key)
+        for name in saved_base_buffers(program, self.modules_to_save):
+            key = base_param_key(program, name)
+            base = gm.get_buffer(MODEL_PREFIX + name)
+            if key not in state.tensors:
+                if state.loaded:
+                    raise AdapterMismatchError(f"adapter has no tensor {key}; was it made for another model?")
+                state.tensors[key] = base.detach().clone()
+            copy = state.tensors[key]
+            if copy.shape != base.shape:
+                raise AdapterMismatchError(
+                    f"adapter tensor {key} has shape {list(copy.shape)} but the model's {name} is "
+                    f"{list(base.shape)}; the adapter was made for another base model"
+                )
+            if isinstance(copy, nn.Parameter):  # a buffer: bound as one, never trained
+                copy = state.tensors[key] = copy.detach().requires_grad_(False)
+            set_attr(gm, MODEL_PREFIX + name, copy.to(base.dtype) if copy.dtype != base.dtype else copy)
             used.add(key)
         for key in [k for k in state.tensors if k not in used and _wrapper_alias(k, used)]:
             del state.tensors[key]  # HF PEFT's duplicates of a head's bias (bias="all"); not written back

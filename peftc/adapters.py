@@ -23,7 +23,7 @@ from peftc.config import MethodConfig, config_from_dict
 from peftc.errors import AdapterFormatError, ConfigError
 from peftc.files import atomic_dir, read_json
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "AdapterState", "graph_path", "peft_key"]
+__all__ = ["BUFFER_SUFFIXES", "CONFIG_FILE", "WEIGHTS_FILE", "AdapterState", "graph_path", "is_buffer_key", "peft_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class AdapterState:
             raise AdapterFormatError(f"{weights} is corrupt or truncated ({e}); re-save the adapter") from e
         for key, value in raw.items():
             _check_tensor(weights, key, value)
-        tensors = {k: nn.Parameter(v, requires_grad=False) for k, v in raw.items()}
+        tensors = {k: v if is_buffer_key(k) else nn.Parameter(v, requires_grad=False) for k, v in raw.items()}
         return cls(config=config, tensors=tensors, name=name or directory.name, loaded=True)
 
     def subset(self, keep: Callable[[str], bool]) -> AdapterState:
@@ -117,13 +117,24 @@ class AdapterState:
         return AdapterState(config=self.config, tensors=tensors, name=self.name, loaded=self.loaded)
 
     def trainable_(self, on: bool = True) -> AdapterState:
-        for t in self.tensors.values():
-            t.requires_grad_(on and t.is_floating_point())
+        for key, t in self.tensors.items():
+            t.requires_grad_(on and t.is_floating_point() and not is_buffer_key(key))
         return self
+
+
+#: Buffers a saved module carries (BatchNorm statistics, as HF PEFT saves ``modules_to_save``): never trained.
+BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def is_buffer_key(key: str) -> bool:
+    """Whether an adapter key is a saved module's buffer (a BatchNorm statistic), not a trained tensor."""
+    return key.endswith(BUFFER_SUFFIXES)
 
 
 def _check_tensor(path: Path, key: str, value: torch.Tensor) -> None:
     """An adapter tensor must be floating point and finite: name the one that is not, before any use."""
+    if key.endswith(".num_batches_tracked") and not value.is_floating_point() and value.ndim == 0:
+        return  # a BatchNorm's step counter, saved with its module as HF PEFT saves it
     if not value.is_floating_point():
         raise AdapterFormatError(
             f"{path}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}; adapters are floating point "

@@ -343,8 +343,8 @@ class _FormatOption(click.Option):
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
 @click.option(
     "--task",
-    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "seq2seq"]),
-    help="Task, when the adapter config has no task_type.",
+    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation"]),
+    help="Task, when neither the adapter config's task_type nor the base's architecture says it.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory (default: SRC/export-FORMAT).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
@@ -430,7 +430,11 @@ def export(
     help="Method to --plan: lora, adalora, ia3, prompt-tuning, p-tuning, prefix-tuning, adaption-prompt "
     "(LLaMA-Adapter): any peftc train --method name (default lora).",
 )
-@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="Task for a model dir or preset.")
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation"]),
+    help="Task for a model dir or preset (default: from its architecture).",
+)
 @click.option("--model", help="Base model of an adapter dir for --graph/--diff (default: base_model_name_or_path).")
 @click.option("--target-modules", help="Targets for --plan (default: the method's HF PEFT table).")
 @click.option("--r", type=int, help="Rank for --plan of a LoRA-family method (a shortcut for --set r=N; default 8).")

@@ -42,6 +42,9 @@ TASK_TYPES = {
     "token-cls": "TOKEN_CLS",
     "seq2seq": "SEQ_2_SEQ_LM",
     "feature-extraction": "FEATURE_EXTRACTION",
+    # HF PEFT has no task type for images: its image-classification and segmentation guides leave it unset
+    "image-cls": None,
+    "semantic-segmentation": None,
 }
 
 

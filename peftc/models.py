@@ -32,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "causal_tokenizer",
     "check_model_spec",
+    "image_processor",
     "load_model",
     "load_tokenizer",
     "preset_path",
@@ -61,6 +62,8 @@ class LoadedModel:
     source: str  # local directory the base loads from (after a preset is materialised)
     preset: str | None = None
     missing_keys: list[str] = field(default_factory=list)
+    #: Image tasks: the transformers image processor (resize, rescale, normalise) the artifact ships.
+    image_processor: Any = None
 
 
 def preset_path(name: str) -> Path:
@@ -158,9 +161,10 @@ def load_model(
     Args:
         spec: a directory holding ``config.json`` and safetensors weights, or a preset
             (``minilm``, ``tiny-gpt2``).
-        task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq``.
-        num_labels: classes for ``seq-cls``/``token-cls`` (a new head is made when the checkpoint has none).
-        id2label: class names for ``seq-cls``/``token-cls``, stored in the model config.
+        task: ``causal-lm``, ``seq-cls``, ``token-cls``, ``seq2seq``, ``image-cls`` or
+            ``semantic-segmentation`` (image tasks get :attr:`LoadedModel.image_processor`, no tokenizer).
+        num_labels: classes of a head task (a new head is made when the checkpoint has none).
+        id2label: class names of a head task, stored in the model config.
 
     Raises:
         ModelLoadError: the directory is missing, not a model, or its weights are unreadable.
@@ -176,8 +180,43 @@ def load_model(
     path = preset_path("minilm") if preset == "minilm" else Path(spec_str).expanduser()
     _check_model_dir(path)
     model, missing = _from_pretrained(path, task, num_labels, id2label)
+    if get_task(task).vision:
+        processor = image_processor(path, model.config, task)
+        return LoadedModel(model, None, str(path.resolve()), preset, missing, image_processor=processor)
     tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
     return LoadedModel(model, tokenizer, source=str(path.resolve()), preset=preset, missing_keys=missing)
+
+
+def image_processor(path: Path | None, config: Any, task: str) -> Any:
+    """The image processor of a vision model: the directory's ``preprocessor_config.json``, else one made
+    from the model config (transformers' ``SegformerImageProcessor`` for segmentation, ``ViTImageProcessor``
+    otherwise, as the ViT, Swin and SegFormer checkpoints ship them) at the model's ``image_size``.
+
+    Its ``size`` must be the model's image size: the captured graph takes images of exactly that size.
+    """
+    import transformers
+
+    from peftc.program import image_shape
+
+    _, height, width = image_shape(config)
+    if path is not None and (path / "preprocessor_config.json").is_file():
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(str(path))
+        except Exception as e:  # transformers raises OSError/ValueError/… for a broken file
+            raise ModelLoadError(
+                f"cannot load the image processor of {path}: {type(e).__name__}: {_first_line(e)}"
+            ) from e
+        size = getattr(processor, "size", None) or {}
+        if isinstance(size, dict) and size.get("height") not in (None, height):
+            raise ModelLoadError(
+                f"{path}/preprocessor_config.json resizes to {size.get('height')}x{size.get('width')} but the model "
+                f"takes {height}x{width} images; fix its size (or the model's image_size)"
+            )
+        return processor
+    size = {"height": height, "width": width}
+    if task == "semantic-segmentation":
+        return transformers.SegformerImageProcessor(size=size, do_reduce_labels=False)
+    return transformers.ViTImageProcessor(size=size)
 
 
 def check_model_spec(spec: str | Path) -> None:
@@ -243,3 +282,5 @@ def save_base_model(loaded: LoadedModel, directory: str | Path) -> None:
     loaded.model.save_pretrained(directory, safe_serialization=True)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
+    if loaded.image_processor is not None:
+        loaded.image_processor.save_pretrained(directory)

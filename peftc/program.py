@@ -33,9 +33,11 @@ __all__ = [
     "Program",
     "Site",
     "capture",
+    "default_dims",
     "dynamic_shapes",
     "example_inputs",
     "get_tensor",
+    "image_shape",
     "is_with_past",
     "past_names",
     "present_names",
@@ -178,7 +180,9 @@ def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)
     out = []
     for name in input_names:
-        if name == "input_ids":
+        if name == "pixel_values":  # images: the model's channels and size (a vision graph's H and W are fixed)
+            out.append(torch.randn(batch, *image_shape(model.config), generator=gen))
+        elif name == "input_ids":
             out.append(torch.randint(1, max(vocab, 2), (batch, seq), generator=gen))
         elif name == "attention_mask":
             out.append(torch.ones(batch, seq, dtype=torch.long))
@@ -187,6 +191,22 @@ def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq
         else:
             out.append(torch.zeros(batch, seq, dtype=torch.long))
     return tuple(out)
+
+
+def image_shape(cfg: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of a vision model's ``pixel_values`` (``image_size``: an int or a pair)."""
+    size = getattr(cfg, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return int(getattr(cfg, "num_channels", 3)), int(height), int(width)
+
+
+def default_dims(name: str) -> dict[int, str]:
+    """Dynamic axes of a graph input: batch and sequence for tokens; only batch for ``pixel_values``.
+
+    A vision graph takes images at the model's ``image_size``: patch grids, window partitions
+    (Swin) and position tables are sized from it, so height and width are fixed.
+    """
+    return {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"}
 
 
 def _register_mask_without_vmap() -> None:
@@ -266,7 +286,7 @@ def capture(
     if inputs is None:
         make = getattr(wrapper, "example_inputs", None)
         inputs = make() if callable(make) else example_inputs(model, names)
-    wanted_dims = getattr(wrapper, "dynamic_dims", None) or {name: {0: "batch", 1: "sequence"} for name in names}
+    wanted_dims = getattr(wrapper, "dynamic_dims", None) or {name: default_dims(name) for name in names}
     table = max_seq = _max_positions(model.config)
     if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
         max_seq -= wrapper.extra_positions

@@ -58,6 +58,17 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{path} is not valid JSON: {e}") from e
 
 
+def _vision_task_of(base: str) -> str | None:
+    """``image-cls`` / ``semantic-segmentation`` when the base's config.json names such an architecture."""
+    from peftc.tasks import vision_task
+
+    try:
+        archs = json.loads((Path(base).expanduser() / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return vision_task([a for a in archs if isinstance(a, str)]) if isinstance(archs, list) else None
+
+
 def resolve_source(src: str | Path, model: str | None = None, task: str | None = None) -> Source:
     """Resolve ``peftc export SRC``: a peftc run dir, or an HF PEFT adapter dir (+ ``--model``).
 
@@ -116,9 +127,11 @@ def resolve_source(src: str | Path, model: str | None = None, task: str | None =
             f"({', '.join(PRESETS)}); pass --model DIR"
         )
     resolved_task = task or _TASK_FROM_PEFT.get(config.get("task_type") or "")
+    if resolved_task is None and not config.get("task_type"):  # HF PEFT's image adapters have none: the base says
+        resolved_task = _vision_task_of(base)
     if resolved_task is None:
         raise AdapterFormatError(
             f"{config_path} has task_type={config.get('task_type')!r}; "
-            "pass --task (causal-lm, seq-cls, token-cls or seq2seq)"
+            "pass --task (causal-lm, seq-cls, token-cls, seq2seq, image-cls or semantic-segmentation)"
         )
     return Source(adapter_dir=src, base=str(base), task=resolved_task)

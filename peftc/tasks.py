@@ -13,7 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HEAD_TASKS", "TASKS", "TaskModule", "TaskSpec", "get_task", "graph_input_names"]
+__all__ = [
+    "HEAD_TASKS",
+    "IGNORE_INDEX",
+    "TASKS",
+    "VISION_TASKS",
+    "TaskModule",
+    "TaskSpec",
+    "get_task",
+    "graph_input_names",
+    "head_modules",
+    "vision_task",
+]
+
+#: Label of a segmentation-mask pixel that no loss or metric counts (transformers' ``semantic_loss_ignore_index``).
+IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,16 @@ class TaskSpec:
             return F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)).float(), batch["labels"].reshape(-1), ignore_index=-100
             )
+        if self.name == "semantic-segmentation":  # as transformers computes it: logits upsampled to the mask
+            labels = batch["labels"]
+            upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            return F.cross_entropy(upsampled, labels, ignore_index=IGNORE_INDEX)
         return F.cross_entropy(logits.float(), batch["labels"])
+
+    @property
+    def vision(self) -> bool:
+        """An image task: the graph takes ``pixel_values`` ``[batch, channels, height, width]``, no tokens."""
+        return self.name in VISION_TASKS
 
 
 #: Tasks whose logits are ``[batch, sequence, classes]`` with one label per position.
@@ -55,10 +78,39 @@ TASKS = {
     # Encoder-decoder LMs have no single-graph capture: peftc.exporting.seq2seq captures the encoder and
     # the decoder through its own wrappers (``capture(..., transform=...)``); TaskModule does not apply.
     "seq2seq": TaskSpec("seq2seq", "AutoModelForSeq2SeqLM", "text2text-generation", False),
+    # Image tasks take one input, pixel_values [batch, channels, height, width] at the model's image size.
+    "image-cls": TaskSpec("image-cls", "AutoModelForImageClassification", "image-classification", False),
+    "semantic-segmentation": TaskSpec(
+        "semantic-segmentation", "AutoModelForSemanticSegmentation", "semantic-segmentation", False
+    ),
 }
 
+#: Tasks whose input is an image (``pixel_values``) rather than tokens.
+VISION_TASKS = ("image-cls", "semantic-segmentation")
+
 #: Tasks whose model ends in a classification head saved with the adapter (HF PEFT ``modules_to_save``).
-HEAD_TASKS = ("seq-cls", "token-cls")
+HEAD_TASKS = ("seq-cls", "token-cls", "image-cls", "semantic-segmentation")
+
+#: The head modules HF PEFT's examples put in ``modules_to_save``, per task: transformers names a text
+#: classifier ``classifier`` (BERT-like) or ``score`` (decoders), an image classifier ``classifier`` (ViT,
+#: Swin), and SegFormer's all-MLP decoder ``decode_head`` (trained whole, as HF PEFT's semantic
+#: segmentation guide does).
+_HEADS = {"image-cls": ["classifier"], "semantic-segmentation": ["decode_head"]}
+
+
+def vision_task(architectures: list[str]) -> str | None:
+    """The image task of a model whose config lists ``architectures`` (``*ForImageClassification``,
+    ``*ForSemanticSegmentation``), or ``None``."""
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return "image-cls"
+    if any(a.endswith("ForSemanticSegmentation") for a in architectures):
+        return "semantic-segmentation"
+    return None
+
+
+def head_modules(task: str) -> list[str]:
+    """The ``modules_to_save`` of a head task when the method config gives none."""
+    return list(_HEADS.get(task, ["classifier", "score"]))
 
 
 def get_task(name: str) -> TaskSpec:
@@ -70,7 +122,9 @@ def get_task(name: str) -> TaskSpec:
 
 
 def graph_input_names(model: nn.Module, task: TaskSpec) -> list[str]:
-    """The graph inputs for ``model``: input_ids, attention_mask, then what the model takes."""
+    """The graph inputs for ``model``: input_ids, attention_mask, then what the model takes (images: pixel_values)."""
+    if task.vision:
+        return ["pixel_values"]
     params = inspect.signature(model.forward).parameters
     names = ["input_ids", "attention_mask"]
     if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0):

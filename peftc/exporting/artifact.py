@@ -100,6 +100,8 @@ def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> 
         generation.save_pretrained(directory)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
+    if getattr(loaded, "image_processor", None) is not None:  # preprocessor_config.json: optimum's pipelines read it
+        loaded.image_processor.save_pretrained(directory)
 
 
 def write_runtime_config(directory: Path, exporter: Any, plan: GraphPlan, graphs: list[Graph]) -> str | None:
@@ -125,7 +127,9 @@ def base_info(spec: str, loaded: Any) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "architecture": type(loaded.model).__name__,
     }
-    if type(loaded.model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+    if type(loaded.model).__name__.endswith(
+        ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification", "ForSemanticSegmentation")
+    ):
         info["id2label"] = {str(k): v for k, v in cfg.id2label.items()}
     return info
 

@@ -99,7 +99,10 @@ def _presets() -> dict[str, Any]:
 
 
 def guess_task(spec: str | Path) -> str:
-    """A preset's task; ``causal-lm`` for a ``…ForCausalLM``/``…LMHeadModel`` config, else ``seq-cls``."""
+    """A preset's task; ``image-cls``/``semantic-segmentation`` for a ``…ForImageClassification``/
+    ``…ForSemanticSegmentation`` config, ``causal-lm`` for a ``…ForCausalLM``/``…LMHeadModel`` one, else ``seq-cls``."""
+    from peftc.tasks import vision_task
+
     presets = _presets()
     if str(spec) in presets and not Path(spec).exists():
         return presets[str(spec)][1]
@@ -107,6 +110,9 @@ def guess_task(spec: str | Path) -> str:
         arch = " ".join(json.loads((Path(spec) / "config.json").read_text()).get("architectures") or [])
     except (OSError, json.JSONDecodeError, AttributeError):
         arch = ""
+    image = vision_task(arch.split())
+    if image:
+        return image
     return "causal-lm" if "CausalLM" in arch or "LMHead" in arch else "seq-cls"
 
 

@@ -30,7 +30,7 @@ from peftc.config import TASK_TYPES, MethodConfig, config_from_dict, load_config
 from peftc.dataset import DEFAULT_DATA, default_data
 from peftc.errors import ConfigError, DataError
 from peftc.models import PRESETS
-from peftc.tasks import HEAD_TASKS
+from peftc.tasks import HEAD_TASKS, head_modules, vision_task
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftc.methods import Method
@@ -49,7 +49,7 @@ __all__ = [
     "resolve_data",
 ]
 
-TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls")
+TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation")
 
 #: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
 #: method whose config lacks the field is an error. Every other field: ``--set FIELD=VALUE``.
@@ -105,7 +105,8 @@ class TrainConfig:
     model: str = _help(f"Base model: a preset ({', '.join(PRESETS)}) or a local HF model directory.", default="minilm")
     task: str | None = _help(
         f"{', '.join(TRAINABLE_TASKS)}. Default: the preset's task; for a model directory, from the architectures "
-        "in its config.json: *ForTokenClassification -> token-cls, *CausalLM or *LMHeadModel -> causal-lm, "
+        "in its config.json: *ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
+        "semantic-segmentation, *ForTokenClassification -> token-cls, *CausalLM or *LMHeadModel -> causal-lm, "
         "anything else -> seq-cls.",
         default=None,
     )
@@ -121,7 +122,9 @@ class TrainConfig:
     )
     data: str | None = _help(
         "Training data, JSON lines: {'text': ...} (causal-lm), {'text': ..., 'label': int|str} (seq-cls) or "
-        "{'tokens': [...], 'labels': [...]} (token-cls). "
+        "{'tokens': [...], 'labels': [...]} (token-cls), {'image': path, 'label': int|str} or a folder of one "
+        "subfolder of images per class (image-cls), {'image': path, 'mask': path} (semantic-segmentation; "
+        "image paths relative to the file). "
         f"Default: the data shipped for {' and '.join(f'--model {m} --task {t}' for m, t in DEFAULT_DATA)}.",
         default=None,
     )
@@ -281,6 +284,11 @@ def infer_task(model: str) -> str:
         archs = json.loads((Path(model).expanduser() / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         archs = []
+    if not isinstance(archs, list):
+        archs = []
+    image = vision_task([a for a in archs if isinstance(a, str)])
+    if image:
+        return image
     if any(a.endswith("ForTokenClassification") for a in archs):
         return "token-cls"
     return "causal-lm" if any("CausalLM" in a or "LMHeadModel" in a for a in archs) else "seq-cls"
@@ -355,7 +363,7 @@ def method_config(cfg: TrainConfig, task: str) -> MethodConfig:
         data[name] = value
     data["task_type"] = TASK_TYPES[task]
     if task in HEAD_TASKS and "modules_to_save" in fields and not data.get("modules_to_save"):
-        data["modules_to_save"] = ["classifier", "score"]  # HF PEFT's convention for classification heads
+        data["modules_to_save"] = head_modules(task)  # HF PEFT's convention for classification heads
     data["inference_mode"] = False
     return config_from_dict(data, source=cfg.config_file or "training options")
 
