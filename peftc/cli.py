@@ -134,8 +134,10 @@ def _train_options() -> list[click.Option]:
         elif f.name == "method":
             kwargs.update(type=click.Choice(names, case_sensitive=False), metavar="METHOD")
             kwargs["help"] = f"{help_text} One of: {', '.join(names)}."
-        elif f.name in ("config_file", "data", "eval_data"):
+        elif f.name == "config_file":
             kwargs["type"] = click.Path(dir_okay=False)
+        elif f.name in ("data", "eval_data"):  # a JSON-lines file, or an image-cls folder of class subfolders
+            kwargs["type"] = click.Path()
         elif f.name == "out":
             kwargs["type"] = click.Path(file_okay=False)
         else:

@@ -400,8 +400,11 @@ def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) ->
 
     ``causal-lm`` labels are the input ids with ``-100`` on padding (the task's loss shifts them);
     ``seq-cls`` labels are class ids; ``token-cls`` labels are per-token class ids, ``-100`` on
-    padding. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``.
+    padding. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``. Image data
+    (:class:`peftc.images.ImageEncoded`) batches itself: ``pixel_values`` and ``labels``.
     """
+    if hasattr(enc, "collate"):
+        return enc.collate(indices, input_names)
     rows = [enc.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), enc.pad_id, dtype=torch.long)
@@ -465,4 +468,6 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
     if task == "token-cls":
         return int((batch["labels"] != -100).sum())
+    if task == "semantic-segmentation":  # labelled pixels (255: ignored)
+        return int((batch["labels"] != 255).sum())
     return int(batch["labels"].shape[0])

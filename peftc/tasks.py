@@ -7,8 +7,10 @@ training objective. Methods never special-case tasks; they only see the program.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,9 @@ from torch import nn
 __all__ = [
     "HEAD_TASKS",
     "IGNORE_INDEX",
+    "IMAGE_TARGETS",
     "TASKS",
+    "Metric",
     "VISION_TASKS",
     "TaskModule",
     "TaskSpec",
@@ -62,10 +66,76 @@ class TaskSpec:
             return F.cross_entropy(upsampled, labels, ignore_index=IGNORE_INDEX)
         return F.cross_entropy(logits.float(), batch["labels"])
 
+    def metric(self) -> Metric:
+        """A fresh accumulator of this task's evaluation metrics (besides the loss), fed batch by batch."""
+        if self.name == "semantic-segmentation":
+            return MeanIoU()
+        return Accuracy() if self.name in HEAD_TASKS else Perplexity()
+
     @property
     def vision(self) -> bool:
         """An image task: the graph takes ``pixel_values`` ``[batch, channels, height, width]``, no tokens."""
         return self.name in VISION_TASKS
+
+
+class Metric:
+    """An evaluation metric accumulated over batches: :meth:`update` per batch, then :meth:`result`."""
+
+    def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Count one batch's predictions."""
+
+    def result(self, loss: float) -> dict[str, float]:
+        """The metrics over every batch seen; ``loss`` is the mean evaluation loss."""
+        return {}
+
+
+class Perplexity(Metric):
+    """Language models: ``exp(loss)`` (capped at ``exp(50)``)."""
+
+    def result(self, loss: float) -> dict[str, float]:
+        return {"perplexity": math.exp(min(loss, 50.0))}
+
+
+class Accuracy(Metric):
+    """Classifiers: the fraction of labelled predictions (rows, or positions not labelled -100) that are right."""
+
+    def __init__(self) -> None:
+        self.correct = self.total = 0
+
+    def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"]
+        self.correct += int((logits.argmax(-1) == labels).sum())  # -100 never equals an argmax
+        self.total += int((labels != -100).sum())
+
+    def result(self, loss: float) -> dict[str, float]:
+        return {"accuracy": self.correct / self.total} if self.total else {}
+
+
+class MeanIoU(Metric):
+    """Segmentation: mean IoU over classes and pixel accuracy, from a confusion matrix over every pixel.
+
+    Logits are upsampled to the mask's size as the loss does; pixels labelled :data:`IGNORE_INDEX`
+    are not counted (:func:`peftc.images.mean_iou`).
+    """
+
+    def __init__(self) -> None:
+        self.confusion: np.ndarray | None = None
+
+    def update(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"]
+        classes = logits.shape[1]
+        upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        pred = upsampled.argmax(1).numpy().ravel()
+        true = labels.numpy().ravel()
+        keep = true != IGNORE_INDEX
+        counts = np.bincount(true[keep] * classes + pred[keep], minlength=classes * classes)
+        counts = counts[: classes * classes].reshape(classes, classes)
+        self.confusion = counts if self.confusion is None else self.confusion + counts
+
+    def result(self, loss: float) -> dict[str, float]:
+        from peftc.images import mean_iou
+
+        return mean_iou(self.confusion) if self.confusion is not None else {}
 
 
 #: Tasks whose logits are ``[batch, sequence, classes]`` with one label per position.
@@ -106,6 +176,11 @@ def vision_task(architectures: list[str]) -> str | None:
     if any(a.endswith("ForSemanticSegmentation") for a in architectures):
         return "semantic-segmentation"
     return None
+
+
+#: ``target_modules`` for image models when none are given: HF PEFT has no default table entry for ViT, Swin
+#: or SegFormer; its image-classification and semantic-segmentation guides target the attention's query and value.
+IMAGE_TARGETS = ["query", "value"]
 
 
 def head_modules(task: str) -> list[str]:

@@ -45,7 +45,7 @@ def plan_config(
     from peftc.config import TASK_TYPES
     from peftc.errors import ConfigError
     from peftc.methods import method_by_name
-    from peftc.tasks import HEAD_TASKS, head_modules
+    from peftc.tasks import HEAD_TASKS, IMAGE_TARGETS, VISION_TASKS, head_modules
 
     chosen = method_by_name(method)
     fields = [f.name for f in dataclasses.fields(chosen.config_class) if not f.metadata.get("internal")]
@@ -73,6 +73,8 @@ def plan_config(
             )
         settings[name] = value
     settings["task_type"] = TASK_TYPES[task]
+    if task in VISION_TASKS and "target_modules" in fields and not settings.get("target_modules"):
+        settings["target_modules"] = list(IMAGE_TARGETS)  # HF PEFT's image guides (its default table has no ViT)
     if task in HEAD_TASKS and "modules_to_save" in fields and not settings.get("modules_to_save"):
         settings["modules_to_save"] = head_modules(task)  # HF PEFT's convention for classification heads
     return chosen.config(method, **settings)

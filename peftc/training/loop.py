@@ -41,7 +41,7 @@ from peftc.models import LoadedModel, check_model_spec, load_model
 from peftc.program import Program, capture
 from peftc.reporting import StepMeter, count_tokens, make_reporters
 from peftc.runs import RUN_FILE
-from peftc.tasks import HEAD_TASKS, TaskSpec
+from peftc.tasks import HEAD_TASKS, TaskSpec, get_task
 from peftc.training.checkpoints import (
     CHECKPOINTS,
     check_resume,
@@ -143,16 +143,8 @@ class _Setup:
     params: list[tuple[str, torch.nn.Parameter]]
 
 
-def _build(
-    cfg: TrainConfig,
-    task: str,
-    config: MethodConfig,
-    data_path: str,
-    eval_path: str | None,
-    run_dir: Path,
-    checkpoint: Path | None,
-) -> _Setup:
-    """Read and encode the data, load and capture the model twice, insert (or bind) the adapter."""
+def _text_data(cfg: TrainConfig, task: str, config: MethodConfig, data_path: str, eval_path: str | None):
+    """Text data read and tokenised with the base model's tokenizer (loaded here, with the head's classes)."""
     train_data = read_jsonl(data_path, task)
     eval_data = read_jsonl(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
     id2label = train_data.id2label if task in HEAD_TASKS else None
@@ -180,6 +172,36 @@ def _build(
     pad_id = loaded.model.config.pad_token_id if task == "seq-cls" else None
     train_enc = encode(train_data, loaded.tokenizer, task, max_length, pad_id)
     eval_enc = encode(eval_data, loaded.tokenizer, task, max_length, pad_id) if eval_data else None
+    return train_enc, eval_enc, train_data, id2label, loaded
+
+
+def _image_data(cfg: TrainConfig, task: str, data_path: str, eval_path: str | None):
+    """Image data (:mod:`peftc.images`) and the base model, whose head gets the training data's classes."""
+    from peftc.images import encode_images, read_images
+
+    train_data = read_images(data_path, task)
+    eval_data = read_images(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
+    id2label = train_data.id2label
+    loaded = load_model(cfg.model, task, num_labels=len(id2label or {}), id2label=id2label)
+    train_enc = encode_images(train_data, loaded.image_processor)
+    eval_enc = encode_images(eval_data, loaded.image_processor) if eval_data else None
+    return train_enc, eval_enc, train_data, id2label, loaded
+
+
+def _build(
+    cfg: TrainConfig,
+    task: str,
+    config: MethodConfig,
+    data_path: str,
+    eval_path: str | None,
+    run_dir: Path,
+    checkpoint: Path | None,
+) -> _Setup:
+    """Read and encode the data, load and capture the model twice, insert (or bind) the adapter."""
+    if get_task(task).vision:  # images: read with Pillow, preprocessed per batch by the model's image processor
+        train_enc, eval_enc, train_data, id2label, loaded = _image_data(cfg, task, data_path, eval_path)
+    else:
+        train_enc, eval_enc, train_data, id2label, loaded = _text_data(cfg, task, config, data_path, eval_path)
 
     if loaded.preset == "tiny-gpt2":  # generated: saved into the run (base_model/), it exists nowhere else
         base_source = str((run_dir / BASE_MODEL_DIR).resolve())
@@ -249,7 +271,8 @@ def _step_loss(
 
 @torch.no_grad()
 def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, float]:
-    """Loss (mean over examples / next-token targets) plus accuracy (seq-cls) or perplexity (causal-lm).
+    """Loss (mean over examples / targets) plus the task's metrics (:meth:`~peftc.tasks.TaskSpec.metric`):
+    accuracy (classifiers), perplexity (causal-lm), mean IoU and pixel accuracy (semantic-segmentation).
 
     Args:
         program: an eval-mode program with the adapter bound.
@@ -257,8 +280,9 @@ def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, 
         batch_size: examples per forward.
     """
     task = program.task
-    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))  # less padding
-    loss_sum, count, correct = 0.0, 0, 0
+    lengths = getattr(enc, "input_ids", None)
+    order = sorted(range(len(enc)), key=lambda i: len(lengths[i])) if lengths is not None else list(range(len(enc)))
+    loss_sum, count, metric = 0.0, 0, task.metric()  # less padding: texts sorted by length
     for start in range(0, len(order), batch_size):
         batch = collate(enc, order[start : start + batch_size], program.input_names)
         n = count_targets(batch, task.name)
@@ -267,16 +291,11 @@ def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, 
         logits = program.forward_batch(batch)
         loss_sum += float(task.loss(logits, batch)) * n
         count += n
-        if task.name in HEAD_TASKS:  # token-cls: labelled positions only (-100 never equals an argmax)
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        metric.update(logits, batch)
     if count == 0:
         return {}
     loss = loss_sum / count
-    out = {"loss": loss}
-    if task.name in HEAD_TASKS:
-        out["accuracy"] = correct / count
-    else:
-        out["perplexity"] = math.exp(min(loss, 50.0))
+    out = {"loss": loss, **metric.result(loss)}
     out["examples"] = len(enc)
     return out
 

@@ -30,7 +30,7 @@ from peftc.config import TASK_TYPES, MethodConfig, config_from_dict, load_config
 from peftc.dataset import DEFAULT_DATA, default_data
 from peftc.errors import ConfigError, DataError
 from peftc.models import PRESETS
-from peftc.tasks import HEAD_TASKS, head_modules, vision_task
+from peftc.tasks import HEAD_TASKS, IMAGE_TARGETS, VISION_TASKS, head_modules, vision_task
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftc.methods import Method
@@ -362,6 +362,8 @@ def method_config(cfg: TrainConfig, task: str) -> MethodConfig:
             )
         data[name] = value
     data["task_type"] = TASK_TYPES[task]
+    if task in VISION_TASKS and "target_modules" in fields and not data.get("target_modules"):
+        data["target_modules"] = list(IMAGE_TARGETS)  # HF PEFT's image guides (its default table has no ViT)
     if task in HEAD_TASKS and "modules_to_save" in fields and not data.get("modules_to_save"):
         data["modules_to_save"] = head_modules(task)  # HF PEFT's convention for classification heads
     data["inference_mode"] = False
