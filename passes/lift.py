@@ -26,7 +26,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from peftc.adapters import AdapterState, graph_path
+from peftc.adapters import AdapterState, graph_path, is_buffer_key
 from peftc.errors import ConfigError
 from peftc.methods import LiftedTensor, adapter_markers, get_method
 from peftc.program import MODEL_PREFIX, Program
@@ -61,10 +61,14 @@ def lifted_inputs(program: Program, state: AdapterState | None = None) -> list[t
     markers = adapter_markers()
     base_model = program.source.model if program.source is not None else None
     for key, tensor in state.tensors.items():
+        if key.endswith(".num_batches_tracked"):
+            continue  # a BatchNorm's step counter: no eval graph reads it
         if not any(m in key for m in markers):
             name = _saved_input_name(key)
             value = tensor.detach().clone().contiguous()
-            base = base_model.get_parameter(name).detach() if base_model is not None else value
+            base = value
+            if base_model is not None:  # a saved module's BatchNorm statistics are buffers
+                base = (base_model.get_buffer if is_buffer_key(key) else base_model.get_parameter)(name).detach()
             out.append((None, LiftedTensor(name, MODEL_PREFIX + name, value, base.clone().contiguous())))
     return out
 

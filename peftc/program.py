@@ -181,7 +181,8 @@ def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq
     out = []
     for name in input_names:
         if name == "pixel_values":  # images: the model's channels and size (a vision graph's H and W are fixed)
-            out.append(torch.randn(batch, *image_shape(model.config), generator=gen))
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            out.append(torch.randn(batch, *image_shape(model.config), generator=gen).to(dtype))
         elif name == "input_ids":
             out.append(torch.randint(1, max(vocab, 2), (batch, seq), generator=gen))
         elif name == "attention_mask":

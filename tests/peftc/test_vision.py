@@ -352,3 +352,22 @@ def test_train_run_metrics_and_export(name, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     if task == "image-cls":
         assert config["label2id"] == {"blue": 0, "red": 1}
+
+
+@pytest.mark.slow
+def test_swappable_and_float16_exports_of_segformer(hf_adapters, tmp_path):
+    """The decode head's BatchNorm statistics become graph inputs beside the LoRA tensors (swappable), and
+    survive the float16 conversion; each export is verified by the pipeline against its torch references."""
+    import onnx
+
+    from peftc.exporting import export
+
+    base_dir, hf_dir, _ = hf_adapters["segformer"]
+    swap = export(hf_dir, model=base_dir, out=tmp_path / "swap", adapters_as_inputs=True)
+    report = json.loads((swap / "report.json").read_text())
+    assert report["verified"] and report["max_abs_diff"] <= EXPORT_ATOL
+    inputs = [i.name for i in onnx.load(swap / "model.onnx", load_external_data=False).graph.input]
+    assert any(n.endswith("batch_norm.running_mean") for n in inputs), inputs
+    assert not any(n.endswith("num_batches_tracked") for n in inputs)
+    half = export(hf_dir, model=base_dir, out=tmp_path / "half", dtype="float16")
+    assert json.loads((half / "report.json").read_text())["verified"]
