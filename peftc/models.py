@@ -260,6 +260,10 @@ def _from_pretrained(path: Path, task: str, num_labels: int | None, id2label: di
             kwargs["num_labels"] = len(id2label)
         elif num_labels:
             kwargs["num_labels"] = num_labels
+        if get_task(task).vision and "num_labels" in kwargs:
+            # image checkpoints ship their pretraining head (ImageNet's 1000 classes, ADE20k's 150): a head of
+            # another size is made anew for the data's classes, as transformers' image fine-tuning guides do
+            kwargs["ignore_mismatched_sizes"] = True
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized" notice is expected for new heads
     try:
@@ -273,7 +277,8 @@ def _from_pretrained(path: Path, task: str, num_labels: int | None, id2label: di
     if task == "seq-cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = 0  # decoders need it to find the last real token
     model.eval()
-    return model, list(info.get("missing_keys", []))
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
+    return model, list(info.get("missing_keys", [])) + [str(k) for k in mismatched]
 
 
 def save_base_model(loaded: LoadedModel, directory: str | Path) -> None:

@@ -331,8 +331,8 @@ def test_train_run_metrics_and_export(name, tmp_path, capsys):
     build, task, *_ = MODELS[name]
     if task == "semantic-segmentation":
         data, labels = _seg_data(tmp_path / "data"), 3
-    else:
-        data, labels = _cls_data(tmp_path / "data")[1], 2  # the folder layout
+    else:  # the folder layout; the base's head has 5 classes (a pretraining head): a new one is made for 2
+        data, labels = _cls_data(tmp_path / "data")[1], 5
     build(labels).save_pretrained(tmp_path / "base")
     args = ["train", "--model", str(tmp_path / "base"), "--data", str(data), "--eval-data", str(data),
             "--out", str(tmp_path / "run"), "--max-steps", "6", "--batch-size", "4", "--lr", "0.01",
