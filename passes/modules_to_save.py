@@ -117,6 +117,9 @@ class ModulesToSavePass(InPlacePass):
         return [
             SiteDecision(n.rpartition(".")[0], "parameter", "rewrite", details={"param": n})
             for n in trainable_base_params(program, self.modules_to_save, self.bias)
+        ] + [
+            SiteDecision(n.rpartition(".")[0], "buffer", "rewrite", details={"buffer": n})
+            for n in saved_base_buffers(program, self.modules_to_save)
         ]
 
     def run(self, program: Program) -> PassResult:

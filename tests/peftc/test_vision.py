@@ -319,6 +319,11 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(name, tmp_path):
     with torch.no_grad():
         after = program.task.loss(program.forward_batch(batch), batch)
     assert float(after) < float(before)
+    if name == "segformer":  # train mode updated the adapter's BatchNorm statistics, not the base model's
+        key = "base_model.model.decode_head.batch_norm.running_mean"
+        assert not torch.equal(program.adapter.tensors[key], model.decode_head.batch_norm.running_mean)
+        assert torch.equal(model.decode_head.batch_norm.running_mean, torch.zeros(32))
+        assert int(program.adapter.tensors[key.replace("running_mean", "num_batches_tracked")]) == 2
 
 
 @pytest.mark.slow
