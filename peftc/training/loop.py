@@ -135,9 +135,9 @@ class _Setup:
     eval_prog: Program
     state: AdapterState
     config: MethodConfig
-    train_enc: Encoded
+    train_enc: Encoded  # or peftc.images.ImageEncoded (image tasks)
     eval_enc: Encoded | None
-    train_data: Dataset
+    train_data: Dataset  # or peftc.images.ImageData
     id2label: dict[int, str] | None
     base_source: str
     params: list[tuple[str, torch.nn.Parameter]]
