@@ -162,7 +162,7 @@ def test_lora_parity_with_hf_peft_both_ways_and_merge(name, hf_adapters, tmp_pat
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_merged_onnx_export_loads_in_optimum(name, hf_adapters, tmp_path):
+def test_merged_onnx_export_loads_in_optimum(name, hf_adapters, tmp_path, capsys):
     """peftc export of HF PEFT's adapter: the task comes from the base's architecture; optimum runs the artifact."""
     import optimum.onnxruntime as ort
 
@@ -183,6 +183,14 @@ def test_merged_onnx_export_loads_in_optimum(name, hf_adapters, tmp_path):
         expected = hf(pixel_values=x).logits
     got = torch.as_tensor(np.asarray(model(pixel_values=x).logits))
     assert (got - expected).abs().max().item() <= EXPORT_ATOL
+
+    from peftc.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--json", str(out)])
+    assert exc.value.code == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in info["inputs"]] == ["pixel_values"] and info["inputs"][0]["shape"][1:] == [3, 32, 32]
 
 
 # -- data and training ---------------------------------------------------------------------------
@@ -264,6 +272,21 @@ def test_bad_image_data_is_one_clear_error(tmp_path):
         read_images(seg.parent, "semantic-segmentation")
     with pytest.raises(DataError, match="holds class 2 but the training masks have classes 0..1"):
         read_images(seg, "semantic-segmentation", num_labels=2)
+
+
+def test_cli_bad_image_data_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from peftc.cli import main
+
+    _vit(2).save_pretrained(tmp_path / "base")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "nope.png", "label": "red"}) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", str(tmp_path / "base"), "--data", str(bad), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and "bad.jsonl:1: image" in lines[0] and "does not exist" in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_without_pillow_the_task_names_the_extra(tmp_path, monkeypatch):
