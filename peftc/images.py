@@ -228,9 +228,17 @@ def _read_folder(path: Path, label2id: dict[str, int] | None, num_labels: int | 
         raise DataError(
             f"{path}: an image folder names its classes but the training data has integer labels; use the same kind"
         )
-    from peftc.dataset import _label_ids
-
-    labels, id2label = _label_ids(path, names, [0] * len(names), label2id, None)
+    unknown = sorted(set(names) - set(label2id)) if label2id is not None else []
+    if unknown:
+        raise DataError(
+            f"{path}: class folder {unknown[0]!r} is not a class of the training data "
+            f"({', '.join(sorted(label2id or {}))}); rename it or add it to the training data"
+        )
+    if label2id is None and len(set(names)) < 2:
+        raise DataError(f"{path}: every image is in class folder {names[0]!r}; classification needs two classes")
+    label2id = label2id if label2id is not None else {name: i for i, name in enumerate(sorted(set(names)))}
+    labels = [label2id[name] for name in names]
+    id2label = {i: name for name, i in label2id.items()}
     return ImageData(path, "image-cls", images, labels, None, id2label, [0] * len(images), True)
 
 

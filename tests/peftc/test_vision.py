@@ -267,6 +267,11 @@ def test_bad_image_data_is_one_clear_error(tmp_path):
     (tmp_path / "folder" / "red" / "broken.png").write_text("not a png")
     with pytest.raises(DataError, match="cannot read image"):
         read_images(tmp_path / "folder", "image-cls")
+    (tmp_path / "folder" / "red" / "broken.png").unlink()
+    (tmp_path / "folder" / "green").mkdir()
+    _image(tmp_path / "folder" / "green" / "0.png", (30, 220, 30), seed=0)
+    with pytest.raises(DataError, match="class folder 'green' is not a class of the training data"):
+        read_images(tmp_path / "folder", "image-cls", label2id={"blue": 0, "red": 1})
     seg = _seg_data(tmp_path / "seg", n=1)
     with pytest.raises(DataError, match="is a folder"):
         read_images(seg.parent, "semantic-segmentation")
