@@ -17,9 +17,8 @@ The dynamo exporter writes ``nn.Linear`` as ``Gemm(x, W, b, transB=1)`` on 2-D v
 quantizer takes; :func:`gemm_to_matmul` first rewrites each such ``Gemm`` with a constant weight into
 ``MatMul(x, Wᵀ)`` (+ ``Add(b)``), the same arithmetic.
 
-A weight is left in float when it is a graph input (an initializer that is also an input is a
-runtime-overridable default: a swappable export's adapter tensors) or is named in ``keep_float``
-(the adapter's own tensors when the adapter stays in the graph).
+A weight is left in float when it is a graph input: an initializer that is also an input is a
+runtime-overridable default (a swappable export's adapter tensors), not a constant.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ class QuantizedFile:
     float_size_bytes: int
     size_bytes: int
     quantized_weights: int
-    float_weights: int  # constant MatMul weights left in float (adapter tensors, inputs)
+    float_weights: int  # weights left in float because they are graph inputs (swappable adapter tensors)
 
 
 def file_bytes(path: Path) -> int:
@@ -85,10 +84,10 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + sum((path.parent / d).stat().st_size for d in data)
 
 
-def gemm_to_matmul(model: onnx.ModelProto, keep: set[str]) -> int:
-    """Rewrite ``Gemm(x, W[, b])`` with a constant ``W`` (not in ``keep``) as ``MatMul(x, W')`` (+ ``Add(b)``).
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite ``Gemm(x, W[, b])`` with a constant ``W`` (not a graph input) as ``MatMul(x, W')`` (+ ``Add(b)``).
 
-    ``W' = Wᵀ`` for ``transB=1`` (a new initializer replaces ``W`` when nothing else reads it). Only the
+    ``W' = Wᵀ`` for ``transB=1`` (a new initializer ``<W>.T``; ``W`` goes when nothing else reads it). Only the
     plain form is rewritten (``alpha = beta = 1``, ``transA = 0``), which is what the exporter writes
     for linear layers. Returns the number of nodes rewritten.
     """
@@ -105,18 +104,14 @@ def gemm_to_matmul(model: onnx.ModelProto, keep: set[str]) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         w = node.input[1] if node.op_type == "Gemm" and len(node.input) > 1 else None
         plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-        if w is None or w not in inits or w in inputs or w in keep or not plain:
+        if w is None or w not in inits or w in inputs or not plain:
             nodes.append(node)
             continue
-        weight = inits[w]
         if attrs.get("transB", 0):
-            array = numpy_helper.to_array(weight).T.copy()
-            new_name = f"{w}.T" if readers[w] > 1 else w
-            new = numpy_helper.from_array(array, new_name)
-            if readers[w] > 1:
-                graph.initializer.append(new)
-            else:
-                weight.CopyFrom(new)
+            new_name = f"{w}.T"
+            if new_name not in inits:  # a weight read by several Gemms is transposed once
+                inits[new_name] = numpy_helper.from_array(numpy_helper.to_array(inits[w]).T.copy(), new_name)
+                graph.initializer.append(inits[new_name])
             readers[w] -= 1
             w = new_name
         has_bias = len(node.input) > 2 and node.input[2]
@@ -127,22 +122,27 @@ def gemm_to_matmul(model: onnx.ModelProto, keep: set[str]) -> int:
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
+    unused = {name for name, n in readers.items() if n == 0 and name in inits}  # the transposed weights' originals
+    if unused:
+        kept = [t for t in graph.initializer if t.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        info = [v for v in graph.value_info if v.name not in unused]  # the exporter records their (old) shapes
+        del graph.value_info[:]
+        graph.value_info.extend(info)
     return rewritten
 
 
-def _float_matmuls(model: onnx.ModelProto, keep: set[str]) -> tuple[list[str], int]:
-    """Names of the ``MatMul`` nodes that must stay float, and how many constant weights stay float.
-
-    A weight stays float when it is a graph input (a swappable adapter tensor) or in ``keep``; the
-    ``Gemm``\\ s :func:`gemm_to_matmul` left alone for that reason are counted too.
-    """
+def _float_matmuls(model: onnx.ModelProto) -> tuple[list[str], int]:
+    """Names of the ``MatMul`` nodes whose weight is a graph input (they must stay float), and how many
+    of those inputs have a default (the swappable adapter tensors left float)."""
     inits = {t.name for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     exclude, constant = [], 0
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
             w = node.input[1]
-            if w in inputs or w in keep:
+            if w in inputs:
                 if node.op_type == "MatMul":
                     exclude.append(node.name)
                 constant += w in inits
@@ -169,7 +169,6 @@ class OnnxQuantizer:
         path: Path,
         scheme: str,
         block_size: int = 32,
-        keep_float: set[str] | None = None,
         metadata: dict[str, str] | None = None,
     ) -> QuantizedFile:
         """Quantize ``path`` in place (and its external data: kept external when the float file had it).
@@ -178,18 +177,16 @@ class OnnxQuantizer:
             path: the float ``.onnx`` file (verified already).
             scheme: ``int4`` or ``int8`` (:data:`SCHEMES`).
             block_size: int4 block length along the input dim (a power of two ≥ 16).
-            keep_float: initializer names whose ``MatMul``\\ s stay float (besides graph inputs).
             metadata: ``metadata_props`` entries to add.
         """
-        keep = set(keep_float or ())
         float_size = file_bytes(path)
         external = any(
             t.data_location == onnx.TensorProto.EXTERNAL
             for t in onnx.load(str(path), load_external_data=False).graph.initializer
         )
         model = onnx.load(str(path))
-        gemm_to_matmul(model, keep)
-        exclude, float_weights = _float_matmuls(model, keep)
+        gemm_to_matmul(model)
+        exclude, float_weights = _float_matmuls(model)
         with _quiet_quantizers():
             if scheme == "int4":
                 quantized = self._int4(model, block_size, exclude)

@@ -371,8 +371,8 @@ class _FormatOption(click.Option):
     type=click.Choice(["int4", "int8"]),
     help="ONNX: quantize the verified float32 weights with ONNX Runtime's tools — int4: MatMulNBits "
     "(block-wise, asymmetric), int8: dynamic (per-channel weights, int8 activations); measured against the "
-    "float program (top-1 agreement, KL) in report.json. Merged adapters are quantized with the base; "
-    "adapters kept as ops or as inputs stay float.",
+    "float program (top-1 agreement, KL) in report.json. The base and a merged or kept adapter are quantized; "
+    "with --adapters-as-inputs the adapters stay float.",
 )
 @click.option("--quantize-block-size", type=int, help="int4 block length (power of two >= 16; default 32).")
 @click.option(

@@ -113,7 +113,8 @@ def export(
             the float file is verified at ``atol`` first, then quantized with ONNX Runtime's tools
             (int4: ``MatMulNBits``, block-wise asymmetric; int8: dynamic, per-channel weights) and
             measured against the float torch program: ``report.json``'s ``quantization`` section.
-            Merged adapters are quantized with the base; adapters kept as ops or as inputs stay float.
+            Merged adapters and adapters kept as ops are quantized with the base; with
+            ``adapters_as_inputs`` only the base is, the adapter tensors and files stay float.
         quantize_block_size: int4 block length (power of two >= 16; default 32).
         quantize_min_top1: the gate: minimum top-1 agreement with the float program (default 0.9 int4, 0.95 int8).
         quantize_max_kl: the gate: maximum mean KL(float ‖ quantized) in nats (default 0.05 int4, 0.01 int8).
@@ -198,7 +199,7 @@ def export(
             )
         quantization = None
         if quant is not None:  # the verified float files to quantized weights, measured against the same references
-            quantization = quantize_stage(quant, exporter, tmp, graphs, comparisons, mode.name == "keep", timings)
+            quantization = quantize_stage(quant, exporter, tmp, graphs, comparisons, timings)
 
         # -- artifact
         write_artifact(

@@ -20,8 +20,10 @@ hidden states) reports ``max_abs_diff`` only.
 What each mode quantizes: ``merge`` — the merged weights (the adapter is folded first, so it is
 quantized with the base it is part of); ``lift`` (``--adapters-as-inputs``) — the base weights only:
 the adapter tensors are graph inputs and stay float, as do the ``.onnx_adapter`` files (one 4-bit
-base, many float adapters); ``keep`` — the base weights only: the adapter's own tensors (LoRA A and
-B, a ``modules_to_save`` head…) are a fraction of a percent of the bytes and stay float.
+base, many float adapters); ``keep`` — base and adapter weights alike: the adapter's ops are
+constants of the graph like the base's (the exporter folds their transposes into unnamed constants,
+so nothing tells them apart without matching exporter-generated names); for a float adapter over a
+quantized base, export with ``--adapters-as-inputs``.
 """
 
 from __future__ import annotations
@@ -121,29 +123,20 @@ def quantize_stage(
     directory: Path,
     graphs: list[Any],
     comparisons: list[Any],
-    keep_adapter: bool,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Quantize every verified model file in ``directory``, measure it, gate it; the ``report.json`` section.
 
-    Args:
-        keep_adapter: the adapter is in the graph as constant ops (``keep`` mode): its tensors stay float.
-
     Raises:
         ExportVerificationError: the worst comparison is below ``min_top1`` or above ``max_kl``.
     """
-    from peftc.adapters import graph_path
-
     tick = time.perf_counter()
     files = {}
     for g in graphs:
-        state = getattr(g.program, "adapter", None)
-        keep = {graph_path(k) for k in state.tensors} if keep_adapter and state is not None else set()
         result = exporter.quantizer.quantize(
             directory / exporter.model_file(g.role),
             request.scheme,
             block_size=request.block_size or DEFAULT_BLOCK_SIZE,
-            keep_float=keep,
             metadata=request.metadata(),
         )
         files[exporter.model_file(g.role)] = result

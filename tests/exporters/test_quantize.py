@@ -1,0 +1,299 @@
+"""``export(..., quantize="int4"|"int8")``: ONNX Runtime's quantizers on the verified float file.
+
+Quality figures mean something only when the float model's output distributions are peaked: a
+random tiny model's next-token distribution is near uniform, so its top-1 flips under any noise and
+its KL is tiny whatever happens. The models here are therefore *trained* (a few seconds each): a
+2-layer GPT-2 (hidden 64, int4 blocks of 32) learns "next token = token + 1"; two LoRA adapters,
+trained with HF PEFT and saved by HF PEFT, turn it into "+ 2" and "+ 3". A quantized export that
+loses a block scale or misplaces a weight then predicts the wrong token (agreement near 1/127),
+and swapping adapters changes every prediction. References are independent of peftc: HF PEFT's
+``PeftModel`` in float32 on the same adapter directories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx_export_cases import save_tokenizer
+
+from peftc.errors import ConfigError, ExportVerificationError
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+VOCAB = 128
+
+
+def _batch(gen: torch.Generator, shift: int, b: int = 16, s: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(1, VOCAB, (b, s), generator=gen)
+    return x, (x + shift - 1) % (VOCAB - 1) + 1  # tokens 1…127 (0 is pad), next = token + shift
+
+
+def _fit(model: torch.nn.Module, shift: int, steps: int, lr: float) -> float:
+    gen = torch.Generator().manual_seed(shift)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        x, y = _batch(gen, shift)
+        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A trained tiny GPT-2 base (+1) and two HF PEFT LoRA adapters saved by HF PEFT (+2, +3)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("quantize")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, pad_token_id=0)
+    base = GPT2LMHeadModel(cfg)
+    assert _fit(base, 1, steps=150, lr=3e-3) < 0.2
+    base.save_pretrained(root / "base", safe_serialization=True)
+    save_tokenizer(root / "base")
+    dirs = {"base": root / "base"}
+    for name, shift in (("plus2", 2), ("plus3", 3)):
+        torch.manual_seed(shift)
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+        )
+        peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(root / "base"), config)
+        assert _fit(peft_model, shift, steps=100, lr=1e-2) < 1.0
+        peft_model.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def _hf_peft(trained: dict[str, Path], name: str) -> torch.nn.Module:
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    return PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(trained["base"]), trained[name]).eval()
+
+
+def _tokens(seed: int, b: int = 3, s: int = 10) -> dict[str, np.ndarray]:
+    """Held-out text for the independent checks (unlike the export's own cases)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (b, s), generator=gen)
+    return {"input_ids": ids.numpy(), "attention_mask": np.ones((b, s), np.int64)}
+
+
+def _agreement_and_kl(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    got, want = torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)
+    log_p, log_q = want.log_softmax(-1), got.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return float((got.argmax(-1) == want.argmax(-1)).double().mean()), float(kl)
+
+
+def _feeds(session, tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token feeds plus an empty cache for a KV-cache graph (prefill)."""
+    b, s = tokens["input_ids"].shape
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.tile(np.arange(s), (b, 1))
+        else:
+            feeds[i.name] = tokens[i.name]
+    return feeds
+
+
+def _ops(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _float_weight_ops(path: Path) -> list[str]:
+    """MatMul/Gemm nodes still multiplying by a constant 2-D float weight (what a quantizer should have taken)."""
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    weights = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.name not in inputs}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+
+
+@pytest.fixture(scope="module")
+def merged(trained, tmp_path_factory) -> dict[str, Path]:
+    """The +2 adapter merged into the base, exported as a KV-cache graph in int4 and int8."""
+    from peftc.exporting import export
+
+    root = tmp_path_factory.mktemp("merged")
+    return {
+        q: export(trained["plus2"], model=trained["base"], merge=True, out=root / q, quantize=q)
+        for q in ("int4", "int8")
+    }
+
+
+@pytest.mark.parametrize(
+    ("scheme", "ops"), [("int4", {"MatMulNBits"}), ("int8", {"DynamicQuantizeLinear", "MatMulInteger"})]
+)
+def test_merged_kv_cache_quantized_matches_hf_peft_float(trained, merged, scheme, ops):
+    out = merged[scheme]
+    model_file = out / "model.onnx"
+    counts = _ops(model_file)
+    assert ops <= set(counts)
+    assert _float_weight_ops(model_file) == []  # every linear weight (and the tied LM head) quantized
+    assert counts["MatMul"] >= 4  # attention's Q·Kᵀ and P·V (two layers) stay float MatMuls
+    from transformers import GPT2LMHeadModel
+
+    base = GPT2LMHeadModel.from_pretrained(trained["base"])
+    linear = sum(m.weight.numel() for m in base.modules() if type(m).__name__ in ("Conv1D", "Linear"))
+    size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] is True and report["max_abs_diff"] <= 1e-4  # the float file verified first, tightly
+    q = report["quantization"]
+    assert q["scheme"] == scheme and q["bits"] == int(scheme[3:])
+    assert q["size_bytes"] == size and q["float_size_bytes"] > 4 * sum(p.numel() for p in base.parameters())
+    # every linear weight (and the LM head) shrank from 4 bytes to ~0.6 (int4: 4 bits + a scale per 32) or ~1.1
+    assert q["float_size_bytes"] - size > 0.7 * 4 * linear
+    assert q["quantized_weights"] == 9 and q["float_weights"] == 0  # 2 layers × 4 linears + the LM head
+    assert q["top1_agreement"] >= 0.95 and q["mean_kl"] < 0.01 and q["max_abs_diff"] > 1e-4  # not the float file
+    assert {c["rows"] for c in q["comparisons"]} == {7 + 4 * 12 - (3 + 6 + 11) + 4 + 3}  # prefills + decode steps
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantize"]["scheme"] == scheme and manifest["quantize"]["top1_agreement"] == q["top1_agreement"]
+    from peftc.exporters.manifest import check_manifest
+
+    assert check_manifest(out) == []  # the quantized files are the ones hashed
+    meta = {p.key: p.value for p in onnx.load(str(model_file), load_external_data=False).metadata_props}
+    assert meta["peftc.quantize"] == scheme and meta["peftc.merged"] == "true"
+
+    # independent check: ONNX Runtime on the quantized file vs HF PEFT in float32, on other text
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    tokens = _tokens(seed=5)
+    got = session.run(["logits"], _feeds(session, tokens))[0]
+    with torch.no_grad():
+        want = _hf_peft(trained, "plus2")(**{k: torch.from_numpy(v) for k, v in tokens.items()}).logits.numpy()
+    agreement, kl = _agreement_and_kl(got, want)
+    assert agreement >= 0.95 and kl < 0.02, (agreement, kl)
+    assert (want.argmax(-1) == (tokens["input_ids"] + 1) % (VOCAB - 1) + 1).mean() > 0.9  # the +2 model is peaked
+
+
+@pytest.mark.slow  # ~11 s: one more export
+def test_quality_gate_fails_the_export_and_writes_nothing(trained, tmp_path):
+    from peftc.exporting import export
+
+    out = tmp_path / "art"
+    with pytest.raises(ExportVerificationError, match=r"int4 model .* mean KL .*\(max 1e-09\).*nothing was written"):
+        export(trained["plus2"], model=trained["base"], merge=True, out=out, quantize="int4", quantize_max_kl=1e-9)
+    assert not out.exists()
+
+
+@pytest.mark.slow  # ~12 s: a two-adapter export
+def test_swappable_int4_base_switches_float_adapters_like_hf_peft(trained, tmp_path):
+    """One int4 base, two float adapters: each activated in one session equals HF PEFT in float."""
+    from peftc.exporters.swappable import read_adapter
+
+    from peftc.exporting import export
+
+    out = export(
+        [trained["plus2"], trained["plus3"]],
+        model=trained["base"],
+        adapters_as_inputs=True,
+        with_past=False,
+        out=tmp_path / "art",
+        quantize="int4",
+    )
+    model_file = out / "model.onnx"
+    model = onnx.load(str(model_file), load_external_data=False)
+    lifted = {i.name for i in model.graph.input if i.name.endswith((".lora_A", ".lora_B"))}
+    assert len(lifted) == 2 * 4 * 2  # A and B of c_attn, attn.c_proj, c_fc, mlp.c_proj in two layers
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 9 and not [n for n in nbits if set(n.input) & lifted]  # adapter MatMuls untouched
+    assert _float_weight_ops(model_file) == []
+    q = json.loads((out / "report.json").read_text())["quantization"]
+    assert [c["candidate"] for c in q["comparisons"]] == [
+        "model.onnx + plus2.onnx_adapter",
+        "model.onnx + plus3.onnx_adapter",
+        "model.onnx",
+    ]
+    assert q["top1_agreement"] >= 0.95
+    files = [out / "adapters" / f"{name}.onnx_adapter" for name in ("plus2", "plus3")]
+    for f in files:
+        assert {dtype for _, dtype in read_adapter(f).values()} == {"tensor(float)"}  # adapters stay float
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    tokens = _tokens(seed=9)
+    feeds = _feeds(session, tokens)
+    x = {k: torch.from_numpy(v) for k, v in tokens.items()}
+    outputs = {}
+    for name, f in [*zip(("plus2", "plus3"), files, strict=True)] * 2:  # switch back and forth in one session
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(f))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        got = session.run(["logits"], feeds, options)[0]
+        with torch.no_grad():
+            want = _hf_peft(trained, name)(**x).logits.numpy()
+        agreement, kl = _agreement_and_kl(got, want)
+        assert agreement >= 0.95 and kl < 0.02, (name, agreement, kl)
+        outputs[name] = got
+    agreement, _ = _agreement_and_kl(outputs["plus2"], outputs["plus3"])
+    assert agreement < 0.1  # the adapters predict different tokens (+2 vs +3)
+    from transformers import GPT2LMHeadModel
+
+    with torch.no_grad():
+        want = GPT2LMHeadModel.from_pretrained(trained["base"])(**x).logits.numpy()
+    agreement, _ = _agreement_and_kl(session.run(["logits"], feeds)[0], want)
+    assert agreement >= 0.95  # no adapter: the (quantized) base
+
+
+@pytest.mark.slow
+def test_keep_mode_classifier_int8_quantizes_base_and_adapter_alike(export_cases, tmp_path):
+    """seq-cls with the adapter as ops: every constant weight int8; label agreement and KL over labels reported."""
+    from peftc.exporting import export
+
+    built = export_cases.build("bert")
+    out = export(built.run_dir, out=tmp_path / "art", quantize="int8")
+    model_file = out / "model.onnx"
+    assert _float_weight_ops(model_file) == []  # the LoRA branches' A and B too
+    ops = _ops(model_file)
+    assert ops["MatMulInteger"] == 2 * (6 + 2 * 2) + 2  # per layer q, k, v, o, up, down + A and B of q, v; pooler, head
+    q = json.loads((out / "report.json").read_text())["quantization"]
+    assert q["float_weights"] == 0 and q["quantized_weights"] == ops["MatMulInteger"]
+    assert [c["rows"] for c in q["comparisons"]] == [1 + 3 + 4]  # one label distribution per sequence
+    assert q["top1_agreement"] >= 0.95 and q["mean_kl"] < 0.01
+    assert q["max_abs_diff"] > 1e-5  # the logits do move, yet the labels agree
+
+
+# -- refusals: before any file is read ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"format": "torchscript", "quantize": "int4"}, r"--quantize is not supported for --format torchscript.*onnx"),
+        ({"dtype": "float16", "quantize": "int8"}, r"quantizes float32 weights; drop --dtype float16"),
+        ({"quantize": "int2"}, r"--quantize 'int2' is not supported; choose one of: int4, int8"),
+        ({"quantize": "int4", "quantize_block_size": 48}, r"power of two >= 16"),
+        ({"quantize": "int8", "quantize_block_size": 32}, r"block-wise schemes \(int4\), not int8"),
+        ({"quantize": "int4", "quantize_min_top1": 1.5}, r"between 0 and 1"),
+        ({"quantize_max_kl": 0.1}, r"need --quantize"),
+    ],
+)
+def test_refused_options(tmp_path, kwargs, match):
+    from peftc.exporting import export
+
+    with pytest.raises(ConfigError, match=match):
+        export(tmp_path / "no-such-run", out=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_quantize_for_torchscript_in_one_line(tmp_path, capsys):
+    from peftc.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path), "--format", "torchscript", "--quantize", "int4"])
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code != 0 and len(lines) == 1 and "Traceback" not in err
+    assert "--quantize is not supported for --format torchscript" in lines[0]
