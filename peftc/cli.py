@@ -378,12 +378,12 @@ class _FormatOption(click.Option):
 @click.option(
     "--quantize-min-top1",
     type=float,
-    help="Quality gate: min top-1 agreement with float (default 0.9 int4, 0.95 int8).",
+    help="Quality gate: min top-1 agreement with float (default 0.9).",
 )
 @click.option(
     "--quantize-max-kl",
     type=float,
-    help="Quality gate: max mean KL(float||quantized), nats (default 0.05 int4, 0.01 int8).",
+    help="Quality gate: max mean KL(float||quantized), nats (default 0.05).",
 )
 def export(
     srcs: tuple[str, ...],

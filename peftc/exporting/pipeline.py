@@ -116,8 +116,8 @@ def export(
             Merged adapters and adapters kept as ops are quantized with the base; with
             ``adapters_as_inputs`` only the base is, the adapter tensors and files stay float.
         quantize_block_size: int4 block length (power of two >= 16; default 32).
-        quantize_min_top1: the gate: minimum top-1 agreement with the float program (default 0.9 int4, 0.95 int8).
-        quantize_max_kl: the gate: maximum mean KL(float ‖ quantized) in nats (default 0.05 int4, 0.01 int8).
+        quantize_min_top1: the gate: minimum top-1 agreement with the float program (default 0.9).
+        quantize_max_kl: the gate: maximum mean KL(float ‖ quantized) in nats (default 0.05).
 
     Returns:
         The artifact directory: the model file(s) (``model.onnx`` + ``model.onnx.data``, ``model.pt``,

@@ -12,9 +12,11 @@ swappable adapter activated in turn, and the base without adapter:
 - ``mean_kl``: the mean over those rows of ``KL(p_float ‖ p_quantized)`` (nats) of the softmax of
   the logits — the next-token distributions of a causal LM, the label distribution of a classifier.
 
-The export fails (``ExportVerificationError``, exit code 3, nothing written) when the worst
-comparison's top-1 agreement falls below ``min_top1`` or its mean KL exceeds ``max_kl``
-(:data:`DEFAULT_GATES`, overridable). A graph whose first output is not logits (a seq2seq encoder's
+The export fails (``ExportVerificationError``, exit code 3, nothing written) when a comparison's
+mean KL exceeds ``max_kl`` or, over at least :data:`TOP1_MIN_ROWS` rows, its top-1 agreement falls
+below ``min_top1`` (:data:`DEFAULT_GATES`, overridable). Over fewer rows (a classifier's held-out
+cases are 8 sequences) one flipped arg-max moves the agreement by more than the gate's margin, so
+only the KL gates there. A graph whose first output is not logits (a seq2seq encoder's
 hidden states) reports ``max_abs_diff`` only.
 
 What each mode quantizes: ``merge`` — the merged weights (the adapter is folded first, so it is
@@ -38,15 +40,26 @@ import numpy as np
 
 from peftc.errors import ConfigError, ExportVerificationError
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_GATES", "Quantize", "check_quantize", "quantize_stage", "quality"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_GATES",
+    "TOP1_MIN_ROWS",
+    "Quantize",
+    "check_quantize",
+    "quantize_stage",
+    "quality",
+]
 
 #: int4 block length along a weight's input dim (onnxruntime-genai's CPU default).
 DEFAULT_BLOCK_SIZE = 32
-#: Scheme -> (minimum top-1 agreement, maximum mean KL in nats) of the worst comparison.
-#: Calibrated on tiny models with peaked (non-uniform) output distributions and on the README's
-#: GPT-2-small-shaped model: int8 stays above 0.98 / below 2e-3, int4 above 0.94 / below 2e-2 there;
-#: a wrong weight layout or a lost block scale gives agreement near chance and a KL above 1.
-DEFAULT_GATES = {"int8": (0.95, 0.01), "int4": (0.9, 0.05)}
+#: Scheme -> (minimum top-1 agreement, maximum mean KL in nats), every comparison. Measured (README,
+#: "Quantized weights"): a trained tiny GPT-2 int4 1.0 / 8e-4, int8 1.0 / 1.4e-5; the real MiniLM
+#: classifier on random-token inputs int4 KL 8e-3, int8 1.1e-2 (dynamic per-tensor activations),
+#: with its eval accuracy unchanged (91.4 %). A misplaced weight or a lost block scale gives
+#: agreement near chance and a KL above 1 on a model with peaked outputs.
+DEFAULT_GATES = {"int8": (0.9, 0.05), "int4": (0.9, 0.05)}
+#: Below this many compared rows top-1 agreement is reported but not gated (one flip would be > 3 %).
+TOP1_MIN_ROWS = 32
 _REFERENCE = "the float torch program"
 
 
@@ -172,20 +185,27 @@ def quantize_stage(
         "max_abs_diff": max(m["max_abs_diff"] for m in measured),
         "top1_agreement": min((m["top1_agreement"] for m in logits), default=None),
         "mean_kl": max((m["mean_kl"] for m in logits), default=None),
-        "gate": {"min_top1": request.min_top1, "max_kl": request.max_kl},
+        "gate": {
+            "min_top1": request.min_top1,
+            "max_kl": request.max_kl if math.isfinite(request.max_kl) else None,
+            "top1_min_rows": TOP1_MIN_ROWS,
+        },
         "reference": _REFERENCE,
         "comparisons": measured,
     }
     bad = [
-        m for m in logits if m["top1_agreement"] < request.min_top1 or not m["mean_kl"] <= request.max_kl
-    ]  # fmt: skip
+        m
+        for m in logits
+        if not m["mean_kl"] <= request.max_kl or (m["rows"] >= TOP1_MIN_ROWS and m["top1_agreement"] < request.min_top1)
+    ]
     if bad:
         worst = bad[0]
+        better = "int8 or a smaller --quantize-block-size, or " if request.scheme == "int4" else ""
         err = ExportVerificationError(
             f"the {request.scheme} model ({worst['candidate']}) is too far from {_REFERENCE}: top-1 agreement "
-            f"{worst['top1_agreement']:.3f} (min {request.min_top1:g}), mean KL {worst['mean_kl']:.3g} "
-            f"(max {request.max_kl:g}); nothing was written. Try int8, a smaller --quantize-block-size, or "
-            "relax --quantize-min-top1 / --quantize-max-kl if this loss is acceptable"
+            f"{worst['top1_agreement']:.3f} over {worst['rows']} rows (min {request.min_top1:g}), mean KL "
+            f"{worst['mean_kl']:.3g} (max {request.max_kl:g}); nothing was written. Try {better}relax "
+            "--quantize-min-top1 / --quantize-max-kl if this loss is acceptable"
         )
         err.report = section  # type: ignore[attr-defined]
         raise err
