@@ -126,12 +126,14 @@ def _float_weight_ops(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def merged(trained, tmp_path_factory) -> dict[str, Path]:
-    """The +2 adapter merged into the base, exported as a KV-cache graph in int4 and int8."""
+    """The +2 adapter merged into the base, exported as a KV-cache graph in int4 and int8 (weights in external data)."""
     from peftc.exporting import export
 
     root = tmp_path_factory.mktemp("merged")
     return {
-        q: export(trained["plus2"], model=trained["base"], merge=True, out=root / q, quantize=q)
+        q: export(
+            trained["plus2"], model=trained["base"], merge=True, out=root / q, quantize=q, external_data=q == "int8"
+        )
         for q in ("int4", "int8")
     }
 
@@ -151,6 +153,7 @@ def test_merged_kv_cache_quantized_matches_hf_peft_float(trained, merged, scheme
     base = GPT2LMHeadModel.from_pretrained(trained["base"])
     linear = sum(m.weight.numel() for m in base.modules() if type(m).__name__ in ("Conv1D", "Linear"))
     size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    assert (out / "model.onnx.data").is_file() == (scheme == "int8")  # external data stays external, quantized
     report = json.loads((out / "report.json").read_text())
     assert report["verified"] is True and report["max_abs_diff"] <= 1e-4  # the float file verified first, tightly
     q = report["quantization"]
