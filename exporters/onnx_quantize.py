@@ -68,7 +68,7 @@ class QuantizedFile:
     float_size_bytes: int
     size_bytes: int
     quantized_weights: int
-    float_weights: int  # weights left in float because they are graph inputs (swappable adapter tensors)
+    float_weights: int  # initializers left float because they are graph inputs (swappable adapter tensors)
 
 
 def file_bytes(path: Path) -> int:
@@ -134,19 +134,12 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
 
 
 def _float_matmuls(model: onnx.ModelProto) -> tuple[list[str], int]:
-    """Names of the ``MatMul`` nodes whose weight is a graph input (they must stay float), and how many
-    of those inputs have a default (the swappable adapter tensors left float)."""
+    """Names of the ``MatMul`` nodes whose weight is a graph input (no quantizer may touch them), and how
+    many initializers are graph inputs (defaults of runtime inputs: a swappable export's adapter tensors)."""
     inits = {t.name for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
-    exclude, constant = [], 0
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
-            w = node.input[1]
-            if w in inputs:
-                if node.op_type == "MatMul":
-                    exclude.append(node.name)
-                constant += w in inits
-    return exclude, constant
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inputs]
+    return exclude, len(inits & inputs)
 
 
 def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx_export_cases import save_tokenizer
 
-from peftc.errors import ConfigError, ExportVerificationError
+from peftc.errors import ConfigError
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -184,13 +184,51 @@ def test_merged_kv_cache_quantized_matches_hf_peft_float(trained, merged, scheme
 
 
 @pytest.mark.slow  # ~11 s: one more export
-def test_quality_gate_fails_the_export_and_writes_nothing(trained, tmp_path):
-    from peftc.exporting import export
+def test_quality_gate_fails_the_cli_export_in_one_line_and_writes_nothing(trained, tmp_path, capsys):
+    from peftc.cli import main
 
     out = tmp_path / "art"
-    with pytest.raises(ExportVerificationError, match=r"int4 model .* mean KL .*\(max 1e-09\).*nothing was written"):
-        export(trained["plus2"], model=trained["base"], merge=True, out=out, quantize="int4", quantize_max_kl=1e-9)
+    argv = ["export", str(trained["plus2"]), "--model", str(trained["base"]), "--merge", "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--quantize", "int4", "--quantize-max-kl", "1e-9"])
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 3 and len(lines) == 1 and "Traceback" not in err, err
+    assert "int4 model (model.onnx) is too far from the float torch program" in lines[0]
+    assert "(max 1e-09); nothing was written" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.slow  # ~25 s: two graphs
+def test_seq2seq_int8_quantizes_encoder_and_decoder(tmp_path):
+    """T5: both files quantized; the encoder's hidden states get a max abs diff, the decoder's logits all figures."""
+    from conftest import tiny_t5
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5ForConditionalGeneration
+
+    from peftc.exporting import export
+
+    tiny_t5().save_pretrained(tmp_path / "base", safe_serialization=True)
+    save_tokenizer(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    peft_model = get_peft_model(T5ForConditionalGeneration.from_pretrained(tmp_path / "base"), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    # a random T5's activations are large: the gate is relaxed, the figures are what is checked
+    out = export(
+        tmp_path / "adapter", model=tmp_path / "base", out=tmp_path / "art", quantize="int8", quantize_min_top1=0.5,
+        quantize_max_kl=1.0,
+    )  # fmt: skip
+    for f in ("encoder_model.onnx", "decoder_model.onnx"):
+        assert _float_weight_ops(out / f) == [] and "MatMulInteger" in _ops(out / f)
+    q = json.loads((out / "report.json").read_text())["quantization"]
+    encoder, decoder = q["comparisons"]
+    assert encoder["candidate"] == "encoder_model.onnx" and encoder["top1_agreement"] is None
+    assert 0 < encoder["max_abs_diff"] < 1
+    assert decoder["candidate"] == "decoder_model.onnx" and decoder["rows"] > 0 and decoder["top1_agreement"] > 0.5
 
 
 @pytest.mark.slow  # ~12 s: a two-adapter export
@@ -221,7 +259,7 @@ def test_swappable_int4_base_switches_float_adapters_like_hf_peft(trained, tmp_p
         "model.onnx + plus3.onnx_adapter",
         "model.onnx",
     ]
-    assert q["top1_agreement"] >= 0.95
+    assert q["top1_agreement"] >= 0.95 and q["quantized_weights"] == 9 and q["float_weights"] == len(lifted)
     files = [out / "adapters" / f"{name}.onnx_adapter" for name in ("plus2", "plus3")]
     for f in files:
         assert {dtype for _, dtype in read_adapter(f).values()} == {"tensor(float)"}  # adapters stay float
