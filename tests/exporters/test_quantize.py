@@ -171,6 +171,9 @@ def test_merged_kv_cache_quantized_matches_hf_peft_float(trained, merged, scheme
     assert check_manifest(out) == []  # the quantized files are the ones hashed
     meta = {p.key: p.value for p in onnx.load(str(model_file), load_external_data=False).metadata_props}
     assert meta["peftc.quantize"] == scheme and meta["peftc.merged"] == "true"
+    from peftc.inspect import inspect_path, render
+
+    assert f"quantization: {scheme}" in render(inspect_path(out))
 
     # independent check: ONNX Runtime on the quantized file vs HF PEFT in float32, on other text
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
