@@ -30,7 +30,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnx
 from onnx import helper, numpy_helper
@@ -198,10 +197,11 @@ class OnnxQuantizer:
 
     @staticmethod
     def _int4(model: onnx.ModelProto, block_size: int, exclude: list[str]) -> onnx.ModelProto:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
+        with _keep_root_logger():  # the module calls logging.basicConfig(level=INFO) when imported
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
 
         config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4)
         quantizer = MatMulNBitsQuantizer(
@@ -227,6 +227,19 @@ class OnnxQuantizer:
                 extra_options={"MatMulConstBOnly": True},
             )
             return onnx.load(str(out))
+
+
+@contextlib.contextmanager
+def _keep_root_logger() -> Iterator[None]:
+    """Undo what an import does to the root logger (handlers, level): the caller's logging is not ours to set."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
 
 
 class _DropPreprocessingHint(logging.Filter):
@@ -259,13 +272,3 @@ def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     else:
         onnx.save_model(model, str(path))
-
-
-def describe(result: QuantizedFile) -> dict[str, Any]:
-    return {
-        "size_bytes": result.size_bytes,
-        "float_size_bytes": result.float_size_bytes,
-        "size_ratio": round(result.size_bytes / result.float_size_bytes, 4),
-        "quantized_weights": result.quantized_weights,
-        "float_weights": result.float_weights,
-    }
