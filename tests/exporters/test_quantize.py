@@ -341,3 +341,53 @@ def test_cli_refuses_quantize_for_torchscript_in_one_line(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert exc.value.code != 0 and len(lines) == 1 and "Traceback" not in err
     assert "--quantize is not supported for --format torchscript" in lines[0]
+
+
+# -- the Gemm rewrite, on a hand-made graph --------------------------------------------------------
+def test_gemm_to_matmul_keeps_the_arithmetic_and_leaves_input_weights_alone():
+    """Gemm(x, W, b, transB=1) → MatMul(x, Wᵀ) + b; a weight read twice is transposed once; an input weight stays."""
+    from onnx import TensorProto, helper, numpy_helper
+    from peftc.exporters.onnx_quantize import gemm_to_matmul
+
+    rng = np.random.default_rng(0)
+    w, b, v = (rng.standard_normal(s).astype(np.float32) for s in ((8, 4), (8,), (8, 8)))
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["y1"], name="g1", transB=1),
+        helper.make_node("Gemm", ["x", "w"], ["y2"], name="g2", transB=1),  # w read twice
+        helper.make_node("Gemm", ["y1", "v"], ["y3"], name="g3"),  # no transpose, no bias
+        helper.make_node("Gemm", ["x", "lora"], ["y4"], name="g4", transB=1),  # weight is a graph input
+        helper.make_node("Gemm", ["y1", "v"], ["y5"], name="g5", alpha=2.0),  # not the plain form
+    ]
+    names = ["y1", "y2", "y3", "y4", "y5"]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+         helper.make_tensor_value_info("lora", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 2 if n == "y4" else 8]) for n in names],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(v, "v"),
+         numpy_helper.from_array(np.zeros((2, 4), np.float32), "lora")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    lora = rng.standard_normal((2, 4)).astype(np.float32)
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(names, {"x": x, "lora": lora})
+
+    before = run(model)
+    assert gemm_to_matmul(model) == 3
+    onnx.checker.check_model(model)
+    ops = [(n.op_type, list(n.input)) for n in model.graph.node]
+    assert ops[:4] == [
+        ("MatMul", ["x", "w.T"]),
+        ("Add", ["y1.matmul", "b"]),
+        ("MatMul", ["x", "w.T"]),
+        ("MatMul", ["y1", "v"]),
+    ]
+    assert ops[4:] == [("Gemm", ["x", "lora"]), ("Gemm", ["y1", "v"])]
+    assert sorted(t.name for t in model.graph.initializer) == ["b", "lora", "v", "w.T"]  # w itself is gone
+    for got, want in zip(run(model), before, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
