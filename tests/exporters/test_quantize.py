@@ -391,3 +391,39 @@ def test_gemm_to_matmul_keeps_the_arithmetic_and_leaves_input_weights_alone():
     assert sorted(t.name for t in model.graph.initializer) == ["b", "lora", "v", "w.T"]  # w itself is gone
     for got, want in zip(run(model), before, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow  # ~30 s: a two-adapter KV-cache export, generation
+def test_genai_generates_with_an_int4_base_and_switched_float_adapters_as_hf_peft_does(trained, tmp_path):
+    """onnxruntime-genai on one int4 KV-cache base: each adapter's greedy tokens are HF PEFT's (float32)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from peftc.exporting import export
+
+    names = ("plus2", "plus3")
+    out = export([trained[n] for n in names], model=trained["base"], adapters_as_inputs=True, out=tmp_path / "art",
+                 quantize="int4")  # fmt: skip
+    assert "MatMulNBits" in _ops(out / "model.onnx")
+    model = og.Model(str(out))
+    adapters = og.Adapters(model)
+    for name in names:
+        adapters.load(str(out / "adapters" / f"{name}.onnx_adapter"), name)
+    prompt, new = [10, 11, 12], 6
+
+    def og_tokens(name: str) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.set_active_adapter(adapters, name)
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)]
+
+    for name in [*names, *names]:  # alternate on one model
+        reference = _hf_peft(trained, name)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            want = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=len(prompt) + new,
+                                      do_sample=False, pad_token_id=0)[0].tolist()  # fmt: skip
+        assert og_tokens(name) == want, name
+    assert og_tokens("plus2") != og_tokens("plus3")
