@@ -4,7 +4,8 @@ One module per format registers one :class:`~.registry.Exporter` (``onnx``, ``to
 ``executorch``): it writes a program to its model file, loads and runs that file, and describes its
 inputs and outputs.
 ``verify`` holds the one verification step (held-out cases, :func:`~.verify.verify_artifact`),
-``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files, ``genai``
+``onnx_quantize`` rewrites a verified ``model.onnx`` with ONNX Runtime's int4/int8 quantizers
+(``--quantize``), ``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files, ``genai``
 onnxruntime-genai's ``genai_config.json`` for KV-cache ONNX files.
 :func:`peftc.exporting.export` runs the whole stage and asks the registry for the format.
 

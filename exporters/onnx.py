@@ -36,6 +36,7 @@ from peftc.errors import CaptureError, ConfigError, ExportVerificationError
 from peftc.program import Program, is_with_past
 
 from .genai import GenaiConfig
+from .onnx_quantize import OnnxQuantizer
 from .registry import ExportRequest, WriteOptions, register_exporter
 from .swappable import OnnxAdapterFiles
 from .verify import VerifyCase
@@ -253,6 +254,7 @@ class OnnxExporter:
     cache_by_default = True  # optimum's causal-lm exports are KV-cache graphs
     adapter_files = OnnxAdapterFiles()
     runtime_config = GenaiConfig()  # onnxruntime-genai: og.Model(artifact_dir)
+    quantizer = OnnxQuantizer()  # --quantize int4|int8: ONNX Runtime's quantizers on the verified file
 
     def model_file(self, role: str | None = None) -> str:
         return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"  # optimum: encoder_model.onnx, …

@@ -34,12 +34,15 @@ def write_artifact(
     atol: float,
     dtype: str | None,
     timings: dict[str, float],
+    quantization: dict[str, Any] | None = None,
 ) -> None:
     """Everything beside the verified model file(s): config and tokenizer, adapter copies, report, manifest.
 
     Args:
         checks: the verification step's comparisons, their reports, and the merge check's reports.
         dtype: recorded in the manifest where it can be chosen (``None``: not recorded).
+        quantization: the quantize stage's figures (``report.json``'s ``quantization``; the manifest's
+            ``quantize`` holds the scheme and the headline figures).
     """
     comparisons, reports, merged = checks
     write_model_files(directory, loaded, with_past=plan.with_past)
@@ -50,7 +53,10 @@ def write_artifact(
         atol=atol,
         graphs=graphs,
         reports=reports,
-        entries=mode.report_entries(exporter.name, graphs, comparisons, reports, merged),
+        entries={
+            **mode.report_entries(exporter.name, graphs, comparisons, reports, merged),
+            **({"quantization": quantization} if quantization is not None else {}),
+        },
         timings=timings,
     )
     adapter, mode_extra = mode.manifest_entries(exporter, directory, adapters, names, comparisons, reports)
@@ -72,6 +78,7 @@ def write_artifact(
             "with_past": plan.with_past,
             **({"runtime_config": runtime} if runtime is not None else {}),
             **({"dtype": dtype} if dtype is not None else {}),
+            **({"quantize": _quantize_entry(quantization)} if quantization is not None else {}),
         },
         mode_extra=mode_extra,
     )
@@ -85,6 +92,21 @@ __all__ = [
     "write_report",
     "write_runtime_config",
 ]
+
+
+def _quantize_entry(quantization: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``quantize``: the scheme and the headline figures of ``report.json``'s ``quantization``."""
+    keys = (
+        "scheme",
+        "bits",
+        "block_size",
+        "size_bytes",
+        "float_size_bytes",
+        "top1_agreement",
+        "mean_kl",
+        "max_abs_diff",
+    )
+    return {k: quantization[k] for k in keys}
 
 
 def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> None:

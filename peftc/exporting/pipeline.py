@@ -17,6 +17,8 @@ Every export walks the same stages, each entered once and in this order:
    files: adapter files of a swappable export);
 9. **verify** — one step: every comparison the mode asks for runs the written file with the
    format's runtime against its torch reference (:func:`peftc.exporters.verify.verify_artifact`);
+   with ``quantize``, the verified float files are then quantized and measured against the same
+   references, gated on top-1 agreement and KL (:mod:`.quantize`);
 10. **artifact** — model config, tokenizer, adapter copies, ``report.json``, ``manifest.json``
     (:mod:`.artifact`).
 
@@ -41,6 +43,7 @@ from .artifact import write_artifact
 from .graphs import Graph, GraphPlan, bind, graph_plan, plan_kind
 from .modes import Mode, select_mode
 from .options import check_options, default_out, requested_with_past, source_list
+from .quantize import check_quantize, quantize_stage
 from .sources import Adapters, load_base, read_sources
 
 __all__ = ["export"]
@@ -62,6 +65,10 @@ def export(
     adapters_as_inputs: bool = False,
     with_past: bool | None = None,
     dtype: str = "float32",
+    quantize: str | None = None,
+    quantize_block_size: int | None = None,
+    quantize_min_top1: float | None = None,
+    quantize_max_kl: float | None = None,
 ) -> Path:
     """Export the adapted model of SRC to a verified artifact directory.
 
@@ -102,6 +109,15 @@ def export(
         dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
             precision; verified against the float32 torch program with the float16 ``atol``).
             float16 is for one-graph exports without ``adapters_as_inputs``.
+        quantize: ``int4`` or ``int8`` weights (ONNX only, float32 only; :mod:`peftc.exporting.quantize`):
+            the float file is verified at ``atol`` first, then quantized with ONNX Runtime's tools
+            (int4: ``MatMulNBits``, block-wise asymmetric; int8: dynamic, per-channel weights) and
+            measured against the float torch program: ``report.json``'s ``quantization`` section.
+            Merged adapters and adapters kept as ops are quantized with the base; with
+            ``adapters_as_inputs`` only the base is, the adapter tensors and files stay float.
+        quantize_block_size: int4 block length (power of two >= 16; default 32).
+        quantize_min_top1: the gate: minimum top-1 agreement with the float program (default 0.9).
+        quantize_max_kl: the gate: maximum mean KL(float ‖ quantized) in nats (default 0.05).
 
     Returns:
         The artifact directory: the model file(s) (``model.onnx`` + ``model.onnx.data``, ``model.pt``,
@@ -123,6 +139,7 @@ def export(
     # -- options: everything that can be refused before a file is read
     atol = check_options(format, opset, atol, dtype)
     exporter = get_exporter(format)
+    quant = check_quantize(quantize, exporter, dtype, quantize_block_size, quantize_min_top1, quantize_max_kl)
     srcs = source_list(src, adapters_as_inputs)
     plan_task = task or resolve_source(srcs[0], str(model) if model is not None else None, None).task
     graphs_kind = plan_kind(plan_task)
@@ -180,6 +197,9 @@ def export(
             report.raise_if_failed(
                 hint=f"nothing was written to {out}; if every figure is close to atol, a larger --atol may be justified"
             )
+        quantization = None
+        if quant is not None:  # the verified float files to quantized weights, measured against the same references
+            quantization = quantize_stage(quant, exporter, tmp, graphs, comparisons, timings)
 
         # -- artifact
         write_artifact(
@@ -196,6 +216,7 @@ def export(
             atol=atol,
             dtype=recorded_dtype,
             timings=timings,
+            quantization=quantization,
         )
     logger.info(
         "exported %s (%s, %s) to %s: %s", ", ".join(map(str, srcs)), exporter.name, mode.name, out,

@@ -233,6 +233,17 @@ def render(info: dict[str, Any]) -> str:
             f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), "
             f"verified={rep.get('verified')}"
         )
+        if rep.get("quantization"):  # --quantize: the quantized file against the float program
+            q = rep["quantization"]
+            block = f" (block {q['block_size']})" if q.get("block_size") else ""
+            figures = (
+                ""
+                if q.get("mean_kl") is None
+                else f", top-1 agreement {q['top1_agreement']}, mean KL {q['mean_kl']:.3g}"
+            )
+            lines.append(
+                f"quantization: {q['scheme']}{block}, {q['size_bytes']:,} of {q['float_size_bytes']:,} bytes{figures}"
+            )
     if info.get("last_eval"):
         first = {k: info["last_eval"][k] for k in ("step", "epoch") if k in info["last_eval"]}
         shown = {**first, **info["last_eval"]}  # where it was taken first, then the metrics
