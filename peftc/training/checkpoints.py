@@ -29,7 +29,7 @@ from peftc.adapters import AdapterState
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir
 from peftc.methods import TrainingHooks
-from peftc.training.options import TRAJECTORY_FIELDS
+from peftc.training.options import TRAJECTORY_DEFAULTS, TRAJECTORY_FIELDS
 
 __all__ = [
     "CHECKPOINTS",
@@ -180,10 +180,11 @@ def check_resume(
     where = run_dir if run_dir is not None else ckpt.parent.parent if ckpt is not None else "--out"
     options = json.loads(json.dumps(options))  # as saved: tuples become lists (target_modules=("q", "v"))
     for name in TRAJECTORY_FIELDS:
-        if saved.get(name) != options.get(name):
+        before, now = saved.get(name, TRAJECTORY_DEFAULTS.get(name)), options.get(name, TRAJECTORY_DEFAULTS.get(name))
+        if before != now:
             raise ConfigError(
-                f"--resume: {name}={options.get(name)!r} but the run in {where} was started with "
-                f"{name}={saved.get(name)!r}; resume with the same options or start a new run"
+                f"--resume: {name}={now!r} but the run in {where} was started with "
+                f"{name}={before!r}; resume with the same options or start a new run"
             )
     for name in ("epochs", "max_steps"):
         if saved.get(name) != options.get(name):
