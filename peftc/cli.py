@@ -229,6 +229,10 @@ def train(**options: Any) -> None:
             e.run_dir,
             e.step,
         ) from None
+    from peftc.reporting import process_rank
+
+    if process_rank() != 0:  # torchrun: rank 0 speaks for the run
+        return
     click.echo(f"run directory: {result.run_dir}")
     if result.metrics:
         click.echo("final eval: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))

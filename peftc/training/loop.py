@@ -626,9 +626,11 @@ def _train(
                 micro = [_to(collate(s.train_enc, idx, s.train_prog.input_names), device) for idx in shards if idx]
                 loss = _step_loss(forward, task_spec, micro, hooks.regularization, amp, dist, device)
                 dist.all_reduce_grads(params)
-                loss, stopping = dist.sum([loss, float(stop.requested)], device) if dist.enabled else (loss, 0.0)
-                stop.requested = stop.requested or stopping > 0  # every rank stops at the same step
-                meter.add(count_tokens(micro))
+                tokens = count_tokens(micro)
+                if dist.enabled:  # the step's loss and tokens over all ranks; every rank stops at the same step
+                    loss, tokens, stopping = dist.sum([loss, tokens, float(stop.requested)], device)
+                    stop.requested = stop.requested or stopping > 0
+                meter.add(int(tokens))
                 if not math.isfinite(loss):
                     raise ConfigError(
                         f"training diverged: loss is {loss} at step {step + 1}; lower --lr (now {cfg.lr})"

@@ -280,3 +280,109 @@ def test_gradient_checkpointing_run_gives_the_same_adapter(tmp_path, gpt2_dir, l
     for k in a:  # lora_dropout 0.05: the recompute replays the masks
         assert torch.allclose(a[k], b[k], atol=1e-6), (k, (a[k] - b[k]).abs().max())
     assert _losses(plain.run_dir) == pytest.approx(_losses(ckpt.run_dir), abs=1e-6)
+
+
+# -- torch.compile --------------------------------------------------------------------------------
+
+
+def _cxx():
+    import shutil
+
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cxx() is None, reason="torch.compile (Inductor) on the CPU needs a C++ compiler: none on PATH")
+def test_compile_follows_the_eager_loss_curve(tmp_path, bert_dir, cls_data):
+    # the whole set every step: one sequence shape, one compilation
+    common = dict(model=bert_dir, data=cls_data, max_steps=4, batch_size=12, lr=5e-2, warmup_ratio=0.0,
+                  lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
+    eager = train(TrainConfig(**common, out=str(tmp_path / "eager")))
+    compiled = train(TrainConfig(**common, compile=True, out=str(tmp_path / "compiled")))
+    assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), abs=1e-5)
+    a, b = _adapter(eager.run_dir), _adapter(compiled.run_dir)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def test_compile_has_no_graph_break_on_the_captured_program(bert_dir):
+    """``fullgraph=True`` tracing (dynamo only, no Inductor codegen): a graph break would raise."""
+    from peftc.passes import insertion_pipeline
+
+    from peftc.config import config_from_dict
+    from peftc.models import load_model
+    from peftc.program import capture
+    from peftc.training.checkpointing import checkpoint_blocks
+
+    prog = capture(load_model(bert_dir, "seq-cls", num_labels=2).model, "seq-cls", mode="train")
+    cfg = {"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
+    insertion_pipeline(config_from_dict(cfg, source="test"))(prog)
+    for module in (prog.graph_module, checkpoint_blocks(prog.graph_module)[0]):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(module)(*prog.example_inputs)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+# -- data parallel ---------------------------------------------------------------------------------
+
+
+def _torchrun(nproc, *args):
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return _run(*launcher, "-m", "peftc", "train", *args, env=env, timeout=600)
+
+
+def _records(run_dir):
+    measured = ("tokens_per_s", "peak_memory_mb")
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in measured} for r in records]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gpt2_dir, lm_data):
+    """torchrun, 2 CPU processes x batch 2 == 1 process x batch 4 (lora_dropout 0: dropout masks are per rank).
+
+    12 texts of different lengths: each rank pads its own slice, so padding differs from the one-process batch.
+    """
+    common = ["--model", gpt2_dir, "--data", lm_data, "--eval-data", lm_data, "--max-steps", "4", "--save-every", "2",
+              "--lr", "1e-2", "--lora-dropout", "0", "--log-every", "1", "--no-progress"]  # fmt: skip
+    one = tmp_path / "one"
+    res = train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
+                            lora_dropout=0.0, log_every=1, progress=False, batch_size=4, out=str(one)))  # fmt: skip
+    two = tmp_path / "two"
+    done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 speaks
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys()
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # rank 0 alone logs: the same records, once each; eval once per epoch (3 steps) and at the end
+    r1, r2 = _records(one), _records(two)
+    assert [(r["type"], r["step"]) for r in r2] == [(r["type"], r["step"]) for r in r1]
+    assert [r["type"] for r in r2].count("eval") == 2
+    for x, y in zip(r1, r2, strict=True):
+        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-5, abs=1e-5
+        )
+    run = json.loads((two / "run.json").read_text())
+    assert run["train_config"]["world_size"] == 2 and run["train_config"]["batch_size"] == 2
+    assert res.step == run["metrics"]["step"] == 4
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    # --resume under torchrun: from step 2 to the same adapter
+    import shutil
+
+    shutil.rmtree(two / "checkpoints" / "step-4")
+    shutil.rmtree(two / "adapter")
+    (two / "run.json").unlink()
+    done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = _adapter(two)
+    assert max((b[k] - c[k]).abs().max().item() for k in b) <= 1e-6
+    assert _records(two) == r2
+    # one process cannot continue a two-process run: the global batch would change
+    with pytest.raises(ConfigError, match="world_size=1 but the run .* was started with world_size=2"):
+        train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
+                          lora_dropout=0.0, log_every=1, progress=False, batch_size=2, out=str(two),
+                          resume=True))  # fmt: skip
