@@ -563,6 +563,8 @@ def _train(
         trainer = restore_checkpoint(ckpt, s.params, opt, sched, hooks)
         step, epoch, batch_pos = trainer["step"], trainer["epoch"], trainer["batch"]
         window, last_eval = list(trainer["window"]), dict(trainer["last_eval"])
+        if amp.scaler is not None and "grad_scaler" in trainer:
+            amp.scaler.load_state_dict(trainer["grad_scaler"])
         writer.truncate_metrics(step)
         if dist.is_main:
             _notice("resuming %s from %s (step %d of %d)", run_dir, ckpt.relative_to(run_dir), step, total_steps)
@@ -610,6 +612,8 @@ def _train(
             "train_config": options,
             "total_steps": total_steps,
         }
+        if amp.scaler is not None:  # fp16: the loss scale reached so far
+            trainer["grad_scaler"] = amp.scaler.state_dict()
         if dist.is_main:
             save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
         saved_step = step
