@@ -172,7 +172,14 @@ def _build(
     train_data = read_jsonl(data_path, task)
     eval_data = read_jsonl(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
     id2label = train_data.id2label if task in HEAD_TASKS else None
-    loaded = load_model(cfg.model, task, num_labels=len(id2label) if id2label else None, id2label=id2label)
+    dtype = base_dtype(cfg.base_dtype)
+    loaded = load_model(
+        cfg.model,
+        task,
+        num_labels=len(id2label) if id2label else None,
+        id2label=id2label,
+        dtype=None if dtype == torch.float32 else dtype,  # bf16 weights load as bf16: no float32 copy first
+    )
     if loaded.tokenizer is None:
         raise ModelLoadError(
             f"{loaded.source} has no tokenizer (tokenizer.json, vocab.txt or tokenizer_config.json); "
@@ -204,7 +211,7 @@ def _build(
     else:
         base_source = loaded.source
     config.base_model_name_or_path = base_source
-    loaded.model.to(device=device, dtype=base_dtype(cfg.base_dtype))
+    loaded.model.to(device=device, dtype=dtype)
     train_prog = capture(loaded.model, task, mode="train")
     eval_prog = capture(loaded.model, task, mode="eval")
     from peftc.passes import insertion_pipeline
