@@ -215,14 +215,14 @@ def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert_dir, cls_
 # -- gradient checkpointing -----------------------------------------------------------------------
 
 
-def _lora_program(model, task):
+def _lora_program(model, task, dropout=0.1):
     from peftc.passes import insertion_pipeline
 
     from peftc.config import config_from_dict
     from peftc.program import capture
 
     prog = capture(model, task, mode="train")
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "task_type": "CAUSAL_LM"}
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": dropout, "task_type": "CAUSAL_LM"}
     insertion_pipeline(config_from_dict(cfg, source="test"))(prog)
     torch.manual_seed(1)
     for p in prog.parameters(trainable=True):
@@ -389,3 +389,49 @@ def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gp
         train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
                           lora_dropout=0.0, log_every=1, progress=False, batch_size=2, out=str(two),
                           resume=True))  # fmt: skip
+
+
+def test_rank_shards_sum_to_the_one_process_gradient(gpt2_dir, lm_data):
+    """In-process: per-rank losses weighted by the global target count, summed, give the one-process gradient.
+
+    Global micro-batches of 5 with 2 ranks x batch 3 and grad_accum 2: uneven and empty shards included.
+    """
+    from peftc.dataset import batch_order, collate, count_targets, encode, read_jsonl
+    from peftc.models import load_model
+    from peftc.training.distributed import Distributed
+    from peftc.training.loop import _step_loss
+
+    loaded = load_model(gpt2_dir, "causal-lm")
+    prog = _lora_program(loaded.model, "causal-lm", dropout=0.0)  # the base has none: no per-rank masks
+    enc = encode(read_jsonl(lm_data, "causal-lm"), loaded.tokenizer, "causal-lm", 64, None)
+    params = prog.parameters(trainable=True)
+    names = prog.input_names
+    forward = prog.forward_batch
+
+    class _Rank(Distributed):
+        total = 0
+
+        def sum(self, values, device):
+            return [self.total]  # what the all-reduce of the target counts returns
+
+    for group in [batch_order(len(enc), 6, 0, 0)[:2], [[0, 1, 2, 3], [4]]]:
+        micro = [collate(enc, idx, names) for idx in group]
+        for p in params:
+            p.grad = None
+        one = _step_loss(forward, prog.task, micro, lambda: 0.0)
+        want = [p.grad.clone() for p in params]
+        _Rank.total = sum(count_targets(b, "causal-lm") for b in micro)
+
+        got, value = [torch.zeros_like(p) for p in params], 0.0
+        for rank in range(2):
+            dist = _Rank(rank=rank, world_size=2)
+            shards = [dist.shard(idx, 3) for idx in group]
+            for p in params:
+                p.grad = None
+            value += _step_loss(forward, prog.task, [collate(enc, s, names) for s in shards if s], lambda: 0.0,
+                                dist=dist)  # fmt: skip
+            for g, p in zip(got, params, strict=True):
+                g += p.grad if p.grad is not None else 0
+        assert value == pytest.approx(one, rel=1e-6)
+        for a, b in zip(want, got, strict=True):
+            assert torch.allclose(a, b, atol=1e-7, rtol=1e-5), (a - b).abs().max()
