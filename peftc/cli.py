@@ -108,7 +108,7 @@ def _train_options() -> list[click.Option]:
 
     from peftc.methods import cli_names
     from peftc.training import TrainConfig
-    from peftc.training.options import TRAINABLE_TASKS, method_flags
+    from peftc.training.options import BASE_DTYPES, PRECISIONS, TRAINABLE_TASKS, method_flags
 
     hints = typing.get_type_hints(TrainConfig)
     flags = {flag.name: flag for flag in method_flags()}
@@ -131,6 +131,10 @@ def _train_options() -> list[click.Option]:
             kwargs = {"metavar": "FIELD=VALUE", "multiple": True, "help": help_text}
         elif f.name == "task":
             kwargs.update(type=click.Choice(TRAINABLE_TASKS), metavar="TASK")
+        elif f.name in ("precision", "base_dtype"):
+            kwargs["type"] = click.Choice(PRECISIONS if f.name == "precision" else BASE_DTYPES)
+        elif f.name == "device":
+            kwargs.update(type=click.STRING, metavar="auto|cpu|cuda|cuda:N")
         elif f.name == "method":
             kwargs.update(type=click.Choice(names, case_sensitive=False), metavar="METHOD")
             kwargs["help"] = f"{help_text} One of: {', '.join(names)}."
@@ -231,6 +235,10 @@ def train(**options: Any) -> None:
             e.run_dir,
             e.step,
         ) from None
+    from peftc.reporting import process_rank
+
+    if process_rank() != 0:  # torchrun: rank 0 speaks for the run
+        return
     click.echo(f"run directory: {result.run_dir}")
     if result.metrics:
         click.echo("final eval: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()))

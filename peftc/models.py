@@ -155,6 +155,7 @@ def load_model(
     task: str,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a base model for ``task`` from a local directory or a preset name.
 
@@ -165,6 +166,8 @@ def load_model(
             ``semantic-segmentation`` (image tasks get :attr:`LoadedModel.image_processor`, no tokenizer).
         num_labels: classes of a head task (a new head is made when the checkpoint has none).
         id2label: class names of a head task, stored in the model config.
+        dtype: load the weights in this dtype (``torch.bfloat16``: half the memory, and no float32 copy
+            on the way); default the checkpoint's float32.
 
     Raises:
         ModelLoadError: the directory is missing, not a model, or its weights are unreadable.
@@ -176,10 +179,11 @@ def load_model(
         if task != "causal-lm":
             raise ModelLoadError(f"preset 'tiny-gpt2' is a causal LM; it cannot do task {task!r}")
         tokenizer = causal_tokenizer(preset_path("minilm"), _TINY_POSITIONS)
-        return LoadedModel(_tiny_gpt2(tokenizer), tokenizer, source="", preset=preset)
+        model = _tiny_gpt2(tokenizer)
+        return LoadedModel(model if dtype is None else model.to(dtype), tokenizer, source="", preset=preset)
     path = preset_path("minilm") if preset == "minilm" else Path(spec_str).expanduser()
     _check_model_dir(path)
-    model, missing = _from_pretrained(path, task, num_labels, id2label)
+    model, missing = _from_pretrained(path, task, num_labels, id2label, dtype)
     if get_task(task).vision:
         processor = image_processor(path, model.config, task)
         return LoadedModel(model, None, str(path.resolve()), preset, missing, image_processor=processor)
@@ -248,11 +252,15 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json"))
 
 
-def _from_pretrained(path: Path, task: str, num_labels: int | None, id2label: dict[int, str] | None):
+def _from_pretrained(
+    path: Path, task: str, num_labels: int | None, id2label: dict[int, str] | None, dtype: torch.dtype | None = None
+):
     import transformers
 
     auto = getattr(transformers, get_task(task).auto_class)
     kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     if task in HEAD_TASKS:
         if id2label:
             kwargs["id2label"] = {int(k): v for k, v in id2label.items()}

@@ -175,9 +175,13 @@ def _op_name(target: Any) -> str:
 
 
 def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
-    """Inputs for capture: batch ≥ 2 and sequence ≥ 2, or the dims specialise to constants."""
+    """Inputs for capture: batch ≥ 2 and sequence ≥ 2, or the dims specialise to constants.
+
+    They are made on the CPU (the same values everywhere) and placed on the model's device.
+    """
     gen = torch.Generator().manual_seed(0)
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+    device = next(model.parameters(), torch.empty(0)).device
     out = []
     for name in input_names:
         if name == "pixel_values":  # images: the model's channels and size (a vision graph's H and W are fixed)
@@ -191,7 +195,7 @@ def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq
             out.append(torch.arange(seq).expand(batch, seq).contiguous())
         else:
             out.append(torch.zeros(batch, seq, dtype=torch.long))
-    return tuple(out)
+    return tuple(t.to(device) for t in out)
 
 
 def image_shape(cfg: Any) -> tuple[int, int, int]:

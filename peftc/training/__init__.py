@@ -15,7 +15,14 @@ The package's modules, each with one job:
   states, the method's own state) and what ``--resume`` reads back and checks;
 * :mod:`~peftc.training.rundir`: the run directory, created lazily after the first optimizer step;
   ``metrics.jsonl``, ``run.json``, and what ``--resume`` / ``--force`` may do with a directory's contents;
-* :mod:`~peftc.training.lock`: ``--out/.peftc.lock``, one ``peftc train`` per run directory.
+* :mod:`~peftc.training.lock`: ``--out/.peftc.lock``, one ``peftc train`` per run directory;
+* :mod:`~peftc.training.distributed`: ``--device``, and data parallelism under ``torchrun`` /
+  ``accelerate launch`` (rank shards of the one-process global batch, one all-reduce of the trainable
+  gradients per step, rank 0 writes);
+* :mod:`~peftc.training.precision`: ``--precision`` / ``--base-dtype`` (autocast for the frozen base,
+  float32 adapter and optimizer state, a loss scaler for fp16);
+* :mod:`~peftc.training.checkpointing`: ``--gradient-checkpointing``, per transformer block of the captured
+  graph.
 
 SIGTERM stops a run at the next step boundary after a checkpoint (:class:`~peftc.errors.TrainingStopped`).
 """

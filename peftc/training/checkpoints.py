@@ -6,7 +6,7 @@ same adapter as an uninterrupted one::
     checkpoints/step-N/
       adapter_config.json, adapter_model.safetensors   the adapter (HF PEFT format)
       optimizer.safetensors   AdamW's moments, keyed "<parameter>::<slot>" (exp_avg, exp_avg_sq, step)
-      rng.safetensors         torch's CPU RNG state (dropout)
+      rng.safetensors         torch's CPU RNG state (dropout), and the CUDA one on a GPU run
       trainer_state.json      step, epoch, batch position in the epoch, loss window, last eval, the run's
                               options, scheduler position, optimizer groups, Python's RNG state
       ...                     the method's own state (its TrainingHooks.save_state: AdaLoRA's rank allocator)
@@ -29,7 +29,7 @@ from peftc.adapters import AdapterState
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir
 from peftc.methods import TrainingHooks
-from peftc.training.options import TRAJECTORY_FIELDS
+from peftc.training.options import TRAJECTORY_DEFAULTS, TRAJECTORY_FIELDS
 
 __all__ = [
     "CHECKPOINTS",
@@ -110,7 +110,10 @@ def save_checkpoint(
                     if torch.is_tensor(value):
                         tensors[f"{by_id[id(p)]}::{key}"] = value.detach().contiguous().clone()
         save_file(tensors, str(tmp / _OPTIMIZER_FILE), metadata={"format": "pt"})
-        save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / _RNG_FILE), metadata={"format": "pt"})
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its generator
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / _RNG_FILE), metadata={"format": "pt"})
         sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         saved = {
@@ -157,7 +160,10 @@ def restore_checkpoint(
     ]
     opt.load_state_dict({"state": state, "param_groups": groups})
     sched.load_state_dict({**trainer["scheduler"], "lr_lambdas": [None] * len(sched.lr_lambdas)})
-    torch.set_rng_state(load_file(str(ckpt / _RNG_FILE))["torch_cpu"])
+    rng = load_file(str(ckpt / _RNG_FILE))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
     random.setstate(_from_jsonable(trainer["python_random"]))
     hooks.load_state(ckpt)
     return trainer
@@ -180,10 +186,11 @@ def check_resume(
     where = run_dir if run_dir is not None else ckpt.parent.parent if ckpt is not None else "--out"
     options = json.loads(json.dumps(options))  # as saved: tuples become lists (target_modules=("q", "v"))
     for name in TRAJECTORY_FIELDS:
-        if saved.get(name) != options.get(name):
+        before, now = saved.get(name, TRAJECTORY_DEFAULTS.get(name)), options.get(name, TRAJECTORY_DEFAULTS.get(name))
+        if before != now:
             raise ConfigError(
-                f"--resume: {name}={options.get(name)!r} but the run in {where} was started with "
-                f"{name}={saved.get(name)!r}; resume with the same options or start a new run"
+                f"--resume: {name}={now!r} but the run in {where} was started with "
+                f"{name}={before!r}; resume with the same options or start a new run"
             )
     for name in ("epochs", "max_steps"):
         if saved.get(name) != options.get(name):

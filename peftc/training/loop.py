@@ -11,15 +11,24 @@ One optimizer step over ``grad_accum`` micro-batches minimises the mean loss ove
 batch); the learning rate warms up linearly over ``warmup_ratio`` of the steps, then decays linearly to
 0. The method's :class:`~peftc.methods.TrainingHooks` add a loss term, act after each step and shape
 the saved adapter (AdaLoRA: orthogonal regularisation, rank allocation, tensors cut to the kept ranks).
+
+Scale lives in modules of its own: the device and data parallelism in
+:mod:`~peftc.training.distributed` (the loop asks it for this rank's slice of each global micro-batch and
+to sum the gradients), mixed precision in :mod:`~peftc.training.precision` (the forward runs under its
+autocast, the backward on its scaled loss), gradient checkpointing in
+:mod:`~peftc.training.checkpointing`; ``--compile`` wraps whichever module the step calls in
+``torch.compile``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -51,8 +60,10 @@ from peftc.training.checkpoints import (
     restore_checkpoint,
     save_checkpoint,
 )
+from peftc.training.distributed import Distributed, setup
 from peftc.training.lock import run_lock
 from peftc.training.options import TrainConfig, infer_task, method_config, method_name, resolve_data
+from peftc.training.precision import Precision, adapter_to_float32, base_dtype, precision
 from peftc.training.rundir import (
     ADAPTER_DIR,
     BASE_MODEL_DIR,
@@ -143,12 +154,20 @@ class _Setup:
     params: list[tuple[str, torch.nn.Parameter]]
 
 
-def _text_data(cfg: TrainConfig, task: str, config: MethodConfig, data_path: str, eval_path: str | None):
+def _text_data(
+    cfg: TrainConfig, task: str, config: MethodConfig, data_path: str, eval_path: str | None, dtype: torch.dtype
+):
     """Text data read and tokenised with the base model's tokenizer (loaded here, with the head's classes)."""
     train_data = read_jsonl(data_path, task)
     eval_data = read_jsonl(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
     id2label = train_data.id2label if task in HEAD_TASKS else None
-    loaded = load_model(cfg.model, task, num_labels=len(id2label) if id2label else None, id2label=id2label)
+    loaded = load_model(
+        cfg.model,
+        task,
+        num_labels=len(id2label) if id2label else None,
+        id2label=id2label,
+        dtype=None if dtype == torch.float32 else dtype,  # bf16 weights load as bf16: no float32 copy first
+    )
     if loaded.tokenizer is None:
         raise ModelLoadError(
             f"{loaded.source} has no tokenizer (tokenizer.json, vocab.txt or tokenizer_config.json); "
@@ -175,14 +194,20 @@ def _text_data(cfg: TrainConfig, task: str, config: MethodConfig, data_path: str
     return train_enc, eval_enc, train_data, id2label, loaded
 
 
-def _image_data(cfg: TrainConfig, task: str, data_path: str, eval_path: str | None):
+def _image_data(cfg: TrainConfig, task: str, data_path: str, eval_path: str | None, dtype: torch.dtype):
     """Image data (:mod:`peftc.images`) and the base model, whose head gets the training data's classes."""
     from peftc.images import encode_images, read_images
 
     train_data = read_images(data_path, task)
     eval_data = read_images(eval_path, task, **train_data.eval_kwargs()) if eval_path else None
     id2label = train_data.id2label
-    loaded = load_model(cfg.model, task, num_labels=len(id2label or {}), id2label=id2label)
+    loaded = load_model(
+        cfg.model,
+        task,
+        num_labels=len(id2label or {}),
+        id2label=id2label,
+        dtype=None if dtype == torch.float32 else dtype,
+    )
     train_enc = encode_images(train_data, loaded.image_processor)
     eval_enc = encode_images(eval_data, loaded.image_processor) if eval_data else None
     return train_enc, eval_enc, train_data, id2label, loaded
@@ -196,12 +221,18 @@ def _build(
     eval_path: str | None,
     run_dir: Path,
     checkpoint: Path | None,
+    device: torch.device,
 ) -> _Setup:
-    """Read and encode the data, load and capture the model twice, insert (or bind) the adapter."""
+    """Read and encode the data, load and capture the model twice, insert (or bind) the adapter.
+
+    The base is loaded in ``--base-dtype`` (bf16 weights load as bf16: no float32 copy first) and moved to
+    ``device`` before capture; the adapter is made (or read) on the CPU, then moved to ``device`` as float32.
+    """
+    dtype = base_dtype(cfg.base_dtype)
     if get_task(task).vision:  # images: read with Pillow, preprocessed per batch by the model's image processor
-        train_enc, eval_enc, train_data, id2label, loaded = _image_data(cfg, task, data_path, eval_path)
+        train_enc, eval_enc, train_data, id2label, loaded = _image_data(cfg, task, data_path, eval_path, dtype)
     else:
-        train_enc, eval_enc, train_data, id2label, loaded = _text_data(cfg, task, config, data_path, eval_path)
+        train_enc, eval_enc, train_data, id2label, loaded = _text_data(cfg, task, config, data_path, eval_path, dtype)
 
     if loaded.preset == "tiny-gpt2":  # generated: saved into the run (base_model/), it exists nowhere else
         base_source = str((run_dir / BASE_MODEL_DIR).resolve())
@@ -210,6 +241,7 @@ def _build(
     else:
         base_source = loaded.source
     config.base_model_name_or_path = base_source
+    loaded.model.to(device=device, dtype=dtype)
     train_prog = capture(loaded.model, task, mode="train")
     eval_prog = capture(loaded.model, task, mode="eval")
     from peftc.passes import insertion_pipeline
@@ -223,7 +255,10 @@ def _build(
         _seed_everything(cfg.seed)  # the fresh adapter's init depends on the seed only
         insertion_pipeline(config)(train_prog)
         state = train_prog.adapter
+    train_prog.graph_module.to(device)  # the adapter's tensors (same Parameter objects, new storage)
+    adapter_to_float32(p for p in train_prog.graph_module.parameters() if p.requires_grad)
     insertion_pipeline(config, state)(eval_prog)
+    eval_prog.graph_module.to(device)
     params = [(n, p) for n, p in train_prog.graph_module.named_parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"method {config.peft_type} left nothing to train in {cfg.model}")
@@ -247,30 +282,45 @@ def _optimizer(cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -
 
 
 def _step_loss(
-    program: Program,
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     task_spec: TaskSpec,
     micro: list[dict[str, torch.Tensor]],
     regularization: Callable[[], torch.Tensor | float],
+    amp: Precision | None = None,
+    dist: Distributed | None = None,
+    device: torch.device | None = None,
 ) -> float:
     """Forward/backward a group of micro-batches; the mean loss over all their targets.
 
-    ``regularization()`` is the method's extra loss term, added to every micro-batch loss.
+    ``regularization()`` is the method's extra loss term, added to every micro-batch loss. Under data
+    parallelism ``micro`` is this rank's share of the step: each loss is weighted by its share of the
+    targets of *all* ranks, so the gradients summed over the ranks (and the value returned, summed here)
+    are those of the one-process step.
     """
+    dist = dist or Distributed()
     counts = [count_targets(b, task_spec.name) for b in micro]
-    total = sum(counts)
+    total = dist.sum([sum(counts)], device or torch.device("cpu"))[0] if dist.enabled else sum(counts)
     value = 0.0
     for batch, count in zip(micro, counts, strict=True):
         if count == 0:
             continue
-        loss = task_spec.loss(program.forward_batch(batch), batch) + regularization()
+        with amp.autocast() if amp is not None else contextlib.nullcontext():
+            loss = task_spec.loss(forward(batch), batch) + regularization()
         weight = count / total
-        (loss * weight).backward()
+        scaled = loss * weight
+        (amp.scale(scaled) if amp is not None else scaled).backward()
         value += float(loss.detach()) * weight
     return value
 
 
 @torch.no_grad()
-def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    program: Program,
+    enc: Encoded,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    amp: Precision | None = None,
+) -> dict[str, float]:
     """Loss (mean over examples / targets) plus the task's metrics (:meth:`~peftc.tasks.TaskSpec.metric`):
     accuracy (classifiers), perplexity (causal-lm), mean IoU and pixel accuracy (semantic-segmentation).
 
@@ -278,18 +328,21 @@ def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, 
         program: an eval-mode program with the adapter bound.
         enc: encoded evaluation data.
         batch_size: examples per forward.
+        device: where the program's tensors are (the batches go there); default the CPU.
+        amp: the run's precision (the forward runs under its autocast).
     """
     task = program.task
     lengths = getattr(enc, "input_ids", None)
     order = sorted(range(len(enc)), key=lambda i: len(lengths[i])) if lengths is not None else list(range(len(enc)))
     loss_sum, count, metric = 0.0, 0, task.metric()  # less padding: texts sorted by length
     for start in range(0, len(order), batch_size):
-        batch = collate(enc, order[start : start + batch_size], program.input_names)
+        batch = _to(collate(enc, order[start : start + batch_size], program.input_names), device)
         n = count_targets(batch, task.name)
         if n == 0:
             continue
-        logits = program.forward_batch(batch)
-        loss_sum += float(task.loss(logits, batch)) * n
+        with amp.autocast() if amp is not None else contextlib.nullcontext():
+            logits = program.forward_batch(batch)
+            loss_sum += float(task.loss(logits, batch)) * n
         count += n
         metric.update(logits, batch)
     if count == 0:
@@ -298,6 +351,43 @@ def evaluate(program: Program, enc: Encoded, batch_size: int = 32) -> dict[str, 
     out = {"loss": loss, **metric.result(loss)}
     out["examples"] = len(enc)
     return out
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device | None) -> dict[str, torch.Tensor]:
+    if device is None or device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _step_module(cfg: TrainConfig, program: Program) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """What a training step calls on a batch: the train program, block-checkpointed and/or compiled as asked."""
+    module: Any = program.graph_module
+    if cfg.gradient_checkpointing:
+        from peftc.training.checkpointing import checkpoint_blocks
+
+        module, blocks = checkpoint_blocks(module)
+        if not blocks:
+            _notice("--gradient-checkpointing: no transformer blocks (modules named like layers.N) in %s", cfg.model)
+    if cfg.compile:
+        module = compile_module(module, next(iter(program.graph_module.parameters())).device)
+    names = program.input_names
+    return lambda batch: module(*(batch[name] for name in names))
+
+
+def compile_module(module: torch.nn.Module, device: torch.device) -> Any:
+    """``torch.compile(module)`` with Inductor (``fullgraph=True``: a graph break is an error, not a slowdown).
+
+    Raises:
+        ConfigError: on the CPU without a C++ compiler (Inductor generates and builds C++ there).
+    """
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+        if cxx is None or shutil.which(cxx) is None:
+            raise ConfigError(
+                "--compile on the CPU needs a C++ compiler (Inductor builds C++ kernels): install g++ or clang++ "
+                "(or set CXX), or train without --compile"
+            )
+    return torch.compile(module, backend="inductor", fullgraph=True)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -449,18 +539,24 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     task = cfg.task or infer_task(cfg.model)
     data_path, eval_path = resolve_data(cfg, task)
     config = method_config(cfg, task)  # flag errors before the slow model load
+    dist, device = setup(cfg.device)
+    precision(cfg.precision, device)  # fp16 without CUDA: refused before the model loads
     options = {
         **cfg.to_dict(),
         "task": task,
         "data": data_path,
         "eval_data": eval_path,
         "method": method_name(config, cfg.method.lower() if cfg.method else None),
+        "world_size": dist.world_size,
     }
+    lock = run_lock(run_dir) if dist.is_main else contextlib.nullcontext()  # rank 0 writes, and holds the lock
     try:
-        with _StopOnSigterm() as stop, run_lock(run_dir):
-            return _train(cfg, run_dir, task, config, options, data_path, eval_path, stop, started)
+        with _StopOnSigterm() as stop, lock:
+            return _train(cfg, run_dir, task, config, options, data_path, eval_path, stop, started, dist, device)
     except _SetupStopped:
         raise TrainingStopped(_SETUP_STOPPED, run_dir=run_dir) from None
+    finally:
+        dist.close()
 
 
 def _train(
@@ -473,12 +569,20 @@ def _train(
     eval_path: str | None,
     stop: _StopOnSigterm,
     started: float,
+    dist: Distributed,
+    device: torch.device,
 ) -> TrainResult:
-    ckpt, replace = _find_checkpoint(cfg, run_dir, options)
+    ckpt, replace = _find_checkpoint(cfg, run_dir, options) if dist.is_main else (None, False)
+    if dist.enabled:  # rank 0 decided (it alone may replace --out); the others continue from the same step
+        found = dist.broadcast_int(checkpoint_step(ckpt) if ckpt is not None else -1, device)
+        ckpt = run_dir / CHECKPOINTS / f"step-{found}" if found >= 0 else None
 
-    s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt)
+    s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt, device)
+    amp = precision(cfg.precision, device)
+    forward = _step_module(cfg, s.train_prog)
     opt = _optimizer(cfg, s.params)
-    n_batches = math.ceil(len(s.train_enc) / cfg.batch_size)
+    global_batch = cfg.batch_size * dist.world_size  # one micro-batch of every rank
+    n_batches = math.ceil(len(s.train_enc) / global_batch)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     from transformers import get_linear_schedule_with_warmup
@@ -488,17 +592,22 @@ def _train(
     params = [p for _, p in s.params]
 
     step, epoch, batch_pos, window, last_eval = 0, 0, 0, [], {}
-    writer = RunWriter(run_dir, replace, resumed=ckpt is not None, loaded=s.loaded, options=options)
+    writer = _RankWriter(RunWriter(run_dir, replace, resumed=ckpt is not None, loaded=s.loaded, options=options), dist)
     if ckpt is not None:
         trainer = restore_checkpoint(ckpt, s.params, opt, sched, hooks)
         step, epoch, batch_pos = trainer["step"], trainer["epoch"], trainer["batch"]
         window, last_eval = list(trainer["window"]), dict(trainer["last_eval"])
+        if amp.scaler is not None and "grad_scaler" in trainer:
+            amp.scaler.load_state_dict(trainer["grad_scaler"])
         writer.truncate_metrics(step)
-        _notice("resuming %s from %s (step %d of %d)", run_dir, ckpt.relative_to(run_dir), step, total_steps)
+        if dist.is_main:
+            _notice("resuming %s from %s (step %d of %d)", run_dir, ckpt.relative_to(run_dir), step, total_steps)
     else:
         _seed_everything(cfg.seed)
     # trackers open lazily at the first record (after the run dir exists); rank 0 only under torchrun
-    reporters = make_reporters(cfg.report_to, run_dir, config=options, resume_step=step if ckpt is not None else None)
+    reporters = make_reporters(
+        cfg.report_to, run_dir, config=options, resume_step=step if ckpt is not None else None, rank=dist.rank
+    )
     meter = StepMeter(device=params[0].device)
 
     counts = s.train_prog.parameter_counts()
@@ -514,7 +623,14 @@ def _train(
     )
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (cfg.progress and dist.is_main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     task_spec = s.train_prog.task
     saved_step = checkpoint_step(ckpt) if ckpt is not None else None
 
@@ -530,7 +646,10 @@ def _train(
             "train_config": options,
             "total_steps": total_steps,
         }
-        save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
+        if amp.scaler is not None:  # fp16: the loss scale reached so far
+            trainer["grad_scaler"] = amp.scaler.state_dict()
+        if dist.is_main:
+            save_checkpoint(run_dir, s.state, s.params, opt, sched, trainer, hooks)
         saved_step = step
 
     stop.in_loop = True
@@ -538,23 +657,30 @@ def _train(
         raise TrainingStopped(_SETUP_STOPPED, run_dir=run_dir)
     try:
         while step < total_steps:
-            batches = batch_order(len(s.train_enc), cfg.batch_size, cfg.seed, epoch)
+            batches = batch_order(len(s.train_enc), global_batch, cfg.seed, epoch)
             while batch_pos < n_batches and step < total_steps:
                 group = batches[batch_pos : batch_pos + cfg.grad_accum]
-                micro = [collate(s.train_enc, idx, s.train_prog.input_names) for idx in group]
-                loss = _step_loss(s.train_prog, task_spec, micro, hooks.regularization)
-                meter.add(count_tokens(micro))
+                shards = [dist.shard(idx, cfg.batch_size) for idx in group]
+                micro = [_to(collate(s.train_enc, idx, s.train_prog.input_names), device) for idx in shards if idx]
+                loss = _step_loss(forward, task_spec, micro, hooks.regularization, amp, dist, device)
+                dist.all_reduce_grads(params)
+                tokens = count_tokens(micro)
+                if dist.enabled:  # the step's loss and tokens over all ranks; every rank stops at the same step
+                    loss, tokens, stopping = dist.sum([loss, tokens, float(stop.requested)], device)
+                    stop.requested = stop.requested or stopping > 0
+                meter.add(int(tokens))
                 if not math.isfinite(loss):
                     raise ConfigError(
                         f"training diverged: loss is {loss} at step {step + 1}; lower --lr (now {cfg.lr})"
                     )
+                amp.unscale_(opt)
                 if cfg.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 else:  # a group without targets leaves no gradients
                     norms = [p.grad.norm() for p in params if p.grad is not None]
                     grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
                 lr = opt.param_groups[0]["lr"]
-                opt.step()
+                amp.step(opt)
                 sched.step()
                 hooks.after_step(step + 1)  # needs this step's gradients
                 opt.zero_grad(set_to_none=True)
@@ -572,9 +698,9 @@ def _train(
                     reporters.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if s.eval_enc is not None and (batch_pos >= n_batches or step == total_steps):
+                if s.eval_enc is not None and dist.is_main and (batch_pos >= n_batches or step == total_steps):
                     with meter.paused():
-                        last_eval = evaluate(s.eval_prog, s.eval_enc, max(cfg.batch_size, 32))
+                        last_eval = evaluate(s.eval_prog, s.eval_enc, max(cfg.batch_size, 32), device, amp)
                     eval_record = {"type": "eval", "step": step, "epoch": round(ep, 4), **last_eval}
                     writer.log(eval_record)
                     reporters.log(eval_record)
@@ -609,7 +735,8 @@ def _train(
     adapter_dir = run_dir / ADAPTER_DIR
     final = dataclasses.replace(s.state, config=dataclasses.replace(s.config, inference_mode=True))
     final = hooks.finalize(final)  # e.g. AdaLoRA cuts tensors to the kept ranks, as HF PEFT saves them
-    final.save(adapter_dir, force=True)
+    if dist.is_main:
+        final.save(adapter_dir, force=True)
     seconds = time.perf_counter() - started
     resumed_from = checkpoint_step(ckpt) if ckpt is not None else None
     run = {
@@ -628,6 +755,7 @@ def _train(
     if s.id2label:
         run["id2label"] = {str(k): v for k, v in s.id2label.items()}
     writer.write_run(run)
+    dist.barrier()  # the other ranks return once the adapter is on disk
     logger.info("done: %d steps in %.0fs; final eval: %s; adapter in %s", step, seconds, _fmt(last_eval), adapter_dir)
     return TrainResult(
         run_dir=run_dir,
@@ -641,6 +769,17 @@ def _train(
         resumed_from=resumed_from,
         id2label=s.id2label,
     )
+
+
+class _RankWriter:
+    """The run writer on rank 0; on the other ranks, a writer that writes nothing."""
+
+    def __init__(self, writer: RunWriter, dist: Distributed) -> None:
+        self._writer, self._main = writer, dist.is_main
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._writer, name)
+        return method if self._main else lambda *args, **kwargs: None
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -39,6 +39,10 @@ __all__ = [
     "METHOD_FLAGS",
     "TRAINABLE_TASKS",
     "TRAIN_PRESETS",
+    "BASE_DTYPES",
+    "DEVICES",
+    "PRECISIONS",
+    "TRAJECTORY_DEFAULTS",
     "TRAJECTORY_FIELDS",
     "MethodFlag",
     "TrainConfig",
@@ -79,7 +83,20 @@ TRAJECTORY_FIELDS = (
     "max_length",
     *METHOD_FLAGS,
     "options",
+    "precision",
+    "base_dtype",
+    "world_size",
 )
+
+#: What a run saved before a trajectory field existed ran with (``--resume`` of an older run).
+TRAJECTORY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "base_dtype": "float32", "world_size": 1}
+
+#: ``--device`` values besides ``cuda:N``.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--precision`` values: the autocast dtype of the frozen base (fp32: no autocast).
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``--base-dtype`` values: the dtype the frozen base's weights are loaded in.
+BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 #: Method-config fields that ``--set`` may not touch (peftc train decides them).
 _NOT_SETTABLE = ("peft_type", "task_type", "inference_mode", "base_model_name_or_path")
@@ -165,6 +182,33 @@ class TrainConfig:
         "Show a progress bar (the eval metrics after each epoch are printed either way).", default=True
     )
     log_every: int = _help("Write the mean training loss to metrics.jsonl every N optimizer steps.", default=10)
+    device: str = _help(
+        "Where capture, data, adapter and optimizer live: auto (CUDA when available, else cpu), cpu, cuda or "
+        "cuda:N. Under torchrun/accelerate, auto and cuda mean cuda:LOCAL_RANK. The saved adapter is on the CPU "
+        "either way: a run trained on a GPU exports on a CPU-only machine.",
+        default="auto",
+    )
+    precision: str = _help(
+        "fp32, bf16 or fp16: the frozen base runs under torch.autocast in that dtype; the adapter weights and "
+        "the optimizer state stay float32 (as HF PEFT's autocast_adapter_dtype) and the saved adapter is "
+        "float32. fp16 scales the loss (torch.amp.GradScaler) and needs CUDA.",
+        default="fp32",
+    )
+    base_dtype: str = _help(
+        "float32, bfloat16 or float16: the dtype the frozen base's weights are loaded in (bfloat16: half the "
+        "memory). A half dtype needs the matching --precision (bfloat16: bf16, float16: fp16).",
+        default="float32",
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute each transformer block's activations in the backward pass instead of keeping them (less "
+        "memory, about one more forward of compute; the same gradients).",
+        default=False,
+    )
+    compile: bool = _help(
+        "Compile the captured training program with torch.compile (Inductor; needs a C++ compiler on CPU). "
+        "The first steps are slow while it compiles; each new sequence-length pattern may recompile once.",
+        default=False,
+    )
     report_to: str = _help(
         "Also send every metrics record to experiment trackers: a comma list of tensorboard, mlflow, wandb, "
         "or none (each tool's extra: pip install 'peftc[tensorboard]').",
@@ -204,6 +248,7 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.task is not None and self.task not in TRAINABLE_TASKS:
             raise ConfigError(f"task {self.task!r} cannot be trained; use {', '.join(TRAINABLE_TASKS)}")
+        self._validate_scale()
         if self.method is not None:
             from peftc.methods import method_by_name
 
@@ -212,6 +257,23 @@ class TrainConfig:
 
         for spec in parse_report_to(self.report_to):  # before any model loads: one line, at once
             check_installed(spec)
+
+    def _validate_scale(self) -> None:
+        """``--device``, ``--precision``, ``--base-dtype``: known values and combinations that can run."""
+        import re
+
+        if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", str(self.device))):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+        needs = {"bfloat16": "bf16", "float16": "fp16"}.get(self.base_dtype)
+        if needs is not None and self.precision != needs:
+            raise ConfigError(
+                f"--base-dtype {self.base_dtype} needs --precision {needs} (the float32 adapter meets the "
+                f"{self.base_dtype} base under autocast), got --precision {self.precision}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,437 @@
+"""Training at scale: ``python -m peftc``, devices, precision, gradient checkpointing, torch.compile, data parallel.
+
+Tiny models saved into tmp dirs (MiniLM's tokenizer); what needs CUDA skips with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftc
+from peftc.errors import ConfigError
+from peftc.training import TrainConfig, train
+
+
+def _run(*args, env=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def test_python_dash_m_peftc_is_the_cli(tmp_path):
+    done = _run("-m", "peftc", "--version")
+    assert done.returncode == 0 and peftc.__version__ in done.stdout, done
+    done = _run("-m", "peftc", "train", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"))
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0], done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+SENTENCES = [
+    ("what a wonderful film", "pos"),
+    ("a dull and boring story", "neg"),
+    ("the food was lovely", "pos"),
+    ("the room was dirty", "neg"),
+    ("great phone, fast and light", "pos"),
+    ("it broke after a week", "neg"),
+    ("friendly staff and tasty food", "pos"),
+    ("rude waiter, cold soup", "neg"),
+    ("i loved every minute", "pos"),
+    ("never again", "neg"),
+    ("brilliant and funny", "pos"),
+    ("a waste of money", "neg"),
+]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _adapter(run_dir):
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run_dir):
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["type"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from peftc.models import load_tokenizer, preset_path
+
+    try:
+        return load_tokenizer(preset_path("minilm"))
+    except Exception as e:  # noqa: BLE001 - the MiniLM package is optional
+        pytest.skip(f"MiniLM tokenizer unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, tokenizer):
+    """A tiny BERT classifier (dropout 0) as an HF model directory."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                     vocab_size=len(tokenizer), max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(root, safe_serialization=True)
+    tokenizer.save_pretrained(root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer), resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)  # fmt: skip
+    GPT2LMHeadModel(cfg).save_pretrained(root, safe_serialization=True)
+    tokenizer.save_pretrained(root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    return _jsonl(tmp_path_factory.mktemp("cls") / "train.jsonl", [{"text": t, "label": y} for t, y in SENTENCES])
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory):
+    return _jsonl(tmp_path_factory.mktemp("lm") / "train.jsonl", [{"text": t} for t, _ in SENTENCES])
+
+
+# -- device and precision options -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"precision": "fp8"}, "precision must be one of fp32, bf16, fp16"),
+        ({"base_dtype": "int8"}, "base_dtype must be one of"),
+        ({"base_dtype": "bfloat16"}, "--base-dtype bfloat16 needs --precision bf16"),
+        ({"base_dtype": "float16", "precision": "bf16"}, "--base-dtype float16 needs --precision fp16"),
+    ],
+)
+def test_bad_scale_options_are_refused_before_any_work(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        train(TrainConfig(model="tiny-gpt2", out=str(tmp_path / "run"), **options))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_cuda_without_cuda_is_one_clear_line(tmp_path, bert_dir, cls_data):
+    run = ["-m", "peftc", "train", "--model", bert_dir, "--data", cls_data, "--out", str(tmp_path / "run")]
+    done = _run(*run, "--device", "cuda")
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda:") and "no CUDA device" in lines[0], lines
+    for options, message in (({"device": "cuda:1"}, "--device cuda:1: .* no CUDA device"),
+                             ({"precision": "fp16"}, "--precision fp16 needs a CUDA device")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            train(TrainConfig(model=bert_dir, data=cls_data, out=str(tmp_path / "run"), **options))
+    assert not (tmp_path / "run").exists()
+
+
+def test_explicit_cpu_device_is_the_default_run(tmp_path, bert_dir, cls_data):
+    common = dict(model=bert_dir, data=cls_data, max_steps=2, batch_size=4, lr=1e-2, lora_dropout=0.0, progress=False)
+    a = train(TrainConfig(**common, out=str(tmp_path / "auto")))
+    b = train(TrainConfig(**common, device="cpu", out=str(tmp_path / "cpu")))
+    x, y = _adapter(a.run_dir), _adapter(b.run_dir)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    run = json.loads((b.run_dir / "run.json").read_text())
+    assert run["train_config"]["device"] == "cpu" and run["train_config"]["world_size"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+def test_cuda_run_saves_a_cpu_adapter_close_to_the_cpu_run(tmp_path, bert_dir, cls_data):
+    common = dict(model=bert_dir, data=cls_data, max_steps=3, batch_size=4, lr=1e-2, lora_dropout=0.0, progress=False)
+    gpu = train(TrainConfig(**common, device="cuda", out=str(tmp_path / "gpu")))
+    cpu = train(TrainConfig(**common, device="cpu", out=str(tmp_path / "cpu")))
+    x, y = _adapter(gpu.run_dir), _adapter(cpu.run_dir)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert x[k].device.type == "cpu" and x[k].dtype == torch.float32
+        assert torch.allclose(x[k], y[k], atol=1e-4), (k, (x[k] - y[k]).abs().max())
+
+
+def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert_dir, cls_data):
+    peft = pytest.importorskip("peft")
+    from peftc.passes import insertion_pipeline
+    from transformers import AutoModelForSequenceClassification
+
+    from peftc.adapters import AdapterState
+    from peftc.dataset import collate, encode, read_jsonl
+    from peftc.models import load_model
+    from peftc.program import capture
+
+    # the whole set in every step: the logged loss must fall, along the float32 run's curve
+    common = dict(model=bert_dir, data=cls_data, max_steps=12, batch_size=12, lr=1e-1, warmup_ratio=0.0,
+                  lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
+    res = train(TrainConfig(**common, out=str(tmp_path / "run"), precision="bf16", base_dtype="bfloat16"))
+    ref32 = train(TrainConfig(**common, out=str(tmp_path / "fp32")))
+    losses = _losses(res.run_dir)
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.05, losses
+    assert losses == pytest.approx(_losses(ref32.run_dir), abs=0.05)
+    assert losses != _losses(ref32.run_dir)  # bf16 did round something
+    tensors = _adapter(res.run_dir)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert max(t.abs().max().item() for k, t in tensors.items() if "lora_B" in k) > 1e-3
+    assert json.loads((res.run_dir / "run.json").read_text())["train_config"]["precision"] == "bf16"
+
+    base = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2).eval()
+    ref = peft.PeftModel.from_pretrained(base, str(res.adapter_dir)).eval()
+    loaded = load_model(bert_dir, "seq-cls", id2label=res.id2label)
+    prog = capture(loaded.model, "seq-cls", mode="eval")
+    state = AdapterState.load(res.adapter_dir)
+    insertion_pipeline(state.config, state)(prog)
+    enc = encode(read_jsonl(cls_data, "seq-cls"), loaded.tokenizer, "seq-cls")
+    batch = collate(enc, list(range(len(enc))), prog.input_names)
+    with torch.no_grad():
+        want = ref(**{k: batch[k] for k in prog.input_names}).logits
+        got = prog.forward_batch(batch)
+        assert (got - want).abs().max().item() < 1e-4  # float32, both
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast, both: bf16 rounding apart
+            want16 = ref(**{k: batch[k] for k in prog.input_names}).logits.float()
+            got16 = prog.forward_batch(batch).float()
+    assert (got16 - want16).abs().max().item() < 5e-2
+    assert (got16 - got).abs().max().item() > 0  # autocast did compute in bf16
+
+
+# -- gradient checkpointing -----------------------------------------------------------------------
+
+
+def _lora_program(model, task, dropout=0.1):
+    from peftc.passes import insertion_pipeline
+
+    from peftc.config import config_from_dict
+    from peftc.program import capture
+
+    prog = capture(model, task, mode="train")
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": dropout, "task_type": "CAUSAL_LM"}
+    insertion_pipeline(config_from_dict(cfg, source="test"))(prog)
+    torch.manual_seed(1)
+    for p in prog.parameters(trainable=True):
+        torch.nn.init.normal_(p, std=0.1)  # B away from 0: the adapter is not the identity
+    return prog
+
+
+def _grads(module, prog, params):
+    for p in params:
+        p.grad = None
+    torch.manual_seed(3)  # the dropout masks (model's and LoRA's)
+    out = module(*prog.example_inputs)
+    out.float().pow(2).mean().backward()
+    return out.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(family):
+    import importlib.util
+
+    from peftc.training.checkpointing import checkpoint_blocks
+
+    spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).parents[1] / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    model, task = (conftest.tiny_gpt2(), "causal-lm") if family == "gpt2" else (conftest.tiny_bert(), "seq-cls")
+    model.train()  # dropout 0.1 in the base too: the recompute must replay the same masks
+    prog = _lora_program(model, task)
+    params = prog.parameters(trainable=True)
+    checkpointed, blocks = checkpoint_blocks(prog.graph_module)
+    assert blocks == 2
+    calls = [n for n in checkpointed.graph.nodes if n.target is torch.utils.checkpoint.checkpoint]
+    assert len(calls) == 2
+    assert {id(p) for p in checkpointed.parameters() if p.requires_grad} == {id(p) for p in params}  # shared
+    out0, g0 = _grads(prog.graph_module, prog, params)
+    out1, g1 = _grads(checkpointed, prog, params)
+    assert torch.allclose(out0, out1, atol=1e-6, rtol=0)
+    assert max(g.abs().max().item() for g in g0) > 1e-6  # the loss reaches every adapter tensor
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-6), (a - b).abs().max()
+
+
+def test_gradient_checkpointing_leaves_a_graph_without_blocks_alone():
+    from torch import fx
+
+    from peftc.training.checkpointing import checkpoint_blocks
+
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    assert checkpoint_blocks(gm) == (gm, 0)
+
+
+def test_gradient_checkpointing_run_gives_the_same_adapter(tmp_path, gpt2_dir, lm_data):
+    common = dict(model=gpt2_dir, data=lm_data, max_steps=3, batch_size=4, lr=1e-2, progress=False, log_every=1)
+    plain = train(TrainConfig(**common, out=str(tmp_path / "plain")))
+    ckpt = train(TrainConfig(**common, gradient_checkpointing=True, out=str(tmp_path / "ckpt")))
+    a, b = _adapter(plain.run_dir), _adapter(ckpt.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:  # lora_dropout 0.05: the recompute replays the masks
+        assert torch.allclose(a[k], b[k], atol=1e-6), (k, (a[k] - b[k]).abs().max())
+    assert _losses(plain.run_dir) == pytest.approx(_losses(ckpt.run_dir), abs=1e-6)
+
+
+# -- torch.compile --------------------------------------------------------------------------------
+
+
+def _cxx():
+    import shutil
+
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cxx() is None, reason="torch.compile (Inductor) on the CPU needs a C++ compiler: none on PATH")
+def test_compile_follows_the_eager_loss_curve(tmp_path, bert_dir, cls_data):
+    # the whole set every step: one sequence shape, one compilation
+    common = dict(model=bert_dir, data=cls_data, max_steps=4, batch_size=12, lr=5e-2, warmup_ratio=0.0,
+                  lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
+    eager = train(TrainConfig(**common, out=str(tmp_path / "eager")))
+    compiled = train(TrainConfig(**common, compile=True, out=str(tmp_path / "compiled")))
+    assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), abs=1e-5)
+    a, b = _adapter(eager.run_dir), _adapter(compiled.run_dir)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def test_compile_has_no_graph_break_on_the_captured_program(bert_dir):
+    """``fullgraph=True`` tracing (dynamo only, no Inductor codegen): a graph break would raise."""
+    from peftc.passes import insertion_pipeline
+
+    from peftc.config import config_from_dict
+    from peftc.models import load_model
+    from peftc.program import capture
+    from peftc.training.checkpointing import checkpoint_blocks
+
+    prog = capture(load_model(bert_dir, "seq-cls", num_labels=2).model, "seq-cls", mode="train")
+    cfg = {"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
+    insertion_pipeline(config_from_dict(cfg, source="test"))(prog)
+    for module in (prog.graph_module, checkpoint_blocks(prog.graph_module)[0]):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(module)(*prog.example_inputs)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+# -- data parallel ---------------------------------------------------------------------------------
+
+
+def _torchrun(nproc, *args):
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return _run(*launcher, "-m", "peftc", "train", *args, env=env, timeout=600)
+
+
+def _records(run_dir):
+    measured = ("tokens_per_s", "peak_memory_mb")
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in measured} for r in records]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gpt2_dir, lm_data):
+    """torchrun, 2 CPU processes x batch 2 == 1 process x batch 4 (lora_dropout 0: dropout masks are per rank).
+
+    12 texts of different lengths: each rank pads its own slice, so padding differs from the one-process batch.
+    """
+    common = ["--model", gpt2_dir, "--data", lm_data, "--eval-data", lm_data, "--max-steps", "4", "--save-every", "2",
+              "--lr", "1e-2", "--lora-dropout", "0", "--log-every", "1", "--no-progress"]  # fmt: skip
+    one = tmp_path / "one"
+    res = train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
+                            lora_dropout=0.0, log_every=1, progress=False, batch_size=4, out=str(one)))  # fmt: skip
+    two = tmp_path / "two"
+    done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 speaks
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys()
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # rank 0 alone logs: the same records, once each; eval once per epoch (3 steps) and at the end
+    r1, r2 = _records(one), _records(two)
+    assert [(r["type"], r["step"]) for r in r2] == [(r["type"], r["step"]) for r in r1]
+    assert [r["type"] for r in r2].count("eval") == 2
+    for x, y in zip(r1, r2, strict=True):
+        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-5, abs=1e-5
+        )
+    run = json.loads((two / "run.json").read_text())
+    assert run["train_config"]["world_size"] == 2 and run["train_config"]["batch_size"] == 2
+    assert res.step == run["metrics"]["step"] == 4
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    # --resume under torchrun: from step 2 to the same adapter
+    import shutil
+
+    shutil.rmtree(two / "checkpoints" / "step-4")
+    shutil.rmtree(two / "adapter")
+    (two / "run.json").unlink()
+    done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = _adapter(two)
+    assert max((b[k] - c[k]).abs().max().item() for k in b) <= 1e-6
+    assert _records(two) == r2
+    # one process cannot continue a two-process run: the global batch would change
+    with pytest.raises(ConfigError, match="world_size=1 but the run .* was started with world_size=2"):
+        train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
+                          lora_dropout=0.0, log_every=1, progress=False, batch_size=2, out=str(two),
+                          resume=True))  # fmt: skip
+
+
+def test_rank_shards_sum_to_the_one_process_gradient(gpt2_dir, lm_data):
+    """In-process: per-rank losses weighted by the global target count, summed, give the one-process gradient.
+
+    Global micro-batches of 5 with 2 ranks x batch 3 and grad_accum 2: uneven and empty shards included.
+    """
+    from peftc.dataset import batch_order, collate, count_targets, encode, read_jsonl
+    from peftc.models import load_model
+    from peftc.training.distributed import Distributed
+    from peftc.training.loop import _step_loss
+
+    loaded = load_model(gpt2_dir, "causal-lm")
+    prog = _lora_program(loaded.model, "causal-lm", dropout=0.0)  # the base has none: no per-rank masks
+    enc = encode(read_jsonl(lm_data, "causal-lm"), loaded.tokenizer, "causal-lm", 64, None)
+    params = prog.parameters(trainable=True)
+    names = prog.input_names
+    forward = prog.forward_batch
+
+    class _Rank(Distributed):
+        total = 0
+
+        def sum(self, values, device):
+            return [self.total]  # what the all-reduce of the target counts returns
+
+    for group in [batch_order(len(enc), 6, 0, 0)[:2], [[0, 1, 2, 3], [4]]]:
+        micro = [collate(enc, idx, names) for idx in group]
+        for p in params:
+            p.grad = None
+        one = _step_loss(forward, prog.task, micro, lambda: 0.0)
+        want = [p.grad.clone() for p in params]
+        _Rank.total = sum(count_targets(b, "causal-lm") for b in micro)
+
+        got, value = [torch.zeros_like(p) for p in params], 0.0
+        for rank in range(2):
+            dist = _Rank(rank=rank, world_size=2)
+            shards = [dist.shard(idx, 3) for idx in group]
+            for p in params:
+                p.grad = None
+            value += _step_loss(forward, prog.task, [collate(enc, s, names) for s in shards if s], lambda: 0.0,
+                                dist=dist)  # fmt: skip
+            for g, p in zip(got, params, strict=True):
+                g += p.grad if p.grad is not None else 0
+        assert value == pytest.approx(one, rel=1e-6)
+        for a, b in zip(want, got, strict=True):
+            assert torch.allclose(a, b, atol=1e-7, rtol=1e-5), (a - b).abs().max()
