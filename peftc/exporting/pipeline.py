@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir, check_output_dir
@@ -87,7 +88,8 @@ def export(
         atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
             2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).
         external_data: weights in ``model.onnx.data`` (``True``), inline (``False``), or by size
-            (``None``: external above ~1.8 GB).
+            (``None``: external above 256 MiB, where an
+            inline file would cost several copies of the weights in memory).
         adapters_as_inputs: swappable export: ``src`` may be a list of sources made for the same
             base, method and target modules; one ``model.onnx`` takes the adapter tensors as inputs
             (LoRA: A and B pre-scaled by ``s``, rank-0 defaults; IA3: ones; a seq-cls head: the base
@@ -146,6 +148,7 @@ def export(
     names = mode.names(adapters)
     loaded = load_base(adapters)
     timings["load_s"] = time.perf_counter() - tick
+    _memory("base")
 
     # -- capture, bind (one set of graphs per source: a swappable export compares each adapter)
     tick = time.perf_counter()
@@ -153,15 +156,22 @@ def export(
     mode.after_bind(adapters, bound)
     timings["capture_s"] = time.perf_counter() - tick
     graphs = bound[0]
+    _memory("capture")
 
     # -- reference, then the mode passes
+    tick = time.perf_counter()
     plan.reference(graphs)
     comparisons = mode.comparisons(plan, loaded.model, adapters, names, bound)
+    timings["reference_s"] = time.perf_counter() - tick
+    _memory("reference")
+    tick = time.perf_counter()
     merged = mode.apply(graphs, atol)
     if dtype == "float16":  # the float32 reference is computed; now the half-precision program itself
         graphs = _half(plan, mode, loaded.model, adapters, graphs)
         by_role = {g.role: g for g in graphs}
         comparisons = [replace(c, graph=by_role[c.graph.role]) for c in comparisons]
+    timings["mode_s"] = time.perf_counter() - tick
+    _memory("mode passes")
 
     recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
     options = WriteOptions(opset=opset, external_data=external_data)
@@ -172,16 +182,22 @@ def export(
             metadata = _metadata(plan, mode, adapters, names, g, recorded_dtype)
             exporter.write(g.program, tmp / exporter.model_file(g.role), metadata, options)
             timings[_timing("export", g)] = time.perf_counter() - tick
+            _memory(_timing("export", g)[:-2])
         mode.write_side_files(exporter, tmp, graphs, names)
+        # every reference is computed and every file written: the runtime verifying them needs the memory
+        release_weights([loaded.model] + [g.program.graph_module for gs in (*bound, graphs) for g in gs])
+        _memory("release")
 
         # -- verify: one step for every comparison, failures raised once all are known
         reports = _verify(exporter, tmp, graphs, comparisons, atol, timings)
+        _memory("verify")
         for report in reports:
             report.raise_if_failed(
                 hint=f"nothing was written to {out}; if every figure is close to atol, a larger --atol may be justified"
             )
 
         # -- artifact
+        tick = time.perf_counter()
         write_artifact(
             tmp,
             exporter=exporter,
@@ -197,6 +213,7 @@ def export(
             dtype=recorded_dtype,
             timings=timings,
         )
+        logger.debug("artifact files written in %.1f s", time.perf_counter() - tick)
     logger.info(
         "exported %s (%s, %s) to %s: %s", ", ".join(map(str, srcs)), exporter.name, mode.name, out,
         "; ".join(r.summary() for r in reports),
@@ -241,6 +258,45 @@ def _metadata(
     if dtype is not None:
         metadata["peftc.dtype"] = dtype
     return metadata
+
+
+def release_weights(modules: Sequence[Any]) -> None:
+    """Free the weights of ``modules`` (and of the programs captured from them), keeping their structure.
+
+    Every parameter and buffer becomes an empty tensor of its dtype, so that the verification
+    step's runtime (ONNX Runtime loading the written file) does not hold its copy of the weights
+    beside torch's: the export's peak memory stays near one copy of the weights, not two. The
+    torch references are computed before this; the configs, names and example inputs stay.
+    """
+    import gc
+
+    import torch
+
+    stores = [store for module in modules for sub in module.modules() for store in (sub._parameters, sub._buffers)]
+    for store in stores:
+        for name, tensor in store.items():
+            if tensor is None or not tensor.numel():
+                continue
+            if tensor.untyped_storage().resizable():  # freed even where something else still views it
+                tensor.untyped_storage().resize_(0)
+            empty = torch.empty(0, dtype=tensor.dtype)
+            store[name] = torch.nn.Parameter(empty, False) if isinstance(tensor, torch.nn.Parameter) else empty
+    gc.collect()
+
+
+def _memory(stage: str) -> None:
+    """Log (debug) the process's resident memory now and its peak so far, after ``stage``: where an export's peak is."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak alone
+        now = 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    logger.debug("memory after %s: rss %.0f MB, peak %.0f MB", stage, now / 1e6, peak / 1e6)
 
 
 def _timing(stage: str, graph: Graph) -> str:
