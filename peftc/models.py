@@ -152,6 +152,7 @@ def load_model(
     task: str,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
+    dtype: str | None = None,
 ) -> LoadedModel:
     """Load a base model for ``task`` from a local directory or a preset name.
 
@@ -161,6 +162,8 @@ def load_model(
         task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq``.
         num_labels: classes for ``seq-cls``/``token-cls`` (a new head is made when the checkpoint has none).
         id2label: class names for ``seq-cls``/``token-cls``, stored in the model config.
+        dtype: the weights' dtype (``"float16"``…), loaded as such: a half-precision checkpoint never
+            passes through float32 (``None``: float32, transformers' default).
 
     Raises:
         ModelLoadError: the directory is missing, not a model, or its weights are unreadable.
@@ -172,10 +175,11 @@ def load_model(
         if task != "causal-lm":
             raise ModelLoadError(f"preset 'tiny-gpt2' is a causal LM; it cannot do task {task!r}")
         tokenizer = causal_tokenizer(preset_path("minilm"), _TINY_POSITIONS)
-        return LoadedModel(_tiny_gpt2(tokenizer), tokenizer, source="", preset=preset)
+        model = _tiny_gpt2(tokenizer)
+        return LoadedModel(model.to(getattr(torch, dtype)) if dtype else model, tokenizer, source="", preset=preset)
     path = preset_path("minilm") if preset == "minilm" else Path(spec_str).expanduser()
     _check_model_dir(path)
-    model, missing = _from_pretrained(path, task, num_labels, id2label)
+    model, missing = _from_pretrained(path, task, num_labels, id2label, dtype)
     tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
     return LoadedModel(model, tokenizer, source=str(path.resolve()), preset=preset, missing_keys=missing)
 
@@ -209,11 +213,15 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json"))
 
 
-def _from_pretrained(path: Path, task: str, num_labels: int | None, id2label: dict[int, str] | None):
+def _from_pretrained(
+    path: Path, task: str, num_labels: int | None, id2label: dict[int, str] | None, dtype: str | None = None
+):
     import transformers
 
     auto = getattr(transformers, get_task(task).auto_class)
     kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
     if task in HEAD_TASKS:
         if id2label:
             kwargs["id2label"] = {int(k): v for k, v in id2label.items()}

@@ -5,18 +5,20 @@ Every export walks the same stages, each entered once and in this order:
 1. **options** — format (the exporter registry), opset, dtype, tolerance; the exporter refuses what
    it cannot do, the graph plan and the mode refuse what they cannot hold — before any file is read;
 2. **source** — resolve SRC(s) (:func:`peftc.runs.resolve_source`) and load each adapter;
-3. **base** — load the base model of the first source;
+3. **base** — load the base model of the first source, in the export's dtype (a float16 export never
+   holds float32 weights);
 4. **capture** — the graph plan (:mod:`.graphs`): one graph, a KV-cache graph, or an encoder and
    a decoder graph, captured in eval mode;
 5. **bind** — insert each source's saved adapter (its part, per graph);
 6. **reference** — held-out cases and the unmerged adapted torch program's outputs on them;
 7. **mode passes** (:mod:`.modes`) — ``merge`` (checked against the reference), ``lift`` (adapter
-   tensors to graph inputs, several sources over one base) or ``keep``; for ``float16`` the graphs
-   are then rebuilt from the half-precision model;
+   tensors to graph inputs, several sources over one base) or ``keep``;
 8. **exporter** — the registry's exporter for the format writes each graph (and the mode's side
    files: adapter files of a swappable export);
 9. **verify** — one step: every comparison the mode asks for runs the written file with the
-   format's runtime against its torch reference (:func:`peftc.exporters.verify.verify_artifact`);
+   format's runtime against its torch reference (:func:`peftc.exporters.verify.verify_artifact`),
+   once the torch weights are freed (:func:`release_weights`): the runtime's copy of the weights
+   never sits beside torch's;
 10. **artifact** — model config, tokenizer, adapter copies, ``report.json``, ``manifest.json``
     (:mod:`.artifact`).
 
@@ -35,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from peftc.adapters import AdapterState
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir, check_output_dir
 
@@ -102,7 +105,8 @@ def export(
             generates with; see :mod:`peftc.exporting.kv`). ``None`` (default): on for causal-lm
             with ONNX, as in optimum.
         dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
-            precision; verified against the float32 torch program with the float16 ``atol``).
+            precision; the base is loaded in float16 and the artifact verified against the float16
+            torch program with the float16 ``atol``).
             float16 is for one-graph exports without ``adapters_as_inputs``.
 
     Returns:
@@ -146,13 +150,13 @@ def export(
     adapters = read_sources(srcs, model, task, out)  # each SRC's own task unless ``task`` overrides it
     mode.check_sources(adapters)
     names = mode.names(adapters)
-    loaded = load_base(adapters)
+    loaded = load_base(adapters, dtype)  # in the export's dtype: float16 weights never pass through float32
     timings["load_s"] = time.perf_counter() - tick
     _memory("base")
 
     # -- capture, bind (one set of graphs per source: a swappable export compares each adapter)
     tick = time.perf_counter()
-    bound = [bind(plan.capture(loaded.model, state)) for state in adapters.states]
+    bound = [bind(plan.capture(loaded.model, _in_dtype(state, dtype))) for state in adapters.states]
     mode.after_bind(adapters, bound)
     timings["capture_s"] = time.perf_counter() - tick
     graphs = bound[0]
@@ -166,10 +170,6 @@ def export(
     _memory("reference")
     tick = time.perf_counter()
     merged = mode.apply(graphs, atol)
-    if dtype == "float16":  # the float32 reference is computed; now the half-precision program itself
-        graphs = _half(plan, mode, loaded.model, adapters, graphs)
-        by_role = {g.role: g for g in graphs}
-        comparisons = [replace(c, graph=by_role[c.graph.role]) for c in comparisons]
     timings["mode_s"] = time.perf_counter() - tick
     _memory("mode passes")
 
@@ -221,23 +221,22 @@ def export(
     return out
 
 
-def _half(plan: GraphPlan, mode: Mode, model, adapters: Adapters, graphs: list[Graph]) -> list[Graph]:
-    """The same adapted (and merged) graphs in float16, captured again from ``model`` converted in place.
+def _in_dtype(state: AdapterState, dtype: str) -> AdapterState:
+    """``state`` with its float tensors in the export's ``dtype`` (a float16 graph takes float16 adapter weights).
 
-    Called once the float32 reference is computed: the float32 programs share ``model``'s tensors
-    and are not used again. Merges fold in float32 (``MergeLoraPass``) before rounding to float16.
+    Merges still fold in float32 (``MergeLowRankPass``) before rounding to the weight's dtype.
     """
     import torch
     from torch import nn
 
-    state = adapters.states[0]
-    model.half()
-    tensors = {k: nn.Parameter(t.detach().to(torch.float16), requires_grad=False) for k, t in state.tensors.items()}
-    half = bind(plan.capture(model, replace(state, tensors=tensors)))
-    mode.reapply(half)
-    for new, old in zip(half, graphs, strict=True):
-        new.cases, new.reference = old.cases, old.reference
-    return half
+    if dtype == "float32":
+        return state
+    to = getattr(torch, dtype)
+    tensors = {
+        k: nn.Parameter(t.detach().to(to), requires_grad=False) if t.is_floating_point() else t
+        for k, t in state.tensors.items()
+    }
+    return replace(state, tensors=tensors)
 
 
 def _metadata(
