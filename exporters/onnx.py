@@ -54,8 +54,10 @@ DEFAULT_OPSET = 18
 #: Initializer bytes above which weights are written to ``<model>.data``: an inline file costs about three
 #: copies of its weights in memory while it is written and checked (module docstring); protobuf's limit is 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20
-#: Offset alignment of tensors above 1 MiB in external data: ONNX Runtime maps aligned tensors instead of copying.
+#: Offset alignment of tensors above ``_ALIGN_ABOVE`` bytes in external data: ONNX Runtime maps aligned
+#: tensors instead of copying them.
 _EXTERNAL_DATA_ALIGNMENT = 65536
+_ALIGN_ABOVE = 2**20
 _MIN_OPSET = 18  # the dynamo exporter emits opset 18 ops (LayerNormalization, Split with inputs…)
 
 
@@ -110,7 +112,13 @@ def export_program_onnx(
 
     try:
         if external_data:
-            ir.save(model, path, external_data=f"{path.name}.data", alignment=_EXTERNAL_DATA_ALIGNMENT)
+            ir.save(
+                model,
+                path,
+                external_data=f"{path.name}.data",
+                alignment=_EXTERNAL_DATA_ALIGNMENT,
+                align_threshold=_ALIGN_ABOVE,
+            )
         else:
             ir.save(model, path)
     finally:
