@@ -20,8 +20,7 @@ The format's exporter (:data:`ONNX`, registered as ``--format onnx``) takes ever
 the pipeline: float16, KV-cache graphs (on by default for causal LMs, as optimum exports them),
 several graphs (``encoder_model.onnx`` + ``decoder_model.onnx``: optimum's file names) and swappable
 adapters (graph inputs backed by defaults, adapters as ``.onnx_adapter`` files: :mod:`.swappable`).
-Verification runs the file with ONNX Runtime (:func:`run_onnx`; a float16 file without graph
-optimizations, which on CPU would fold float32 copies of its weights). A causal LM's KV-cache file also
+Verification runs the file with ONNX Runtime (:func:`run_onnx`). A causal LM's KV-cache file also
 gets onnxruntime-genai's ``genai_config.json`` (:mod:`.genai`).
 """
 
@@ -252,11 +251,6 @@ def run_onnx(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if _half_precision(path):
-        # ONNX Runtime's CPU kernels are float32: its optimizer would fold a float32 copy of every
-        # half-precision weight (2x the file's weights, ~2.8x at peak), the largest allocation of a
-        # float16 export. Unoptimized, the weights stay memory-mapped and each Cast runs per op.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     run_options = ort.RunOptions()
     if adapter_path is not None:
@@ -275,12 +269,6 @@ def run_onnx(
         result = session.run(names, feeds, run_options)
         outs.append(result[0] if isinstance(output, str) else result)
     return outs
-
-
-def _half_precision(path: str | Path) -> bool:
-    """Whether a model file says it is a float16 artifact (``peftc.dtype`` metadata; weights not loaded)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(p.key == "peftc.dtype" and p.value == "float16" for p in model.metadata_props)
 
 
 def _as(array: np.ndarray, onnx_type: str) -> np.ndarray:
