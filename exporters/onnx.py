@@ -9,7 +9,12 @@ one sequence length for ``input_ids``, ``attention_mask`` and the rest.
 What is exported is exactly the program: an unmerged LoRA program keeps its branch as ops
 (``MatMul`` beside the base ``Gemm``/``MatMul``), a merged one is the base graph op for op with
 folded weights. Weights go to ``model.onnx.data`` (external data) when they exceed
-:data:`EXTERNAL_DATA_THRESHOLD` — protobuf cannot hold a file over 2 GiB — or when asked.
+:data:`EXTERNAL_DATA_THRESHOLD`, or when asked. External data is what keeps a big export's memory
+near its weights: the tensors are written to the file one by one straight from the torch weights,
+while an inline file is built as a protobuf holding every weight, then serialized (a second
+copy), then read back by the checker (a third) — and protobuf cannot hold a file over 2 GiB
+anyway. Large tensors are aligned to 64 KiB in the data file, so ONNX Runtime memory-maps them
+instead of reading them into buffers of its own.
 
 The format's exporter (:data:`ONNX`, registered as ``--format onnx``) takes every configuration of
 the pipeline: float16, KV-cache graphs (on by default for causal LMs, as optimum exports them),
@@ -47,8 +52,13 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DEFAULT_OPSET = 18
-#: Initializer bytes above which weights are written to ``<model>.data`` (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Initializer bytes above which weights are written to ``<model>.data``: an inline file costs about three
+#: copies of its weights in memory while it is written and checked (module docstring); protobuf's limit is 2 GiB.
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20
+#: Offset alignment of tensors above ``_ALIGN_ABOVE`` bytes in external data: ONNX Runtime maps aligned
+#: tensors instead of copying them.
+_EXTERNAL_DATA_ALIGNMENT = 65536
+_ALIGN_ABOVE = 2**20
 _MIN_OPSET = 18  # the dynamo exporter emits opset 18 ops (LayerNormalization, Split with inputs…)
 
 
@@ -67,7 +77,7 @@ def export_program_onnx(
         path: the ``.onnx`` file to write; its parent directory must exist.
         opset: ONNX opset (18 or later).
         external_data: ``True`` writes weights to ``<path>.data``; ``False`` keeps them inline
-            (refused above 2 GiB); ``None`` decides by size (:data:`EXTERNAL_DATA_THRESHOLD`).
+            (refused above 2 GiB); ``None`` decides by size (:data:`EXTERNAL_DATA_THRESHOLD`, 256 MiB).
         metadata: extra ``metadata_props`` stored in the model (``peftc.*`` keys by convention).
         input_defaults: graph input name -> numpy array: stored as an initializer under the input's
             name, so the input may be left out of a run's feeds (ONNX IR ≥ 4: an initializer that is
@@ -101,10 +111,19 @@ def export_program_onnx(
         raise ConfigError(f"the model's weights take {size / 2**30:.2f} GiB; ONNX needs external data above 2 GiB")
     import onnx_ir as ir
 
-    if external_data:
-        ir.save(model, path, external_data=f"{path.name}.data")
-    else:
-        ir.save(model, path)
+    try:
+        if external_data:
+            ir.save(
+                model,
+                path,
+                external_data=f"{path.name}.data",
+                alignment=_EXTERNAL_DATA_ALIGNMENT,
+                align_threshold=_ALIGN_ABOVE,
+            )
+        else:
+            ir.save(model, path)
+    finally:
+        _drop_weights(model)
     onnx.checker.check_model(str(path))  # a path, so files with external data are checked too
     logger.info("wrote %s (%.1f MB of weights%s)", path, size / 1e6, ", external data" if external_data else "")
     return onnx.load(str(path), load_external_data=False)
@@ -143,6 +162,21 @@ def _run_exporter(program: Program, opset: int):
     raise CaptureError(
         f"torch.onnx.export failed for the {program.task.name} program: {type(e).__name__}: {first}"
     ) from e
+
+
+def _drop_weights(model) -> None:
+    """Detach the written model's values from the torch weights they view.
+
+    onnxscript's rewrite rules (module globals) keep the last graph they matched; that graph keeps
+    its initializers and, in the graph inputs' reference counter, the values the exporter first
+    made of the weights (inputs, then initializers): each holds a view of a torch weight, which
+    would outlive the export and hold one more copy of the weights through the verification step.
+    """
+    for graph in model.graphs():
+        stale = getattr(graph.inputs, "_ref_counter", {})  # onnx_ir keeps removed inputs' values there
+        for value in [*graph.initializers.values(), *stale]:
+            if getattr(value, "const_value", None) is not None:
+                value.const_value = None
 
 
 def _set_input_defaults(model, defaults: dict) -> None:

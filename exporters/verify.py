@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from peftc.errors import ExportVerificationError
 from peftc.program import Program, is_with_past
@@ -233,7 +235,7 @@ def _with_past_cases(program: Program, batch: Callable[..., dict[str, torch.Tens
         return VerifyCase(name, {n: {**tokens, **past}[n] for n in program.input_names}, description)
 
     def decode(name: str, before: VerifyCase, new: int, description: str) -> VerifyCase:
-        with torch.no_grad():
+        with torch.no_grad(), _half_compute(program):
             out = program(*before.ordered(program.input_names))
         ids = before.inputs["input_ids"]
         b = ids.shape[0]
@@ -262,11 +264,50 @@ def run_torch(fn: Callable[..., Any], cases: Sequence[VerifyCase], input_names: 
     """Outputs of a torch callable (a program, or a wrapper of an HF model) on every case.
 
     One array per case, or a list of arrays per case when ``fn`` returns several outputs
-    (KV-cache graphs: logits, then the presents).
+    (KV-cache graphs: logits, then the presents). A float16 program's matrix products run in
+    float32 (:class:`HalfMatmulsInFloat32`).
     """
 
-    with torch.no_grad():
+    with torch.no_grad(), _half_compute(fn):
         return [numpy_outputs(fn(*c.ordered(input_names))) for c in cases]
+
+
+class HalfMatmulsInFloat32(TorchDispatchMode):
+    """Matrix products and attention of float16 CPU tensors computed in float32, rounded back to float16.
+
+    PyTorch's float16 GEMM on CPUs without native half arithmetic is ~10x slower than float32; the
+    products of float16 numbers are exact in float32 and accumulated there, as a half-precision
+    GEMM with float32 accumulation does, so the reference of a float16 export costs float32 time
+    and holds only one weight at a time in float32.
+    """
+
+    _OPS = frozenset(
+        getattr(torch.ops.aten, name).default
+        for name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu")
+        if hasattr(torch.ops.aten, name)
+    )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self._OPS or not any(_is_half(a) for a in args):
+            return func(*args, **kwargs)
+        up = tree_map(lambda a: a.float() if _is_half(a) else a, (args, kwargs))
+        out = func(*up[0], **up[1])
+        return tree_map(lambda o: o.half() if isinstance(o, torch.Tensor) and o.dtype == torch.float32 else o, out)
+
+
+def _is_half(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float16 and x.device.type == "cpu"
+
+
+def _half_compute(fn: Any) -> Any:
+    """:class:`HalfMatmulsInFloat32` for a float16 program, nothing for any other callable."""
+    import contextlib
+
+    module = getattr(fn, "graph_module", fn)
+    params = module.parameters() if isinstance(module, torch.nn.Module) else iter(())
+    first = next(params, None)
+    return HalfMatmulsInFloat32() if first is not None and first.dtype == torch.float16 else contextlib.nullcontext()
 
 
 def numpy_outputs(out: Any) -> Any:

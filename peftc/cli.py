@@ -367,7 +367,7 @@ class _FormatOption(click.Option):
     default="float32",
     show_default=True,
     type=click.Choice(["float32", "float16"]),
-    help="Weights and activations of the artifact; float16 is verified against the float32 torch program.",
+    help="Weights and activations of the artifact; float16 loads the base in float16, verified in float16.",
 )
 @click.option(
     "--with-past/--no-past",

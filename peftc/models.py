@@ -155,7 +155,7 @@ def load_model(
     task: str,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
     """Load a base model for ``task`` from a local directory or a preset name.
 
@@ -167,13 +167,14 @@ def load_model(
         num_labels: classes of a head task (a new head is made when the checkpoint has none).
         id2label: class names of a head task, stored in the model config.
         dtype: load the weights in this dtype (``torch.bfloat16``: half the memory, and no float32 copy
-            on the way); default the checkpoint's float32.
+            on the way; a name such as ``"float16"`` works too); default float32, transformers' default.
 
     Raises:
         ModelLoadError: the directory is missing, not a model, or its weights are unreadable.
     """
     spec_str = str(spec)
     get_task(task)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     preset = spec_str if spec_str in PRESETS else None
     if preset == "tiny-gpt2":
         if task != "causal-lm":
@@ -253,7 +254,11 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def _from_pretrained(
-    path: Path, task: str, num_labels: int | None, id2label: dict[int, str] | None, dtype: torch.dtype | None = None
+    path: Path,
+    task: str,
+    num_labels: int | None,
+    id2label: dict[int, str] | None,
+    dtype: torch.dtype | None = None,
 ):
     import transformers
 

@@ -109,7 +109,7 @@ class Mode(Protocol):
         ...
 
     def reapply(self, graphs: list[Graph]) -> None:
-        """The mode passes again, unchecked, on graphs rebuilt in float16."""
+        """The mode passes, unchecked (``apply`` runs them, then checks the result)."""
         ...
 
     def metadata(self, names: list[str]) -> dict[str, str]:

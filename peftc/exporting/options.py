@@ -11,9 +11,10 @@ from peftc.errors import ConfigError
 __all__ = ["DTYPES", "check_options", "default_out", "requested_with_past", "source_list"]
 
 #: Weight/activation dtypes an artifact can have, and the default verification tolerance of each.
-#: fp16 is compared with the fp32 torch program: its 11-bit mantissa rounds every weight and
-#: activation by up to 2^-11 relative, so logits move by ~1e-3 on small models and more on deep
-#: ones (measured in the README); 2e-2 still catches a wrong mask or a lost adapter (≥ 1e-1).
+#: fp16 is compared with the fp16 torch program (the base is loaded in fp16): an 11-bit mantissa rounds
+#: every weight and activation by up to 2^-11 relative, and the two runtimes round differently, so
+#: logits differ by ~1e-3 on small models and more on deep ones (measured in the README); 2e-2
+#: still catches a wrong mask or a lost adapter (≥ 1e-1).
 DTYPES = {"float32": 1e-4, "float16": 2e-2}
 
 

@@ -5,20 +5,21 @@ Every export walks the same stages, each entered once and in this order:
 1. **options** — format (the exporter registry), opset, dtype, tolerance; the exporter refuses what
    it cannot do, the graph plan and the mode refuse what they cannot hold — before any file is read;
 2. **source** — resolve SRC(s) (:func:`peftc.runs.resolve_source`) and load each adapter;
-3. **base** — load the base model of the first source;
+3. **base** — load the base model of the first source, in the export's dtype (a float16 export never
+   holds float32 weights);
 4. **capture** — the graph plan (:mod:`.graphs`): one graph, a KV-cache graph, or an encoder and
    a decoder graph, captured in eval mode;
 5. **bind** — insert each source's saved adapter (its part, per graph);
 6. **reference** — held-out cases and the unmerged adapted torch program's outputs on them;
 7. **mode passes** (:mod:`.modes`) — ``merge`` (checked against the reference), ``lift`` (adapter
-   tensors to graph inputs, several sources over one base) or ``keep``; for ``float16`` the graphs
-   are then rebuilt from the half-precision model;
+   tensors to graph inputs, several sources over one base) or ``keep``;
 8. **exporter** — the registry's exporter for the format writes each graph (and the mode's side
    files: adapter files of a swappable export);
 9. **verify** — one step: every comparison the mode asks for runs the written file with the
-   format's runtime against its torch reference (:func:`peftc.exporters.verify.verify_artifact`);
-   with ``quantize``, the verified float files are then quantized and measured against the same
-   references, gated on top-1 agreement and KL (:mod:`.quantize`);
+   format's runtime against its torch reference (:func:`peftc.exporters.verify.verify_artifact`),
+   once the torch weights are freed (:func:`release_weights`): the runtime's copy of the weights
+   never sits beside torch's; with ``quantize``, the verified float files are then quantized and
+   measured against the same references, gated on top-1 agreement and KL (:mod:`.quantize`);
 10. **artifact** — model config, tokenizer, adapter copies, ``report.json``, ``manifest.json``
     (:mod:`.artifact`).
 
@@ -35,7 +36,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from peftc.adapters import AdapterState
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir, check_output_dir
 
@@ -94,7 +97,8 @@ def export(
         atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
             2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).
         external_data: weights in ``model.onnx.data`` (``True``), inline (``False``), or by size
-            (``None``: external above ~1.8 GB).
+            (``None``: external above 256 MiB, where an
+            inline file would cost several copies of the weights in memory).
         adapters_as_inputs: swappable export: ``src`` may be a list of sources made for the same
             base, method and target modules; one ``model.onnx`` takes the adapter tensors as inputs
             (LoRA: A and B pre-scaled by ``s``, rank-0 defaults; IA3: ones; a seq-cls head: the base
@@ -107,7 +111,8 @@ def export(
             generates with; see :mod:`peftc.exporting.kv`). ``None`` (default): on for causal-lm
             with ONNX, as in optimum.
         dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
-            precision; verified against the float32 torch program with the float16 ``atol``).
+            precision; the base is loaded in float16 and the artifact verified against the float16
+            torch program with the float16 ``atol``).
             float16 is for one-graph exports without ``adapters_as_inputs``.
         quantize: ``int4`` or ``int8`` weights (ONNX only, float32 only; :mod:`peftc.exporting.quantize`):
             the float file is verified at ``atol`` first, then quantized with ONNX Runtime's tools
@@ -161,24 +166,28 @@ def export(
     adapters = read_sources(srcs, model, task, out)  # each SRC's own task unless ``task`` overrides it
     mode.check_sources(adapters)
     names = mode.names(adapters)
-    loaded = load_base(adapters)
+    loaded = load_base(adapters, dtype)  # in the export's dtype: float16 weights never pass through float32
     timings["load_s"] = time.perf_counter() - tick
+    _memory("base")
 
     # -- capture, bind (one set of graphs per source: a swappable export compares each adapter)
     tick = time.perf_counter()
-    bound = [bind(plan.capture(loaded.model, state)) for state in adapters.states]
+    bound = [bind(plan.capture(loaded.model, _in_dtype(state, dtype))) for state in adapters.states]
     mode.after_bind(adapters, bound)
     timings["capture_s"] = time.perf_counter() - tick
     graphs = bound[0]
+    _memory("capture")
 
     # -- reference, then the mode passes
+    tick = time.perf_counter()
     plan.reference(graphs)
     comparisons = mode.comparisons(plan, loaded.model, adapters, names, bound)
+    timings["reference_s"] = time.perf_counter() - tick
+    _memory("reference")
+    tick = time.perf_counter()
     merged = mode.apply(graphs, atol)
-    if dtype == "float16":  # the float32 reference is computed; now the half-precision program itself
-        graphs = _half(plan, mode, loaded.model, adapters, graphs)
-        by_role = {g.role: g for g in graphs}
-        comparisons = [replace(c, graph=by_role[c.graph.role]) for c in comparisons]
+    timings["mode_s"] = time.perf_counter() - tick
+    _memory("mode passes")
 
     recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
     options = WriteOptions(opset=opset, external_data=external_data)
@@ -189,10 +198,15 @@ def export(
             metadata = _metadata(plan, mode, adapters, names, g, recorded_dtype)
             exporter.write(g.program, tmp / exporter.model_file(g.role), metadata, options)
             timings[_timing("export", g)] = time.perf_counter() - tick
+            _memory(_timing("export", g)[:-2])
         mode.write_side_files(exporter, tmp, graphs, names)
+        # every reference is computed and every file written: the runtime verifying them needs the memory
+        release_weights([loaded.model] + [g.program.graph_module for gs in (*bound, graphs) for g in gs])
+        _memory("release")
 
         # -- verify: one step for every comparison, failures raised once all are known
         reports = _verify(exporter, tmp, graphs, comparisons, atol, timings)
+        _memory("verify")
         for report in reports:
             report.raise_if_failed(
                 hint=f"nothing was written to {out}; if every figure is close to atol, a larger --atol may be justified"
@@ -202,6 +216,7 @@ def export(
             quantization = quantize_stage(quant, exporter, tmp, graphs, comparisons, timings)
 
         # -- artifact
+        tick = time.perf_counter()
         write_artifact(
             tmp,
             exporter=exporter,
@@ -218,6 +233,7 @@ def export(
             timings=timings,
             quantization=quantization,
         )
+        logger.debug("artifact files written in %.1f s", time.perf_counter() - tick)
     logger.info(
         "exported %s (%s, %s) to %s: %s", ", ".join(map(str, srcs)), exporter.name, mode.name, out,
         "; ".join(r.summary() for r in reports),
@@ -225,23 +241,22 @@ def export(
     return out
 
 
-def _half(plan: GraphPlan, mode: Mode, model, adapters: Adapters, graphs: list[Graph]) -> list[Graph]:
-    """The same adapted (and merged) graphs in float16, captured again from ``model`` converted in place.
+def _in_dtype(state: AdapterState, dtype: str) -> AdapterState:
+    """``state`` with its float tensors in the export's ``dtype`` (a float16 graph takes float16 adapter weights).
 
-    Called once the float32 reference is computed: the float32 programs share ``model``'s tensors
-    and are not used again. Merges fold in float32 (``MergeLoraPass``) before rounding to float16.
+    Merges still fold in float32 (``MergeLowRankPass``) before rounding to the weight's dtype.
     """
     import torch
     from torch import nn
 
-    state = adapters.states[0]
-    model.half()
-    tensors = {k: nn.Parameter(t.detach().to(torch.float16), requires_grad=False) for k, t in state.tensors.items()}
-    half = bind(plan.capture(model, replace(state, tensors=tensors)))
-    mode.reapply(half)
-    for new, old in zip(half, graphs, strict=True):
-        new.cases, new.reference = old.cases, old.reference
-    return half
+    if dtype == "float32":
+        return state
+    to = getattr(torch, dtype)
+    tensors = {
+        k: nn.Parameter(t.detach().to(to), requires_grad=False) if t.is_floating_point() else t
+        for k, t in state.tensors.items()
+    }
+    return replace(state, tensors=tensors)
 
 
 def _metadata(
@@ -262,6 +277,45 @@ def _metadata(
     if dtype is not None:
         metadata["peftc.dtype"] = dtype
     return metadata
+
+
+def release_weights(modules: Sequence[Any]) -> None:
+    """Free the weights of ``modules`` (and of the programs captured from them), keeping their structure.
+
+    Every parameter and buffer becomes an empty tensor of its dtype, so that the verification
+    step's runtime (ONNX Runtime loading the written file) does not hold its copy of the weights
+    beside torch's: the export's peak memory stays near one copy of the weights, not two. The
+    torch references are computed before this; the configs, names and example inputs stay.
+    """
+    import gc
+
+    import torch
+
+    stores = [store for module in modules for sub in module.modules() for store in (sub._parameters, sub._buffers)]
+    for store in stores:
+        for name, tensor in store.items():
+            if tensor is None or not tensor.numel():
+                continue
+            if tensor.untyped_storage().resizable():  # freed even where something else still views it
+                tensor.untyped_storage().resize_(0)
+            empty = torch.empty(0, dtype=tensor.dtype)
+            store[name] = torch.nn.Parameter(empty, False) if isinstance(tensor, torch.nn.Parameter) else empty
+    gc.collect()
+
+
+def _memory(stage: str) -> None:
+    """Log (debug) the process's resident memory now and its peak so far, after ``stage``: where an export's peak is."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak alone
+        now = 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    logger.debug("memory after %s: rss %.0f MB, peak %.0f MB", stage, now / 1e6, peak / 1e6)
 
 
 def _timing(stage: str, graph: Graph) -> str:

@@ -64,13 +64,17 @@ def read_sources(srcs: Sequence[str | Path], model: str | Path | None, task: str
     return Adapters(list(srcs), sources, states)
 
 
-def load_base(adapters: Adapters) -> Any:
-    """The base model (and tokenizer) of the first source, with the classifier head its adapter saved."""
+def load_base(adapters: Adapters, dtype: str | None = None) -> Any:
+    """The base model (and tokenizer) of the first source, with the classifier head its adapter saved.
+
+    ``dtype``: the export's dtype, in which the weights are loaded (a float16 export of a 7B model
+    never holds its 28 GB of float32 weights); ``None``: float32.
+    """
     from peftc.models import load_model
 
     first = adapters.first
     num_labels = head_classes(adapters.states[0]) if first.task in HEAD_TASKS and not first.id2label else None
-    return load_model(first.base, first.task, num_labels=num_labels, id2label=first.id2label)
+    return load_model(first.base, first.task, num_labels=num_labels, id2label=first.id2label, dtype=dtype)
 
 
 def refuse_out_over_inputs(out: Path, inputs: list[Path]) -> None:

@@ -1,4 +1,4 @@
-"""``--dtype float16``: half-precision artifacts, verified against the float32 reference.
+"""``--dtype float16``: half-precision artifacts, loaded and verified in float16, checked against HF PEFT in float32.
 
 The independent check here is HF PEFT in float32 on the same adapter: ONNX Runtime's float16
 logits stay within the documented float16 tolerance (``peftc.exporting.DTYPES``) of it, and the

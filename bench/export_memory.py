@@ -1,0 +1,223 @@
+"""Peak memory and wall time of a merged KV-cache ONNX export, per model size, peftc vs optimum.
+
+Each size is a GPT-2 or LLaMA shape built here from its config (random init, seed 0; nothing is
+downloaded) and saved with ``save_pretrained`` (safetensors) in ``--dtype``, with an HF PEFT LoRA
+adapter (r=8 on the attention projections, lora_B random and non-zero) saved beside it. Then, each
+in its own subprocess, so that one's peak is not the other's:
+
+- **peftc**: ``peftc export ADAPTER --model BASE --merge --dtype D`` (ONNX, KV-cache graph, verified
+  with ONNX Runtime against the unmerged torch program);
+- **optimum**: HF PEFT ``merge_and_unload`` of the same adapter, ``save_pretrained``, then
+  ``optimum.exporters.onnx.main_export(task="text-generation-with-past")`` on the merged model
+  (what ``optimum-cli export onnx`` runs), with optimum's own validation — timed from loading the
+  base, the merge included.
+
+Peak RSS is the child's ``ru_maxrss`` (``os.wait4``), wall time the child's. "weights" is the
+artifact's model files (``model.onnx`` + ``model.onnx.data``): what a deployment loads. The table
+gives peak RSS, its ratio to the weights, the excess over 2× the weights (the fixed overhead), the
+time, and the per-layer time (the slope between sizes of the same width that differ only in depth).
+The last line is ``export_peak_rss_ratio_to_weights=<x>`` for the largest size (peftc).
+
+    python bench/export_memory.py                              # gpt2-124m-l2, gpt2-124m, llama-270m
+    python bench/export_memory.py --sizes gpt2-355m llama-1b --no-optimum
+    python bench/export_memory.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Size:
+    family: str  # gpt2 | llama
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int = 0  # llama: grouped-query heads
+    intermediate: int = 0  # llama MLP width
+    vocab: int = 50257
+
+    def config(self, dtype: str):
+        import torch
+
+        torch_dtype = getattr(torch, dtype)
+        if self.family == "gpt2":
+            from transformers import GPT2Config
+
+            return GPT2Config(
+                n_layer=self.layers, n_embd=self.hidden, n_head=self.heads, vocab_size=self.vocab,
+                n_positions=1024, torch_dtype=torch_dtype,
+            )  # fmt: skip
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            num_hidden_layers=self.layers, hidden_size=self.hidden, num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads or self.heads, intermediate_size=self.intermediate,
+            vocab_size=self.vocab, max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype=torch_dtype,
+        )  # fmt: skip
+
+    @property
+    def targets(self) -> list[str]:
+        return ["c_attn"] if self.family == "gpt2" else ["q_proj", "v_proj"]
+
+
+SIZES = {
+    "gpt2-124m-l2": Size("gpt2", 2, 768, 12),  # GPT-2 small's width, 2 blocks: the per-layer slope's base
+    "gpt2-124m": Size("gpt2", 12, 768, 12),
+    "gpt2-355m": Size("gpt2", 24, 1024, 16),
+    "gpt2-774m": Size("gpt2", 36, 1280, 20),
+    "llama-270m-l2": Size("llama", 2, 1024, 16, 4, 2816, 32000),
+    "llama-270m": Size("llama", 16, 1024, 16, 4, 2816, 32000),
+    "llama-1b": Size("llama", 22, 2048, 32, 4, 5632, 32000),  # TinyLlama-1.1B's shape
+}
+DEFAULT_SIZES = ["gpt2-124m-l2", "gpt2-124m", "llama-270m"]
+
+
+def build(name: str, size: Size, dtype: str, root: Path) -> tuple[Path, Path]:
+    """Base model and HF PEFT LoRA adapter directories for ``size`` (reused when already built)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = root / f"{name}-{dtype}" / "base", root / f"{name}-{dtype}" / "adapter"
+    if (adapter / "adapter_model.safetensors").is_file():
+        return base, adapter
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(size.config(dtype), torch_dtype=getattr(torch, dtype))
+    model.save_pretrained(base, safe_serialization=True)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=size.targets, task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, param in peft_model.named_parameters():
+            if "lora_B" in key:  # non-identity: the merge must change the weights
+                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
+    peft_model.save_pretrained(adapter, safe_serialization=True)
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**json.loads((adapter / "adapter_config.json").read_text()), "base_model_name_or_path": str(base)})
+    )
+    return base, adapter
+
+
+_OPTIMUM = """
+import sys, torch, peft
+from transformers import AutoModelForCausalLM
+from optimum.exporters.onnx import main_export
+base, adapter, merged, out, dtype = sys.argv[1:6]
+model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=getattr(torch, dtype))
+model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(merged, safe_serialization=True)
+del model
+main_export(merged, out, task="text-generation-with-past", device="cpu",
+            dtype="fp16" if dtype == "float16" else None, do_validation=True)
+"""
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """``(wall seconds, peak RSS bytes, exit code)`` of ``cmd`` run to completion, output to ``log``."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss * 1024, proc.returncode
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of the ONNX model files (graph + external data) in an artifact directory."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=sorted(SIZES), metavar="SIZE")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--no-optimum", action="store_true", help="measure peftc only")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep models and artifacts here (reused)")
+    parser.add_argument("--list", action="store_true", help="list the sizes and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, s in SIZES.items():
+            print(f"{name:14s} {s}")
+        return
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="peftc-export-memory-"))
+    root.mkdir(parents=True, exist_ok=True)
+    peftc = [str(Path(sys.executable).with_name("peftc"))]
+    rows = []
+    try:
+        for name in args.sizes:
+            size = SIZES[name]
+            base, adapter = build(name, size, args.dtype, root)
+            work = root / f"{name}-{args.dtype}"
+            tools = [("peftc", None)] + ([] if args.no_optimum else [("optimum", None)])
+            for tool, _ in tools:
+                out = work / f"export-{tool}"
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(work / "merged", ignore_errors=True)
+                if tool == "peftc":
+                    cmd = [*peftc, "--debug", "export", str(adapter), "--model", str(base), "--merge", "--force"]
+                    cmd += ["--dtype", args.dtype, "--out", str(out)]
+                else:
+                    cmd = [sys.executable, "-c", _OPTIMUM, str(base), str(adapter), str(work / "merged"), str(out)]
+                    cmd += [args.dtype]
+                wall, peak, rc = run(cmd, work / f"{tool}.log")
+                if rc != 0:
+                    print(f"{name} {tool}: exit code {rc}; see {work / f'{tool}.log'}", file=sys.stderr)
+                    continue
+                weights = weight_bytes(out)
+                stages = {}
+                if tool == "peftc":
+                    stages = json.loads((out / "report.json").read_text()).get("timings", {})
+                rows.append(dict(size=name, tool=tool, layers=size.layers, hidden=size.hidden, weights=weights,
+                                 peak=peak, wall=wall, stages=stages))  # fmt: skip
+                print(
+                    f"{name} {tool}: {wall:.1f} s, peak {peak / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB"
+                    + (f", stages {json.dumps({k: round(v, 1) for k, v in stages.items()})}" if stages else ""),
+                    flush=True,
+                )
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print(f"{'size':14s} {'tool':8s} {'layers':>6s} {'weights GB':>10s} {'peak GB':>8s} {'ratio':>6s} "
+          f"{'over 2x GB':>10s} {'time s':>7s} {'s/layer':>8s}")  # fmt: skip
+    for r in rows:
+        same_width = [q for q in rows if q["tool"] == r["tool"] and q["hidden"] == r["hidden"]
+                      and q["size"].split("-")[0] == r["size"].split("-")[0] and q["layers"] < r["layers"]]  # fmt: skip
+        slope = ""
+        if same_width:
+            q = max(same_width, key=lambda q: q["layers"])
+            slope = f"{(r['wall'] - q['wall']) / (r['layers'] - q['layers']):.2f}"
+        print(
+            f"{r['size']:14s} {r['tool']:8s} {r['layers']:6d} {r['weights'] / 1e9:10.3f} {r['peak'] / 1e9:8.2f} "
+            f"{r['peak'] / r['weights']:6.2f} {(r['peak'] - 2 * r['weights']) / 1e9:10.2f} {r['wall']:7.1f} {slope:>8s}"
+        )
+    for size in dict.fromkeys(r["size"] for r in rows):
+        pair = {r["tool"]: r for r in rows if r["size"] == size}
+        if len(pair) == 2:
+            print(f"{size}: peftc/optimum time {pair['peftc']['wall'] / pair['optimum']['wall']:.2f}x, "
+                  f"peak {pair['peftc']['peak'] / pair['optimum']['peak']:.2f}x")  # fmt: skip
+    peftc_rows = [r for r in rows if r["tool"] == "peftc"]
+    if peftc_rows:
+        largest = max(peftc_rows, key=lambda r: r["weights"])
+        print(f"export_peak_rss_ratio_to_weights={largest['peak'] / largest['weights']:.2f}")
+    else:
+        sys.exit("no peftc export succeeded")
+
+
+if __name__ == "__main__":
+    main()
