@@ -248,6 +248,9 @@ class PrefixPass(PromptPass):
     def _width(self, cfg: PromptLearningConfig) -> int:
         return int(cfg.num_layers) * 2 * int(cfg.token_dim)
 
+    def _rows(self, cfg: PromptLearningConfig) -> int:
+        return int(cfg.num_virtual_tokens)  # one prefix, whatever the submodules (HF PEFT's PrefixEncoder)
+
     def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule, task: TaskSpec) -> TaskModule:
         return PrefixTaskModule(model, input_names, module, self.config, per_token=task.per_token)
 

@@ -37,7 +37,7 @@ N_VT = 5
         {"prefix_projection": "yes"},
         {"init_weights": "ones"},
         {"token_dim": 30, "num_attention_heads": 4},
-        {"num_transformer_submodules": 2},
+        {"num_transformer_submodules": 3},
     ],
 )
 def test_bad_configs_raise_config_error(kwargs):
