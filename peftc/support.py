@@ -666,11 +666,20 @@ def _run_checks(cell: Cell, tmp: Path, checks: dict[str, str]) -> tuple[str, str
             base = _hf_logits(model, batch)
             if ours.shape == base.shape and float((ours - base).abs().max()) < 1e-3:
                 raise _CheckFailed("the adapter does not change the logits")
-            diff = _max_diff(program.task, batch, ours, _hf_logits(hf, batch))
+            try:
+                theirs = _hf_logits(hf, batch)
+            except Exception as e:  # HF PEFT builds and saves the cell but cannot run it: nothing to compare with
+                noref = f"no HF PEFT reference (its forward fails: {first_line(e)})"
+                break
+            diff = _max_diff(program.task, batch, ours, theirs)
             if diff > ATOL:
                 raise _CheckFailed(f"{padding}-padded batch differs from HF PEFT by {diff:.3g}")
             diffs.append(diff)
-        checks["load"] = f"max |Δ| vs HF PEFT {max(diffs):.2g} (right- and left-padded)"
+        if noref:
+            checks["load"] = "peftc binds HF PEFT's files and the adapter changes the logits"
+            hf = None
+        else:
+            checks["load"] = f"max |Δ| vs HF PEFT {max(diffs):.2g} (right- and left-padded)"
     else:
         data = json.loads(json.dumps(hf_config(cell).to_dict(), default=lambda v: sorted(v)))
         config = config_from_dict(data)
@@ -707,7 +716,7 @@ def _run_checks(cell: Cell, tmp: Path, checks: dict[str, str]) -> tuple[str, str
         state.save(saved)
         if hf is None:
             AdapterState.load(saved)
-            return "saved and read back (no HF PEFT to load it)"
+            return "saved and read back (no HF PEFT reference to load it into)"
         reloaded = _hf_load(model, saved)
         batch = _batch(program.input_names, model.config, "left")
         with torch.no_grad():
