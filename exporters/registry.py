@@ -135,7 +135,11 @@ class Exporter(Protocol):
         ...
 
     def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
-        """Write ``program`` (eval mode) to ``path``; ``metadata`` (``peftc.*`` strings) goes into the file."""
+        """Write ``program`` (eval mode) to ``path``; ``metadata`` (``peftc.*`` strings) goes into the file.
+
+        The file must not depend on ``program`` once written: the pipeline frees the torch weights after
+        the write step (:func:`peftc.exporting.pipeline.release_weights`), before :meth:`run` verifies it.
+        """
         ...
 
     def run(

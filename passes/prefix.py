@@ -19,9 +19,11 @@ Exactly as HF PEFT 0.21 (``PeftModel.get_prompt``, ``PeftModelForCausalLM.forwar
 * models whose task head takes no ``past_key_values`` (``BertForSequenceClassification``,
   ``BertForTokenClassification``) run the backbone (the first child that is a ``PreTrainedModel``), then
   ``dropout`` if the model has one, then the head (the first child named like
-  ``classifier``/``score``/``modules_to_save``), on ``outputs[1]`` (the pooled output) for seq-cls and on
-  ``outputs[0]`` (every position) for token-cls — HF PEFT's own paths
-  (``PeftModelForSequenceClassification`` / ``PeftModelForTokenClassification._prefix_tuning_forward``).
+  ``classifier``/``score``/``modules_to_save``), on the pooled output for seq-cls when the backbone pools
+  (BERT) and on every position otherwise (token-cls; RoBERTa, whose head pools ``<s>`` itself) — HF PEFT's
+  own paths (``PeftModelForSequenceClassification`` / ``PeftModelForTokenClassification._prefix_tuning_forward``),
+  except that HF PEFT takes ``outputs[1]`` for seq-cls, which for a backbone without a pooler is the cache
+  (HF PEFT 0.21 then fails on RoBERTa); peftc feeds the head what the model's own forward feeds it.
 
 The prefix is part of the captured graph (parameters ``prompt.*``), so an ONNX export has no KV-cache
 inputs. On disk (HF PEFT's format) the adapter is ``prompt_embeddings`` = P ``[n, layers·2·token_dim]``, for
@@ -196,7 +198,10 @@ class PrefixTaskModule(TaskModule):
             return self.model(**kwargs, past_key_values=cache, **self._extra, return_dict=True).logits
         backbone, head = self._split
         outputs = self.model.get_submodule(backbone)(**kwargs, past_key_values=cache, return_dict=True)
-        hidden = outputs[0] if self.per_token or len(outputs) < 2 else outputs[1]  # sequence / pooled output
+        # what the model's own forward gives its head: the pooled output where the backbone pools (BERT), else
+        # every position (token-cls; RoBERTa's head pools <s> itself, and HF PEFT's outputs[1] is then the cache)
+        pooled = None if self.per_token else getattr(outputs, "pooler_output", None)
+        hidden = outputs.last_hidden_state if pooled is None else pooled
         if "dropout" in dict(self.model.named_children()):
             hidden = self.model.dropout(hidden)
         return self.model.get_submodule(head)(hidden)
@@ -247,6 +252,9 @@ class PrefixPass(PromptPass):
 
     def _width(self, cfg: PromptLearningConfig) -> int:
         return int(cfg.num_layers) * 2 * int(cfg.token_dim)
+
+    def _rows(self, cfg: PromptLearningConfig) -> int:
+        return int(cfg.num_virtual_tokens)  # one prefix, whatever the submodules (HF PEFT's PrefixEncoder)
 
     def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule, task: TaskSpec) -> TaskModule:
         return PrefixTaskModule(model, input_names, module, self.config, per_token=task.per_token)

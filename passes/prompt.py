@@ -315,6 +315,7 @@ class PromptPass(InPlacePass):
                 f"{', '.join(program.history) or 'other passes'}"
             )
         cfg = self.config
+        _check_submodules(cfg, program.model_config)
         fill_model_fields(cfg, program.model_config)
         model = program.source.model
         self._check_model(cfg, model, program)
@@ -323,8 +324,12 @@ class PromptPass(InPlacePass):
         module = self._prompt_module(cfg, state, model)
         state.to_saved = lambda s, m=module: _saved_tensors(m, s)
         module.train(program.mode == "train")
+        prompted = getattr(program.wrapper, "prompted", None)  # a wrapper with its own prompt rule (seq2seq graphs)
         with export_attention(model):
-            wrap = lambda m, names: self._wrapper(m, names, module, program.task)  # noqa: E731
+            if prompted is not None:
+                wrap = lambda m, names: prompted(m, module, cfg)  # noqa: E731
+            else:
+                wrap = lambda m, names: self._wrapper(m, names, module, program.task)  # noqa: E731
             new = capture(model, program.task, program.mode, transform=wrap)
         program.graph_module = new.graph_module
         program.input_names = new.input_names
@@ -353,6 +358,11 @@ class PromptPass(InPlacePass):
         """Width of the saved ``prompt_embeddings`` rows."""
         return int(cfg.token_dim)
 
+    def _rows(self, cfg: PromptLearningConfig) -> int:
+        """Rows of the saved ``prompt_embeddings``: HF PEFT keeps ``n`` per transformer submodule (``2n`` for
+        an encoder-decoder, of which its forward uses the first ``n``)."""
+        return int(cfg.num_virtual_tokens) * int(cfg.num_transformer_submodules)
+
     def _wrapper(self, model: nn.Module, input_names: list[str], module: PromptModule, task: TaskSpec) -> TaskModule:
         return PromptTaskModule(model, input_names, module)
 
@@ -367,7 +377,7 @@ class PromptPass(InPlacePass):
 
     def _prompt_module(self, cfg: PromptLearningConfig, state: AdapterState, model: nn.Module) -> PromptModule:
         """Fresh (new init), checkpoint (``prompt_encoder.*``: the encoder trains on) or fixed ``prompt_embeddings``."""
-        n, d = cfg.num_virtual_tokens * cfg.num_transformer_submodules, self._width(cfg)
+        n, d = self._rows(cfg), self._width(cfg)
         encoder_keys = {k for k in state.tensors if k.startswith(ENCODER_PREFIX)}
         fresh = self.state is None or (not state.loaded and not encoder_keys and PROMPT_KEY not in state.tensors)
         if fresh:
@@ -399,6 +409,20 @@ class PromptPass(InPlacePass):
         _check_shape(state.tensors[PROMPT_KEY], (n, d), PROMPT_KEY, cfg)
         module.embedding.weight = state.tensors[PROMPT_KEY]
         return module
+
+
+def _check_submodules(config: PromptLearningConfig, model_config: Any) -> None:
+    """HF PEFT's rule: 2 transformer submodules for an encoder-decoder (``SEQ_2_SEQ_LM``), else 1; fill or check it."""
+    wanted = 2 if getattr(model_config, "is_encoder_decoder", False) else 1
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = wanted
+    elif config.num_transformer_submodules != wanted:
+        kind = "an encoder-decoder" if wanted == 2 else "not an encoder-decoder"
+        raise ConfigError(
+            f"{config.peft_type} adapter has num_transformer_submodules={config.num_transformer_submodules}, but "
+            f"{getattr(model_config, 'model_type', 'this model')} is {kind} (HF PEFT uses {wanted}); the adapter was "
+            "made for another kind of model"
+        )
 
 
 def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, cfg: PromptLearningConfig) -> None:

@@ -186,7 +186,8 @@ class PromptLearningConfig(MethodConfig):
         "Hidden size of the base model's embeddings (filled from the model).", default=None
     )
     num_transformer_submodules: int | None = help_field(
-        "1 for decoder-only and encoder-only models (filled from the model); 2 only for encoder-decoders.", default=None
+        "1 for decoder-only and encoder-only models, 2 for encoder-decoders (filled from the task, as HF PEFT).",
+        default=None,
     )
     num_attention_heads: int | None = help_field(
         "Attention heads of the base model (filled from the model).", default=None
@@ -206,10 +207,10 @@ class PromptLearningConfig(MethodConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{self.peft_type} {name} must be a positive integer or null, got {value}")
-        if self.num_transformer_submodules not in (None, 1):
+        if self.num_transformer_submodules not in (None, 1, 2):
             raise ConfigError(
-                f"{self.peft_type} num_transformer_submodules={self.num_transformer_submodules} means an "
-                "encoder-decoder model, which peftc does not support; use 1 (decoder-only or encoder-only)"
+                f"{self.peft_type} num_transformer_submodules must be 1 (decoder-only, encoder-only) or 2 "
+                f"(encoder-decoder), got {self.num_transformer_submodules}"
             )
 
     def initial_token_ids(self, n: int, vocab_size: int) -> Any:

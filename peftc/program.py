@@ -111,6 +111,9 @@ class Program:
     max_sequence: int | None = None
     #: Graph input name -> the value that makes the base model (lifted adapter inputs; see passes/lift.py).
     input_defaults: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The class captured around the model (:class:`~peftc.tasks.TaskModule` or a ``transform``'s). A pass that
+    #: re-captures with an input transform (prompt methods) asks it for its prompted variant (``prompted``).
+    wrapper: type[nn.Module] | None = field(default=None, repr=False)
 
     @property
     def graph(self) -> fx.Graph:
@@ -225,6 +228,18 @@ def _register_mask_without_vmap() -> None:
         ALL_ATTENTION_FUNCTIONS.register(_MASK_IMPL, ALL_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def _no_zero_layerdrop(model: nn.Module) -> None:
+    """Stacks with LayerDrop at probability 0 (OPT, BART: ``layerdrop = 0.0``) in eval mode, their layers as they are.
+
+    In training such a stack draws ``torch.rand([]) < layerdrop`` per layer, a data-dependent branch torch.export
+    cannot capture, though with probability 0 it never skips a layer. Only the stack's own flag changes (it is
+    read for LayerDrop and gradient checkpointing); its layers keep their dropout.
+    """
+    for module in model.modules():
+        if module.training and getattr(module, "layerdrop", None) == 0:
+            module.training = False
+
+
 def _use_export_attention(model: nn.Module) -> None:
     _register_mask_without_vmap()
     for module in model.modules():
@@ -287,6 +302,7 @@ def capture(
     names = graph_input_names(model, spec)
     wrapper = TaskModule(model, names) if transform is None else transform(model, names)
     wrapper.train(mode == "train")
+    _no_zero_layerdrop(model)
     names = list(wrapper.input_names)
     if inputs is None:
         make = getattr(wrapper, "example_inputs", None)
@@ -333,6 +349,7 @@ def capture(
         example_inputs=inputs,
         source=ModelRef(model),
         max_sequence=max_dim if max_dim != _max_positions(model.config) else None,
+        wrapper=getattr(wrapper, "base_wrapper", type(wrapper)),
     )
     logger.debug("captured %s for %s (%s): %d nodes", type(model).__name__, spec.name, mode, len(gm.graph.nodes))
     return program
@@ -350,7 +367,9 @@ def dynamic_shapes(
     and one sequence length: ``batch`` and ``sequence`` take sizes from ``min_size`` (1, or 2 when
     a model only exports with both ≥ 2); a name containing ``sequence`` (``sequence``,
     ``past_sequence``, ``encoder_sequence``) is bounded by ``max_sequence`` (the model's position
-    table), any other (``lora_rank``) by :data:`MAX_DIM`. A name that is not an identifier
+    table), any other (``lora_rank``) by :data:`MAX_DIM`. ``"NAME + k"`` with ``NAME`` a dim of an earlier
+    input and ``k`` an integer is that dim plus ``k`` (a seq2seq decoder's encoder states with ``k`` virtual
+    tokens in front). Any other name that is not an identifier
     (``"past_sequence + sequence"``: the attention mask of a KV-cache graph) is a derived size:
     torch works out its relation to the others (``Dim.AUTO``) and the name is only what the
     artifact calls it. An input with no named axes is static (``None``).
@@ -360,6 +379,10 @@ def dynamic_shapes(
     for name in names:
         spec: dict[int, Any] = {}
         for axis, dim in dims_by_name.get(name, {}).items():
+            base, plus, offset = dim.partition(" + ")
+            if plus and base in dims and offset.isdigit():  # "encoder_sequence + 4": a dim declared before, plus k
+                spec[axis] = dims[base] + int(offset)
+                continue
             if not dim.isidentifier():
                 spec[axis] = Dim.AUTO
                 continue

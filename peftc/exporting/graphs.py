@@ -144,19 +144,12 @@ class EncoderDecoder:
         (an adapter of decoder modules only, say) leaves that graph the base model's.
 
         Raises:
-            ConfigError: a method that changes the inputs (prompt methods), or a model without an encoder.
+            ConfigError: a model without an encoder.
         """
-        from peftc.methods import get_method, methods
         from peftc.program import capture
 
         from .seq2seq import DecoderModule, EncoderModule, split_state
 
-        if get_method(state).transforms_inputs:
-            layer_methods = [m.label for m in methods() if not m.transforms_inputs]
-            raise ConfigError(
-                f"seq2seq export takes adapters of methods that rewrite layers ({', '.join(layer_methods)}), not "
-                f"{get_method(state).label}; export an adapter of one of those methods"
-            )
         graphs = []
         for role, wrapper, part in zip(
             self.roles, (EncoderModule, DecoderModule), split_state(state, model), strict=True

@@ -40,7 +40,16 @@ from torch import nn
 from peftc.adapters import AdapterState
 from peftc.errors import ConfigError
 
-__all__ = ["SEQ2SEQ_TASK", "DecoderModule", "EncoderModule", "decoder_cases", "encoder_prefix", "split_state"]
+__all__ = [
+    "SEQ2SEQ_TASK",
+    "DecoderModule",
+    "EncoderModule",
+    "PromptedDecoderModule",
+    "PromptedEncoderModule",
+    "decoder_cases",
+    "encoder_prefix",
+    "split_state",
+]
 
 SEQ2SEQ_TASK = "seq2seq"
 _ENCODER_SEQ = "encoder_sequence"
@@ -58,6 +67,11 @@ class EncoderModule(nn.Module):
         self.model = model
         self.input_names = ["input_ids", "attention_mask"]
         self.output_names = ["last_hidden_state"]
+
+    @staticmethod
+    def prompted(model: nn.Module, prompt: nn.Module, config: Any) -> nn.Module:
+        """This graph with a prompt-learning adapter's virtual tokens (what the prompt passes capture)."""
+        return PromptedEncoderModule(model, prompt, config)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         input_ids, attention_mask = inputs
@@ -83,6 +97,11 @@ class DecoderModule(nn.Module):
             "encoder_hidden_states": {0: "batch", 1: _ENCODER_SEQ},
         }
 
+    @staticmethod
+    def prompted(model: nn.Module, prompt: nn.Module, config: Any) -> nn.Module:
+        """This graph with a prompt-learning adapter's virtual tokens or prefix (what the prompt passes capture)."""
+        return PromptedDecoderModule(model, prompt, config)
+
     def example_inputs(self, batch: int = 2, seq: int = 3, encoder_seq: int = 5) -> tuple[torch.Tensor, ...]:
         """Capture example: every dynamic size ≥ 2 and distinct, so none is specialised or confused."""
         gen = torch.Generator().manual_seed(0)
@@ -105,6 +124,99 @@ class DecoderModule(nn.Module):
             return_dict=True,
         )
         return out.logits
+
+
+class PromptedEncoderModule(EncoderModule):
+    """The encoder graph of a prompt-learning adapter (HF PEFT 0.21's ``PeftModelForSeq2SeqLM.forward``).
+
+    Prompt tuning and P-tuning: the first ``n`` of the ``2n`` prompt rows are prepended to the token
+    embeddings and the mask gets ``n`` leading ones, so ``last_hidden_state`` is ``[batch, n + sequence,
+    hidden]``. Prefix tuning leaves the encoder as it is (HF PEFT feeds its prefix to the decoder only).
+    """
+
+    base_wrapper = EncoderModule
+
+    def __init__(self, model: nn.Module, prompt: nn.Module, config: Any):
+        super().__init__(model)
+        self.num_tokens = 0 if config.holds_key_values else int(config.num_virtual_tokens)
+        if self.num_tokens:
+            self.prompt = prompt
+            self.extra_positions = self.num_tokens  # the virtual tokens take the first positions (BART's table)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not self.num_tokens:
+            return super().forward(*inputs)
+        input_ids, attention_mask = inputs
+        batch, n = input_ids.shape[0], self.num_tokens
+        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = torch.cat((self.prompt(batch)[:, :n].to(embeds.dtype), embeds), dim=1)
+        mask = torch.cat((attention_mask.new_ones(batch, n), attention_mask), dim=1)
+        encoder = self.model.get_encoder()
+        return encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
+
+
+class PromptedDecoderModule(DecoderModule):
+    """The decoder graph of a prompt-learning adapter (HF PEFT 0.21's ``PeftModelForSeq2SeqLM.forward``).
+
+    Prompt tuning and P-tuning: the encoder states hold ``n`` virtual tokens in front, so the encoder mask
+    (optimum feeds the encoder's own ``attention_mask``) gets ``n`` leading ones here. Prefix tuning: the
+    prefix ``[n, layers·2·token_dim]`` is laid out as HF PEFT's ``get_prompt`` does for two submodules —
+    viewed ``[n, 2·layers, heads, head_dim]``, concatenated with itself on the layer axis, permuted and split in
+    groups of four, so layer ``i``'s self-attention cache holds the group's first two rows as its keys and
+    values — and passed as an ``EncoderDecoderCache`` whose cross-attention cache is empty (HF PEFT replaces
+    it, so cross-attention reads the encoder states as usual); the decoder's positions start after the ``n``.
+    """
+
+    base_wrapper = DecoderModule
+
+    def __init__(self, model: nn.Module, prompt: nn.Module, config: Any):
+        super().__init__(model)
+        self.prompt = prompt
+        self.config_ = config
+        self.num_tokens = int(config.num_virtual_tokens)
+        self.prefix = bool(config.holds_key_values)
+        self.extra_positions = self.num_tokens
+        if not self.prefix:
+            del self.prompt  # the decoder only sees the virtual tokens through the encoder states
+            self.dynamic_dims["encoder_hidden_states"] = {0: "batch", 1: f"{_ENCODER_SEQ} + {self.num_tokens}"}
+
+    def example_inputs(self, batch: int = 2, seq: int = 3, encoder_seq: int = 5) -> tuple[torch.Tensor, ...]:
+        ids, mask, states = super().example_inputs(batch, seq, encoder_seq)
+        if not self.prefix:
+            states = torch.cat((states[:, :1].expand(-1, self.num_tokens, -1), states), dim=1)
+        return ids, mask, states
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        input_ids, encoder_attention_mask, encoder_hidden_states = inputs
+        batch, n = input_ids.shape[0], self.num_tokens
+        extra: dict[str, Any] = {"use_cache": False}
+        if self.prefix:
+            extra = {"past_key_values": self._cache(batch), "use_cache": True}
+        else:
+            ones = encoder_attention_mask.new_ones(batch, n)
+            encoder_attention_mask = torch.cat((ones, encoder_attention_mask), dim=1)
+        out = self.model(
+            attention_mask=encoder_attention_mask,
+            decoder_input_ids=input_ids,
+            encoder_outputs=(encoder_hidden_states,),
+            return_dict=True,
+            **extra,
+        )
+        return out.logits
+
+    def _cache(self, batch: Any) -> Any:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        cfg, n = self.config_, self.num_tokens
+        heads = int(cfg.num_attention_heads)
+        prefix = self.prompt.encode().to(self.model.dtype)  # [1, n, layers·2·token_dim]
+        prefix = prefix.view(1, n, int(cfg.num_layers) * 2, heads, int(cfg.token_dim) // heads)
+        groups = torch.cat([prefix, prefix], dim=2).permute([2, 0, 3, 1, 4]).split(4)
+        cache = EncoderDecoderCache([tuple(t.expand(batch, -1, -1, -1) for t in group) for group in groups])
+        cache.cross_attention_cache = DynamicCache()
+        for key in cache.is_updated:
+            cache.is_updated[key] = False
+        return cache
 
 
 def _hidden_size(cfg: Any) -> int:
@@ -130,6 +242,10 @@ def encoder_prefix(model: nn.Module) -> str:
 
 def split_state(state: AdapterState, model: nn.Module) -> tuple[AdapterState, AdapterState]:
     """(encoder part, decoder part) of ``state``: keys under the encoder module, and every other key."""
+    from peftc.methods import get_method
+
+    if get_method(state).transforms_inputs:  # virtual tokens / a prefix: each graph takes what it needs of it
+        return state, state
     prefix = f"base_model.model.{encoder_prefix(model)}."
     return state.subset(lambda k: k.startswith(prefix)), state.subset(lambda k: not k.startswith(prefix))
 

@@ -298,12 +298,13 @@ def test_seq2seq_refuses_unsupported_options(tmp_path, options, match):
     assert not (tmp_path / "out").exists()
 
 
-def test_seq2seq_refuses_prompt_methods(tmp_path):
-    """Prompt methods change the inputs; the two-graph export says so instead of failing in capture."""
+def test_seq2seq_refuses_a_decoder_only_prompt_layout():
+    """A prompt adapter made for one transformer submodule (a decoder-only model) does not bind to T5's graphs."""
     from peftc.adapters import AdapterState
     from peftc.config import PromptTuningConfig
-    from peftc.exporting.graphs import EncoderDecoder
+    from peftc.exporting.graphs import EncoderDecoder, bind
 
-    state = AdapterState(PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
-    with pytest.raises(ConfigError, match="rewrite layers .*, not prompt tuning"):
-        EncoderDecoder().capture(tiny_t5(), state)
+    cfg = PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=1)
+    state = AdapterState(cfg, {"prompt_embeddings": torch.nn.Parameter(torch.zeros(2, 64))}, loaded=True)
+    with pytest.raises(ConfigError, match="num_transformer_submodules=1, but t5 is an encoder-decoder"):
+        bind(EncoderDecoder().capture(tiny_t5(), state))

@@ -9,6 +9,7 @@ whole pipeline — what adding ExecuTorch will be: one exporter and one registra
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import json
 import re
@@ -156,7 +157,9 @@ class _FakeExporter:
     def write(self, program, path, metadata, options):
         self.calls.append("write")
         assert isinstance(options, WriteOptions)
-        self.programs[Path(path).name] = program
+        # a format's file is independent of the torch program (the pipeline frees the torch weights before
+        # verifying): the double keeps a copy, as a file would
+        self.programs[Path(path).name] = copy.deepcopy(program)
         Path(path).write_text(json.dumps(metadata))
 
     def run(self, path, cases, input_names, output_names, adapter=None):

@@ -37,7 +37,7 @@ N_VT = 5
         {"prefix_projection": "yes"},
         {"init_weights": "ones"},
         {"token_dim": 30, "num_attention_heads": 4},
-        {"num_transformer_submodules": 2},
+        {"num_transformer_submodules": 3},
     ],
 )
 def test_bad_configs_raise_config_error(kwargs):
@@ -362,3 +362,47 @@ def test_onnx_export_of_an_hf_peft_adapter_verifies(fam, task, tmp_path):
     assert diff <= 1e-4
     with pytest.raises(ConfigError, match="merge"):
         export(tmp_path / "hf", model=tmp_path / "base", task=task, out=tmp_path / "merged", merge=True)
+
+
+def test_roberta_seq_cls_prefix_feeds_its_head_every_position():
+    """RoBERTa's backbone has no pooler (its head pools ``<s>``): the head gets the sequence output.
+
+    HF PEFT 0.21 hands it ``outputs[1]`` (the cache) and fails, so the reference is the same math written
+    eagerly: the backbone with the prefix as a ``DynamicCache`` and the extended mask, then the head.
+    """
+    from transformers import DynamicCache, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=66,
+        pad_token_id=1,
+        type_vocab_size=1,
+        num_labels=3,
+    )
+    from peftc.program import capture
+
+    model = RobertaForSequenceClassification(cfg).eval()
+    program = capture(model, "seq-cls", mode="eval")
+    insertion_pipeline(PrefixTuningConfig(num_virtual_tokens=N_VT, task_type="SEQ_CLS"))(program)
+    with torch.no_grad():
+        program.adapter.tensors["prompt_embeddings"].normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[0, -2:], mask[0, -2:] = 1, 0  # right-padded row
+    kv = prefix_key_values(program, model.config)
+    with torch.no_grad():
+        ours = program.forward_batch(
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        )
+        cache = DynamicCache([(k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1)) for k, v in kv])
+        full_mask = torch.cat([torch.ones(3, N_VT, dtype=mask.dtype), mask], dim=1)
+        hidden = model.roberta(ids, attention_mask=full_mask, past_key_values=cache).last_hidden_state
+        expected = model.classifier(hidden)
+        base = model(ids, attention_mask=mask).logits
+    assert (ours - base).abs().max() > 1e-2
+    assert (ours - expected).abs().max() <= 1e-5

@@ -156,3 +156,29 @@ def test_capture_refuses_bad_task_and_mode():
         capture(BranchyLM(), "translation")
     with pytest.raises(ValueError, match="mode must be"):
         capture(BranchyLM(), "causal-lm", mode="inference")
+
+
+def test_train_capture_of_a_layerdrop_stack():
+    """OPT's decoder draws ``rand() < layerdrop`` per layer in training: at layerdrop 0 it is captured, dropout kept."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4, vocab_size=64, word_embed_proj_dim=32
+    )
+    model = OPTForCausalLM(cfg)
+    assert model.model.decoder.layerdrop == 0
+    program = capture(model, "causal-lm", mode="train")
+    inputs = program.example_inputs
+    torch.manual_seed(1)
+    first = program(*inputs)
+    torch.manual_seed(1)
+    again = program(*inputs)
+    torch.manual_seed(2)
+    other = program(*inputs)
+    assert torch.equal(first, again) and (first - other).abs().max() > 0  # seeded dropout, not eval mode
+    model.eval()
+    assert (first - model(*inputs[:2], position_ids=inputs[2]).logits).abs().max() > 0
+    cfg.layerdrop = 0.5  # a real LayerDrop stays a capture error, never silently dropped
+    with pytest.raises(CaptureError, match="layerdrop"):
+        capture(OPTForCausalLM(cfg), "causal-lm", mode="train")

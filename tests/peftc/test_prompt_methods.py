@@ -31,7 +31,7 @@ from peftc.methods import get_method
         (PromptTuningConfig, {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi"}),
         (PromptTuningConfig, {"prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "/tok"}),
         (PromptTuningConfig, {"tokenizer_kwargs": {"use_fast": True}}),
-        (PromptTuningConfig, {"num_transformer_submodules": 2}),
+        (PromptTuningConfig, {"num_transformer_submodules": 3}),
         (PromptEncoderConfig, {"encoder_reparameterization_type": "GRU"}),
         (PromptEncoderConfig, {"encoder_hidden_size": 0}),
         (PromptEncoderConfig, {"encoder_num_layers": 0}),
