@@ -310,6 +310,8 @@ _LORA_TARGETS = {
 _IA3_TARGETS = {"chatglm": (["q_proj", "v_proj", "down_proj"], ["down_proj"])}
 _TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}
 _NUM_LABELS = 3
+#: ``modules_to_save`` of the tasks without an HF PEFT task type (their heads).
+_HEADS = {"image-cls": ["classifier"], "semantic-segmentation": ["decode_head"], "image-to-text": None}
 
 
 @dataclass(frozen=True)
@@ -470,8 +472,10 @@ def hf_config(cell: Cell) -> Any:
     kwargs: dict[str, Any] = {}
     if cell.task in _TASK_TYPES:
         kwargs["task_type"] = _TASK_TYPES[cell.task]
-    elif cell.method == "LoRA":
-        kwargs["modules_to_save"] = ["classifier", "decode_head"] if cell.task != "text-to-image" else None
+    elif cell.method == "LoRA":  # the head, as HF PEFT's image guides save it
+        # one name per task: SegFormer's decode_head holds a ``classifier`` too, and HF PEFT would wrap both
+        # (the nested copy a second, separately trained head)
+        kwargs["modules_to_save"] = _HEADS.get(cell.task)
     if cell.method == "LoRA":
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=_LORA_TARGETS.get(cell.family), **kwargs)
     if cell.method == "IA3":
