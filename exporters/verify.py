@@ -202,15 +202,17 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
 def _image_cases(program: Program, seed: int) -> list[VerifyCase]:
     """Image graphs (fixed height and width, dynamic batch): one image, then batches of 3 and 4 unlike the capture's 2.
 
-    Pixels are normalised-image-like (standard normal), not the capture example's.
+    Pixels are normalised-image-like (standard normal), not the capture example's, in its dtype (a
+    float16 program takes float16 images).
     """
     from peftc.program import image_shape
 
     gen = torch.Generator().manual_seed(seed)
     shape = image_shape(program.model_config)
+    dtype = program.example_inputs[0].dtype
 
     def images(b: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.randn(b, *shape, generator=gen)}
+        return {"pixel_values": torch.randn(b, *shape, generator=gen).to(dtype)}
 
     return [
         VerifyCase("batch1", images(1), "a single image"),
