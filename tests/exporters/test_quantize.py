@@ -138,6 +138,7 @@ def merged(trained, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow  # trains its tiny GPT-2 first (~13 s on 2 cores)
 @pytest.mark.parametrize(
     ("scheme", "ops"), [("int4", {"MatMulNBits"}), ("int8", {"DynamicQuantizeLinear", "MatMulInteger"})]
 )

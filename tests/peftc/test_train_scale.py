@@ -274,6 +274,7 @@ def test_gradient_checkpointing_leaves_a_graph_without_blocks_alone():
     assert checkpoint_blocks(gm) == (gm, 0)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_run_gives_the_same_adapter(tmp_path, gpt2_dir, lm_data):
     common = dict(model=gpt2_dir, data=lm_data, max_steps=3, batch_size=4, lr=1e-2, progress=False, log_every=1)
     plain = train(TrainConfig(**common, out=str(tmp_path / "plain")))

@@ -161,7 +161,9 @@ def test_lora_parity_with_hf_peft_both_ways_and_merge(name, hf_adapters, tmp_pat
         assert (program(x) - expected).abs().max().item() <= EXPORT_ATOL
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    "name", [n if n == "vit" else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
+)  # one family in the quick tier
 def test_merged_onnx_export_loads_in_optimum(name, hf_adapters, tmp_path, capsys):
     """peftc export of HF PEFT's adapter: the task comes from the base's architecture; optimum runs the artifact."""
     import optimum.onnxruntime as ort
