@@ -178,3 +178,11 @@ def test_train_loss_drops_and_hf_peft_loads_it(tmp_path, model_dir, data, method
     got = _peftc_logits(path, out / "adapter", batch)
     assert float((got - want).abs().max()) <= 1e-5
     assert float((got - untrained).abs().max()) > 1e-3  # the trained adapter changes the logits
+    if method == "lora":  # the run exports (merged): the export verifies both graphs with ONNX Runtime
+        pytest.importorskip("onnxruntime")
+        from peftc.exporting import export
+
+        artifact = export(out, format="onnx", merge=True, out=tmp_path / "onnx")
+        assert (artifact / "encoder_model.onnx").is_file() and (artifact / "decoder_model.onnx").is_file()
+        report = (artifact / "report.json").read_text()  # export raises when a graph fails verification
+        assert "encoder" in report and "decoder" in report
