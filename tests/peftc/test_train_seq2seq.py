@@ -34,8 +34,8 @@ def _tokenizer(model):
 
     cfg = model.config
     special = {cfg.pad_token_id: "<pad>", cfg.eos_token_id: "</s>"}
-    vocab = {name: i for i, name in special.items()}
-    vocab["<unk>"] = 3
+    free = [i for i in range(4) if i not in special]
+    vocab = {name: i for i, name in special.items()} | {"<unk>": free[0], "<s>": free[1]}  # ids 0..3, no holes
     for i, w in enumerate(WORDS):
         vocab[w] = 4 + i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -106,6 +106,12 @@ def test_bad_lines_name_the_file_and_line(tmp_path, line, message):
     with pytest.raises(DataError, match=rf"bad\.jsonl:2: {message}.*\"source\"") as e:
         read_jsonl(path, "seq2seq")
     assert "\n" not in str(e.value)
+
+
+def test_task_is_inferred_from_an_encoder_decoder_config(model_dir):
+    from peftc.training.options import infer_task
+
+    assert infer_task(model_dir[1]) == "seq2seq"
 
 
 def test_capture_is_the_eager_forward():
