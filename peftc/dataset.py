@@ -6,6 +6,10 @@ A data file holds one JSON object per line: ``{"text": "..."}`` for ``causal-lm`
 per word, the CoNLL layout HF datasets use) for ``token-cls``: words are tokenised with
 ``is_split_into_words`` and a word's label goes to its first sub-word; other sub-words, special
 tokens and padding get ``-100`` (ignored by the loss), as HF's token-classification examples do.
+``seq2seq`` lines hold ``{"source": "...", "target": "..."}``: the source is the encoder's input, the
+target tokenised as labels (``text_target``, both cut at ``max_length``), padding ``-100``, and the
+decoder's inputs are the labels shifted right behind ``decoder_start_token_id`` (transformers'
+``shift_tokens_right``, -100 read as the pad id).
 Reading is strict: a line that is not a JSON object with the right fields is a
 :class:`~peftc.errors.DataError` naming ``file:line`` (a silently skipped line would train a
 different model than the user thinks). String labels get a label map (sorted names → ids) that the
@@ -59,6 +63,7 @@ _EXAMPLE = {
     "causal-lm": '{"text": "Once upon a time..."}',
     "seq-cls": '{"text": "Great film!", "label": "positive"}',
     "token-cls": '{"tokens": ["John", "lives", "in", "Paris"], "labels": ["B-PER", "O", "O", "B-LOC"]}',
+    "seq2seq": '{"source": "translate English to German: Thank you", "target": "Danke"}',
 }
 
 #: (model preset, task) -> (train file, eval file) shipped in ``peftc.data``.
@@ -89,6 +94,7 @@ class Dataset:
     lines: list[int] = field(default_factory=list)
     string_labels: bool = False
     words: list[list[str]] | None = None  # token-cls: the words of each example
+    targets: list[str] | None = None  # seq2seq: the target text of each example (``texts`` are the sources)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -138,8 +144,9 @@ def read_jsonl(
 
     Args:
         path: the file.
-        task: ``causal-lm`` (lines need ``text``), ``seq-cls`` (``text`` and ``label``) or
-            ``token-cls`` (``tokens`` and ``labels``, lists of the same length).
+        task: ``causal-lm`` (lines need ``text``), ``seq-cls`` (``text`` and ``label``),
+            ``token-cls`` (``tokens`` and ``labels``, lists of the same length) or ``seq2seq``
+            (``source`` and ``target``, non-empty strings).
         label2id: for evaluation data whose training data had string labels: the training label
             map; every label must be in it.
         num_labels: for evaluation data whose training data had integer labels: labels must be
@@ -166,6 +173,7 @@ def read_jsonl(
     lines: list[int] = []
     words: list[list[str]] = []
     word_lines: list[int] = []  # token-cls: the line of each word label (flattened), for messages
+    targets: list[str] = []  # seq2seq
     for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
         try:
             line = line_bytes.decode("utf-8")
@@ -185,6 +193,18 @@ def read_jsonl(
             raw_labels += labels
             word_lines += [lineno] * len(labels)
             texts.append(" ".join(tokens))
+            lines.append(lineno)
+            continue
+        if task == "seq2seq":
+            for key in ("source", "target"):
+                if key not in obj:
+                    raise _fail(path, lineno, f"missing field {key!r} (fields: {_names(obj)})", task)
+                if not isinstance(obj[key], str):
+                    raise _fail(path, lineno, f"field {key!r} must be a string, got {type(obj[key]).__name__}", task)
+                if not obj[key].strip():
+                    raise _fail(path, lineno, f"field {key!r} is empty", task)
+            texts.append(obj["source"])
+            targets.append(obj["target"])
             lines.append(lineno)
             continue
         if "text" not in obj:
@@ -212,7 +232,7 @@ def read_jsonl(
         lines.append(lineno)
     if not texts:
         raise DataError(f"data file {path} holds no examples; add JSON lines like {_EXAMPLE[task]}")
-    data = Dataset(path=path, texts=texts, lines=lines)
+    data = Dataset(path=path, texts=texts, lines=lines, targets=targets if task == "seq2seq" else None)
     if task == "token-cls":
         flat, data.id2label = _label_ids(path, raw_labels, word_lines, label2id, num_labels)
         data.labels, data.words, start = [], words, 0
@@ -306,15 +326,23 @@ class Encoded:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
-    labels: list[int] | list[list[int]] | None  # token-cls: one label per token, -100 where ignored
+    labels: list[int] | list[list[int]] | None  # token-cls: one label per token, -100 where ignored; seq2seq: targets
     pad_id: int
     task: str
+    decoder_start_id: int = 0  # seq2seq: the first decoder input (``config.decoder_start_token_id``)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_id: int | None = None) -> Encoded:
+def encode(
+    data: Dataset,
+    tokenizer: Any,
+    task: str,
+    max_length: int = 128,
+    pad_id: int | None = None,
+    decoder_start_id: int | None = None,
+) -> Encoded:
     """Tokenise ``data`` with the model's tokenizer, truncating each text to ``max_length`` tokens.
 
     Args:
@@ -325,12 +353,22 @@ def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_
         pad_id: the id written into padding positions; default the tokenizer's pad token (else 0).
             Decoder classifiers find the last real token by this id, so pass the model's
             ``config.pad_token_id`` for them.
+        decoder_start_id: ``seq2seq``: the model's ``config.decoder_start_token_id`` (default ``pad_id``).
     """
     if max_length < 2:
         raise DataError(f"max_length={max_length} is too short; use at least 2 tokens")
     if task == "token-cls":
         enc = _encode_words(data, tokenizer, max_length)
         labels = enc.pop("labels")
+    elif task == "seq2seq":
+        enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
+        labels = [list(x) for x in tokenizer(text_target=list(data.targets or []), truncation=True,
+                                             max_length=max_length)["input_ids"]]  # fmt: skip
+        for i, row in enumerate(labels):
+            if not row:
+                raise DataError(
+                    f"{data.path}:{data.lines[i]}: the target tokenises to no tokens; use text the tokenizer can read"
+                )
     elif task == "causal-lm" and tokenizer.eos_token_id is not None:
         enc, labels = _encode_with_eos(data, tokenizer, max_length), None
     else:
@@ -345,7 +383,8 @@ def encode(data: Dataset, tokenizer: Any, task: str, max_length: int = 128, pad_
     types = [list(x) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(ids, types, labels, int(pad_id), task)
+    start = int(decoder_start_id) if decoder_start_id is not None else int(pad_id)
+    return Encoded(ids, types, labels, int(pad_id), task, start)
 
 
 def _encode_with_eos(data: Dataset, tokenizer: Any, max_length: int) -> dict[str, list[list[int]]]:
@@ -400,7 +439,9 @@ def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) ->
 
     ``causal-lm`` labels are the input ids with ``-100`` on padding (the task's loss shifts them);
     ``seq-cls`` labels are class ids; ``token-cls`` labels are per-token class ids, ``-100`` on
-    padding. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``. Image data
+    padding; ``seq2seq`` labels are the target ids, ``-100`` on padding, and ``decoder_input_ids`` are
+    them shifted right behind ``decoder_start_id`` (``-100`` as ``pad_id``), as transformers'
+    ``shift_tokens_right`` makes them. ``position_ids`` are ``(mask.cumsum(-1) - 1).clamp(min=0)``. Image data
     (:class:`peftc.images.ImageEncoded`) batches itself: ``pixel_values`` and ``labels``.
     """
     if hasattr(enc, "collate"):
@@ -416,6 +457,19 @@ def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) ->
         if enc.token_type_ids is not None:
             types[j, : len(row)] = torch.tensor(enc.token_type_ids[i], dtype=torch.long)
     batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    if enc.task == "seq2seq":
+        targets = [enc.labels[i] for i in indices]
+        labels = torch.full((len(rows), max(len(t) for t in targets)), -100, dtype=torch.long)
+        for j, target in enumerate(targets):
+            labels[j, : len(target)] = torch.tensor(target, dtype=torch.long)
+        batch["labels"] = labels
+        batch["decoder_input_ids"] = torch.cat(
+            (
+                labels.new_full((len(rows), 1), enc.decoder_start_id),
+                labels[:, :-1].masked_fill(labels[:, :-1] == -100, enc.pad_id),
+            ),
+            dim=1,
+        )
     for name in input_names:
         if name == "token_type_ids":
             batch[name] = types
@@ -425,6 +479,8 @@ def collate(enc: Encoded, indices: Sequence[int], input_names: Sequence[str]) ->
             raise DataError(f"the program takes input {name!r}, which peftc's data pipeline cannot build")
     if enc.task == "causal-lm":
         batch["labels"] = ids.masked_fill(mask == 0, -100)
+    elif enc.task == "seq2seq":
+        pass  # made above
     elif enc.task == "token-cls":
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         for j, i in enumerate(indices):
@@ -466,7 +522,7 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     """How many predictions a batch's mean loss averages over (examples, or next-token targets)."""
     if task == "causal-lm":
         return int((batch["labels"][:, 1:] != -100).sum())
-    if task == "token-cls":
+    if task in ("token-cls", "seq2seq"):
         return int((batch["labels"] != -100).sum())
     if task == "semantic-segmentation":  # labelled pixels (255: ignored)
         return int((batch["labels"] != 255).sum())

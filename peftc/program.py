@@ -279,6 +279,9 @@ def capture(
         model: a transformers model for the task (e.g. ``GPT2LMHeadModel``).
         task: ``"causal-lm"`` or ``"seq-cls"`` (or a :class:`TaskSpec`).
         mode: ``"train"`` (dropout captured) or ``"eval"``.
+            Task ``seq2seq`` captures the whole encoder-decoder forward (``input_ids, attention_mask,
+            decoder_input_ids -> logits``, :class:`peftc.exporting.seq2seq.Seq2SeqModule`) unless ``transform``
+            is given (the export captures the encoder and the decoder separately).
         inputs: example inputs in graph-input order; made up when omitted.
         transform: builds the module that is captured around ``model`` from the model and the task's
             input names (default :class:`TaskModule`); its ``input_names`` become the graph inputs.
@@ -300,6 +303,10 @@ def capture(
     model.train(mode == "train")
     model.requires_grad_(False)
     names = graph_input_names(model, spec)
+    if transform is None and spec.name == "seq2seq":  # the whole encoder-decoder forward (training, evaluation)
+        from peftc.exporting.seq2seq import Seq2SeqModule
+
+        transform = lambda m, _names: Seq2SeqModule(m)  # noqa: E731
     wrapper = TaskModule(model, names) if transform is None else transform(model, names)
     wrapper.train(mode == "train")
     _no_zero_layerdrop(model)

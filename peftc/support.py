@@ -426,6 +426,8 @@ def _labels(task: Any, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     classes = logits.shape[1] if logits.dim() == 4 else logits.shape[-1]
     if task.name == "causal-lm":
         return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    if "decoder_input_ids" in batch:  # seq2seq: one label per decoder position (all real)
+        return torch.randint(0, classes, logits.shape[:2], generator=gen)
     if task.per_token:
         labels = torch.randint(0, classes, batch["input_ids"].shape, generator=gen)
         return labels.masked_fill(batch["attention_mask"] == 0, -100)

@@ -145,8 +145,10 @@ TASKS = {
     "causal-lm": TaskSpec("causal-lm", "AutoModelForCausalLM", "text-generation", True),
     "seq-cls": TaskSpec("seq-cls", "AutoModelForSequenceClassification", "text-classification", False),
     "token-cls": TaskSpec("token-cls", "AutoModelForTokenClassification", "token-classification", False),
-    # Encoder-decoder LMs have no single-graph capture: peftc.exporting.seq2seq captures the encoder and
-    # the decoder through its own wrappers (``capture(..., transform=...)``); TaskModule does not apply.
+    # Encoder-decoder LMs: training captures the whole forward (input_ids, attention_mask, decoder_input_ids ->
+    # logits, peftc.exporting.seq2seq.Seq2SeqModule); the export captures the encoder and the decoder through
+    # their own wrappers (``capture(..., transform=...)``). TaskModule does not apply. The loss is per decoder
+    # token (labels -100 on padding), as transformers' T5 and BART compute it; the metric is perplexity.
     "seq2seq": TaskSpec("seq2seq", "AutoModelForSeq2SeqLM", "text2text-generation", False),
     # Image tasks take one input, pixel_values [batch, channels, height, width] at the model's image size.
     "image-cls": TaskSpec("image-cls", "AutoModelForImageClassification", "image-classification", False),

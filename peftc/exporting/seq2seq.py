@@ -46,6 +46,8 @@ __all__ = [
     "EncoderModule",
     "PromptedDecoderModule",
     "PromptedEncoderModule",
+    "PromptedSeq2SeqModule",
+    "Seq2SeqModule",
     "decoder_cases",
     "encoder_prefix",
     "split_state",
@@ -278,3 +280,68 @@ def decoder_cases(
         }
         cases.append(VerifyCase(case.name, inputs, f"{length} decoder tokens over: {case.description}"))
     return cases
+
+
+class Seq2SeqModule(nn.Module):
+    """Captured around a seq2seq LM for training: the whole forward, ``input_ids, attention_mask,
+    decoder_input_ids -> logits`` (what ``model(...)`` computes: the encoder, then the decoder over its states).
+
+    It runs :class:`EncoderModule`'s and :class:`DecoderModule`'s forwards one after the other, so the
+    training graph computes exactly what the two exported graphs compute together. No decoder mask: the
+    decoder is causal and labels are right-padded with ``-100``, so padding positions change no counted logit
+    (as transformers' ``DataCollatorForSeq2Seq`` batches). Encoder and decoder lengths are separate dims.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.input_names = ["input_ids", "attention_mask", "decoder_input_ids"]
+        self.output_names = ["logits"]
+        self.dynamic_dims = {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "decoder_input_ids": {0: "batch", 1: "decoder_sequence"},
+        }
+
+    @staticmethod
+    def prompted(model: nn.Module, prompt: nn.Module, config: Any) -> nn.Module:
+        """This graph with a prompt-learning adapter's virtual tokens or prefix (what the prompt passes capture)."""
+        return PromptedSeq2SeqModule(model, prompt, config)
+
+    def example_inputs(self, batch: int = 2, seq: int = 5, decoder_seq: int = 3) -> tuple[torch.Tensor, ...]:
+        """Capture example: every dynamic size ≥ 2 and distinct, so none is specialised or confused."""
+        gen = torch.Generator().manual_seed(0)
+        vocab = int(getattr(self.model.config, "vocab_size", 100) or 100)
+        return (
+            torch.randint(1, max(vocab, 2), (batch, seq), generator=gen),
+            torch.ones(batch, seq, dtype=torch.long),
+            torch.randint(1, max(vocab, 2), (batch, decoder_seq), generator=gen),
+        )
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask, decoder_input_ids = inputs
+        states = EncoderModule.forward(self, input_ids, attention_mask)
+        return DecoderModule.forward(self, decoder_input_ids, attention_mask, states)
+
+
+class PromptedSeq2SeqModule(Seq2SeqModule):
+    """The training graph of a prompt-learning adapter: :class:`PromptedEncoderModule` then
+    :class:`PromptedDecoderModule` (HF PEFT 0.21's ``PeftModelForSeq2SeqLM.forward`` without a decoder mask).
+
+    The two halves are held outside the module tree, so the graph's parameters keep the names
+    ``model.<HF name>`` and ``prompt.<param>`` that the export's graphs use.
+    """
+
+    base_wrapper = Seq2SeqModule
+
+    def __init__(self, model: nn.Module, prompt: nn.Module, config: Any):
+        super().__init__(model)
+        self.prompt = prompt
+        halves = (PromptedEncoderModule(model, prompt, config), PromptedDecoderModule(model, prompt, config))
+        object.__setattr__(self, "_halves", halves)  # not submodules: no second name for the same parameters
+        self.extra_positions = max(getattr(h, "extra_positions", 0) for h in halves)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask, decoder_input_ids = inputs
+        encoder, decoder = self._halves
+        return decoder(decoder_input_ids, attention_mask, encoder(input_ids, attention_mask))

@@ -188,9 +188,11 @@ def _text_data(
     if max_pos and max_length > max_pos:
         logger.warning("max_length=%d exceeds the model's %d usable positions; using %d", max_length, max_pos, max_pos)
         max_length = max_pos
-    pad_id = loaded.model.config.pad_token_id if task == "seq-cls" else None
-    train_enc = encode(train_data, loaded.tokenizer, task, max_length, pad_id)
-    eval_enc = encode(eval_data, loaded.tokenizer, task, max_length, pad_id) if eval_data else None
+    # decoder classifiers find the last token by the model's pad id; seq2seq shifts labels in with it
+    pad_id = loaded.model.config.pad_token_id if task in ("seq-cls", "seq2seq") else None
+    start = getattr(loaded.model.config, "decoder_start_token_id", None) if task == "seq2seq" else None
+    train_enc = encode(train_data, loaded.tokenizer, task, max_length, pad_id, start)
+    eval_enc = encode(eval_data, loaded.tokenizer, task, max_length, pad_id, start) if eval_data else None
     return train_enc, eval_enc, train_data, id2label, loaded
 
 

@@ -53,7 +53,7 @@ __all__ = [
     "resolve_data",
 ]
 
-TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation")
+TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation")
 
 #: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
 #: method whose config lacks the field is an error. Every other field: ``--set FIELD=VALUE``.
@@ -123,7 +123,8 @@ class TrainConfig:
     task: str | None = _help(
         f"{', '.join(TRAINABLE_TASKS)}. Default: the preset's task; for a model directory, from the architectures "
         "in its config.json: *ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
-        "semantic-segmentation, *ForTokenClassification -> token-cls, *CausalLM or *LMHeadModel -> causal-lm, "
+        "semantic-segmentation, *ForTokenClassification -> token-cls, an encoder-decoder's *ForConditionalGeneration "
+        "(T5, BART) -> seq2seq, *CausalLM or *LMHeadModel -> causal-lm, "
         "anything else -> seq-cls.",
         default=None,
     )
@@ -343,9 +344,11 @@ def infer_task(model: str) -> str:
     if model in PRESETS:
         return PRESETS[model][1]
     try:
-        archs = json.loads((Path(model).expanduser() / "config.json").read_text()).get("architectures") or []
+        cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
+        archs = cfg.get("architectures") or []
+        encoder_decoder = cfg.get("is_encoder_decoder") is True
     except (OSError, ValueError, AttributeError):
-        archs = []
+        archs, encoder_decoder = [], False
     if not isinstance(archs, list):
         archs = []
     image = vision_task([a for a in archs if isinstance(a, str)])
@@ -353,6 +356,8 @@ def infer_task(model: str) -> str:
         return image
     if any(a.endswith("ForTokenClassification") for a in archs):
         return "token-cls"
+    if encoder_decoder and any(a.endswith("ForConditionalGeneration") for a in archs):
+        return "seq2seq"
     return "causal-lm" if any("CausalLM" in a or "LMHeadModel" in a for a in archs) else "seq-cls"
 
 
