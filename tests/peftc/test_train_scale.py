@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from train_cases import SENTENCES, adapter_tensors, write_jsonl
 
 import peftc
 from peftc.errors import ConfigError
@@ -36,82 +36,23 @@ def test_python_dash_m_peftc_is_the_cli(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-SENTENCES = [
-    ("what a wonderful film", "pos"),
-    ("a dull and boring story", "neg"),
-    ("the food was lovely", "pos"),
-    ("the room was dirty", "neg"),
-    ("great phone, fast and light", "pos"),
-    ("it broke after a week", "neg"),
-    ("friendly staff and tasty food", "pos"),
-    ("rude waiter, cold soup", "neg"),
-    ("i loved every minute", "pos"),
-    ("never again", "neg"),
-    ("brilliant and funny", "pos"),
-    ("a waste of money", "neg"),
-]
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _adapter(run_dir):
-    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
-
-
 def _losses(run_dir):
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["type"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from peftc.models import load_tokenizer, preset_path
-
-    try:
-        return load_tokenizer(preset_path("minilm"))
-    except Exception as e:  # noqa: BLE001 - the MiniLM package is optional
-        pytest.skip(f"MiniLM tokenizer unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory, tokenizer):
-    """A tiny BERT classifier (dropout 0) as an HF model directory."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                     vocab_size=len(tokenizer), max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)  # fmt: skip
-    BertForSequenceClassification(cfg).save_pretrained(root, safe_serialization=True)
-    tokenizer.save_pretrained(root)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    root = tmp_path_factory.mktemp("gpt2")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer), resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)  # fmt: skip
-    GPT2LMHeadModel(cfg).save_pretrained(root, safe_serialization=True)
-    tokenizer.save_pretrained(root)
-    return str(root)
+#: Twelve texts: a global batch of 12 splits evenly over 1, 2, 3, 4 or 6 processes.
+TEXTS = SENTENCES[:12]
 
 
 @pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):
-    return _jsonl(tmp_path_factory.mktemp("cls") / "train.jsonl", [{"text": t, "label": y} for t, y in SENTENCES])
+    return write_jsonl(tmp_path_factory.mktemp("cls") / "train.jsonl", [{"text": t, "label": y} for t, y in TEXTS])
 
 
 @pytest.fixture(scope="module")
 def lm_data(tmp_path_factory):
-    return _jsonl(tmp_path_factory.mktemp("lm") / "train.jsonl", [{"text": t} for t, _ in SENTENCES])
+    return write_jsonl(tmp_path_factory.mktemp("lm") / "train.jsonl", [{"text": t} for t, _ in TEXTS])
 
 
 # -- device and precision options -----------------------------------------------------------------
@@ -134,8 +75,8 @@ def test_bad_scale_options_are_refused_before_any_work(tmp_path, options, messag
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
-def test_cuda_without_cuda_is_one_clear_line(tmp_path, bert_dir, cls_data):
-    run = ["-m", "peftc", "train", "--model", bert_dir, "--data", cls_data, "--out", str(tmp_path / "run")]
+def test_cuda_without_cuda_is_one_clear_line(tmp_path, bert0_dir, cls_data):
+    run = ["-m", "peftc", "train", "--model", bert0_dir, "--data", cls_data, "--out", str(tmp_path / "run")]
     done = _run(*run, "--device", "cuda")
     assert done.returncode == 1, done
     lines = done.stderr.strip().splitlines()
@@ -143,33 +84,33 @@ def test_cuda_without_cuda_is_one_clear_line(tmp_path, bert_dir, cls_data):
     for options, message in (({"device": "cuda:1"}, "--device cuda:1: .* no CUDA device"),
                              ({"precision": "fp16"}, "--precision fp16 needs a CUDA device")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
-            train(TrainConfig(model=bert_dir, data=cls_data, out=str(tmp_path / "run"), **options))
+            train(TrainConfig(model=bert0_dir, data=cls_data, out=str(tmp_path / "run"), **options))
     assert not (tmp_path / "run").exists()
 
 
-def test_explicit_cpu_device_is_the_default_run(tmp_path, bert_dir, cls_data):
-    common = dict(model=bert_dir, data=cls_data, max_steps=2, batch_size=4, lr=1e-2, lora_dropout=0.0, progress=False)
+def test_explicit_cpu_device_is_the_default_run(tmp_path, bert0_dir, cls_data):
+    common = dict(model=bert0_dir, data=cls_data, max_steps=2, batch_size=4, lr=1e-2, lora_dropout=0.0, progress=False)
     a = train(TrainConfig(**common, out=str(tmp_path / "auto")))
     b = train(TrainConfig(**common, device="cpu", out=str(tmp_path / "cpu")))
-    x, y = _adapter(a.run_dir), _adapter(b.run_dir)
+    x, y = adapter_tensors(a.run_dir), adapter_tensors(b.run_dir)
     assert all(torch.equal(x[k], y[k]) for k in x)
     run = json.loads((b.run_dir / "run.json").read_text())
     assert run["train_config"]["device"] == "cpu" and run["train_config"]["world_size"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
-def test_cuda_run_saves_a_cpu_adapter_close_to_the_cpu_run(tmp_path, bert_dir, cls_data):
-    common = dict(model=bert_dir, data=cls_data, max_steps=3, batch_size=4, lr=1e-2, lora_dropout=0.0, progress=False)
+def test_cuda_run_saves_a_cpu_adapter_close_to_the_cpu_run(tmp_path, bert0_dir, cls_data):
+    common = dict(model=bert0_dir, data=cls_data, max_steps=3, batch_size=4, lr=1e-2, lora_dropout=0.0, progress=False)
     gpu = train(TrainConfig(**common, device="cuda", out=str(tmp_path / "gpu")))
     cpu = train(TrainConfig(**common, device="cpu", out=str(tmp_path / "cpu")))
-    x, y = _adapter(gpu.run_dir), _adapter(cpu.run_dir)
+    x, y = adapter_tensors(gpu.run_dir), adapter_tensors(cpu.run_dir)
     assert x.keys() == y.keys()
     for k in x:
         assert x[k].device.type == "cpu" and x[k].dtype == torch.float32
         assert torch.allclose(x[k], y[k], atol=1e-4), (k, (x[k] - y[k]).abs().max())
 
 
-def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert_dir, cls_data):
+def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert0_dir, cls_data):
     peft = pytest.importorskip("peft")
     from peftc.passes import insertion_pipeline
     from transformers import AutoModelForSequenceClassification
@@ -180,7 +121,7 @@ def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert_dir, cls_
     from peftc.program import capture
 
     # the whole set in every step: the logged loss must fall, along the float32 run's curve
-    common = dict(model=bert_dir, data=cls_data, max_steps=12, batch_size=12, lr=1e-1, warmup_ratio=0.0,
+    common = dict(model=bert0_dir, data=cls_data, max_steps=12, batch_size=12, lr=1e-1, warmup_ratio=0.0,
                   lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
     res = train(TrainConfig(**common, out=str(tmp_path / "run"), precision="bf16", base_dtype="bfloat16"))
     ref32 = train(TrainConfig(**common, out=str(tmp_path / "fp32")))
@@ -188,14 +129,14 @@ def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert_dir, cls_
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.05, losses
     assert losses == pytest.approx(_losses(ref32.run_dir), abs=0.05)
     assert losses != _losses(ref32.run_dir)  # bf16 did round something
-    tensors = _adapter(res.run_dir)
+    tensors = adapter_tensors(res.run_dir)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert max(t.abs().max().item() for k, t in tensors.items() if "lora_B" in k) > 1e-3
     assert json.loads((res.run_dir / "run.json").read_text())["train_config"]["precision"] == "bf16"
 
-    base = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(bert0_dir, num_labels=2).eval()
     ref = peft.PeftModel.from_pretrained(base, str(res.adapter_dir)).eval()
-    loaded = load_model(bert_dir, "seq-cls", id2label=res.id2label)
+    loaded = load_model(bert0_dir, "seq-cls", id2label=res.id2label)
     prog = capture(loaded.model, "seq-cls", mode="eval")
     state = AdapterState.load(res.adapter_dir)
     insertion_pipeline(state.config, state)(prog)
@@ -275,11 +216,11 @@ def test_gradient_checkpointing_leaves_a_graph_without_blocks_alone():
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_run_gives_the_same_adapter(tmp_path, gpt2_dir, lm_data):
+def test_gradient_checkpointing_run_gives_the_sameadapter_tensors(tmp_path, gpt2_dir, lm_data):
     common = dict(model=gpt2_dir, data=lm_data, max_steps=3, batch_size=4, lr=1e-2, progress=False, log_every=1)
     plain = train(TrainConfig(**common, out=str(tmp_path / "plain")))
     ckpt = train(TrainConfig(**common, gradient_checkpointing=True, out=str(tmp_path / "ckpt")))
-    a, b = _adapter(plain.run_dir), _adapter(ckpt.run_dir)
+    a, b = adapter_tensors(plain.run_dir), adapter_tensors(ckpt.run_dir)
     assert a.keys() == b.keys()
     for k in a:  # lora_dropout 0.05: the recompute replays the masks
         assert torch.allclose(a[k], b[k], atol=1e-6), (k, (a[k] - b[k]).abs().max())
@@ -297,19 +238,19 @@ def _cxx():
 
 @pytest.mark.slow
 @pytest.mark.skipif(_cxx() is None, reason="torch.compile (Inductor) on the CPU needs a C++ compiler: none on PATH")
-def test_compile_follows_the_eager_loss_curve(tmp_path, bert_dir, cls_data):
+def test_compile_follows_the_eager_loss_curve(tmp_path, bert0_dir, cls_data):
     # the whole set every step: one sequence shape, one compilation
-    common = dict(model=bert_dir, data=cls_data, max_steps=4, batch_size=12, lr=5e-2, warmup_ratio=0.0,
+    common = dict(model=bert0_dir, data=cls_data, max_steps=4, batch_size=12, lr=5e-2, warmup_ratio=0.0,
                   lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
     eager = train(TrainConfig(**common, out=str(tmp_path / "eager")))
     compiled = train(TrainConfig(**common, compile=True, out=str(tmp_path / "compiled")))
     assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), abs=1e-5)
-    a, b = _adapter(eager.run_dir), _adapter(compiled.run_dir)
+    a, b = adapter_tensors(eager.run_dir), adapter_tensors(compiled.run_dir)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
 
 
-def test_compile_has_no_graph_break_on_the_captured_program(bert_dir):
+def test_compile_has_no_graph_break_on_the_captured_program(bert0_dir):
     """``fullgraph=True`` tracing (dynamo only, no Inductor codegen): a graph break would raise."""
     from peftc.passes import insertion_pipeline
 
@@ -318,7 +259,7 @@ def test_compile_has_no_graph_break_on_the_captured_program(bert_dir):
     from peftc.program import capture
     from peftc.training.checkpointing import checkpoint_blocks
 
-    prog = capture(load_model(bert_dir, "seq-cls", num_labels=2).model, "seq-cls", mode="train")
+    prog = capture(load_model(bert0_dir, "seq-cls", num_labels=2).model, "seq-cls", mode="train")
     cfg = {"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
     insertion_pipeline(config_from_dict(cfg, source="test"))(prog)
     for module in (prog.graph_module, checkpoint_blocks(prog.graph_module)[0]):
@@ -357,7 +298,7 @@ def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gp
     done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory:") == 1  # rank 0 speaks
-    a, b = _adapter(one), _adapter(two)
+    a, b = adapter_tensors(one), adapter_tensors(two)
     assert a.keys() == b.keys()
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
@@ -382,7 +323,7 @@ def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gp
     (two / "run.json").unlink()
     done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    c = _adapter(two)
+    c = adapter_tensors(two)
     assert max((b[k] - c[k]).abs().max().item() for k in b) <= 1e-6
     assert _records(two) == r2
     # one process cannot continue a two-process run: the global batch would change
