@@ -124,6 +124,13 @@ def test_head_is_built_like_transformers_gpt2_token_classifier(tmp_path):
     assert type(loaded) is type(opt) and infer_task(str(tmp_path)) == "token-cls"
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, opt(**batch).logits)
+    # a causal-LM checkpoint of the family loads into it: the backbone's weights, a new (seeded) head
+    from transformers import OPTForCausalLM
+
+    OPTForCausalLM(_config("opt")).save_pretrained(tmp_path / "lm", safe_serialization=True)
+    lm, head = OPTForCausalLM.from_pretrained(tmp_path / "lm"), load_model(tmp_path / "lm", "token-cls")
+    assert type(head.model) is type(opt) and sorted(head.missing_keys) == ["classifier.bias", "classifier.weight"]
+    assert torch.equal(head.model.model.decoder.layers[0].fc1.weight, lm.model.decoder.layers[0].fc1.weight)
 
 
 def test_train_lowers_the_loss_and_hf_peft_loads_the_adapter(tmp_path, model_dir, data, capsys):
