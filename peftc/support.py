@@ -15,6 +15,9 @@ IA3's l and the prompts are random), saves it in the HF PEFT format and checks, 
 ``merge``  where the method merges: the merged graph equals the unmerged one;
 ``onnx``   ``peftc.export`` writes an ONNX artifact and its verification against the torch program passes.
 
+OPT and GPT-J token classification, which transformers has no class for, are built with peftc's own head
+(:mod:`peftc.heads`); their reference is HF PEFT on that same class, and the cell's ``load`` check says so.
+
 A cell is ✅ when every check passes, ❌ with the first failing check's one-line reason, or
 "no HF PEFT reference" when HF PEFT itself cannot build the cell (peftc then inserts a fresh adapter
 of the same config and runs train, save, merge and onnx). Cells whose task peftc has no entry for in

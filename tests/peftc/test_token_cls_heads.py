@@ -165,6 +165,17 @@ def test_train_lowers_the_loss_and_hf_peft_loads_the_adapter(tmp_path, model_dir
         real = _real(batch)
         assert float((got - want)[real].abs().max()) <= 1e-5, padding
         assert float((got - base)[real].abs().max()) > 1e-3  # the trained adapter (and head) change the logits
+    if family != "opt":
+        return  # one family exports in the quick tier (GPT-J's ONNX: test_support_cells)
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForTokenClassification
+
+    from peftc.exporting import export
+
+    artifact = export(out, format="onnx", merge=True, out=tmp_path / "onnx")  # raises unless it verifies
+    ort = ORTModelForTokenClassification.from_pretrained(artifact)
+    with torch.no_grad():
+        assert float((ort(**batch).logits - want)[real].abs().max()) <= 1e-4  # optimum's client vs HF PEFT
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix-tuning"])
