@@ -147,6 +147,7 @@ class ModulesToSavePass(InPlacePass):
         self.bias = bias
 
     def plan(self, program: Program) -> list[SiteDecision]:
+        check_not_nested(program, self.modules_to_save)  # `peftc inspect plan` refuses what the pass would
         return [
             SiteDecision(n.rpartition(".")[0], "parameter", "rewrite", details={"param": n})
             for n in trainable_base_params(program, self.modules_to_save, self.bias)

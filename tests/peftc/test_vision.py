@@ -446,6 +446,8 @@ def test_nested_modules_to_save_are_refused_in_one_line(tmp_path, capsys):
 
     program = capture(_segformer(), "semantic-segmentation", mode="train")
     config = LoraConfig(target_modules=["query"], modules_to_save=["decode_head", "classifier"])
+    with pytest.raises(ConfigError, match=r"selects decode_head\.classifier inside decode_head"):
+        insertion_pipeline(config).plan(program)  # what `peftc inspect plan` shows, nothing changed
     with pytest.raises(ConfigError, match=r"selects decode_head\.classifier inside decode_head") as e:
         insertion_pipeline(config)(program)
     assert 'modules_to_save=["decode_head"]' in str(e.value)
