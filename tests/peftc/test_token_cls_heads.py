@@ -14,16 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_token_cls_data import ROWS, WORDS  # the token-cls data fixtures (CoNLL words and labels)
 
 from peftc.heads import needs_token_classification_head, token_classification_class
-
-WORDS = ["john", "lives", "in", "paris", "cat", "##s", "dog", "berlin", "anna"]
-ROWS = [
-    {"tokens": ["john", "lives", "in", "paris"], "labels": ["B-PER", "O", "O", "B-LOC"]},
-    {"tokens": ["cats", "dog"], "labels": ["B-ANI", "B-ANI"]},
-    {"tokens": ["anna", "lives", "in", "berlin"], "labels": ["B-PER", "O", "O", "B-LOC"]},
-    {"tokens": ["dog", "in", "paris"], "labels": ["B-ANI", "O", "B-LOC"]},
-]
 
 
 def _config(family: str):
@@ -57,6 +50,7 @@ def model_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """The token-cls data fixture's lines as a JSON-lines file."""
     path = tmp_path_factory.mktemp("ner") / "ner.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return str(path)
