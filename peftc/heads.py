@@ -82,6 +82,7 @@ def _head_class(backbone_name: str) -> type:
     cls = type(name, (_DecoderForTokenClassification, pretrained), {"_backbone_class": backbone_cls})
     cls.__module__ = __name__
     cls.__qualname__ = name
+    globals()[name] = cls  # importable by its name (pickle, copy) once made
     return cls
 
 

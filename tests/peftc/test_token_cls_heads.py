@@ -103,6 +103,12 @@ def test_head_is_built_like_transformers_gpt2_token_classifier(tmp_path):
     names = [n for n, _ in opt.named_parameters()]
     assert names[0].startswith("model.decoder.") and names[-2:] == ["classifier.weight", "classifier.bias"]
     assert next(n for n, _ in gptj.named_parameters()).startswith("transformer.")
+    # the backbone's names are those of the family's own sequence classifier (what HF PEFT's keys are made from)
+    from transformers import GPTJForSequenceClassification, OPTForSequenceClassification
+
+    for ours, seq_cls in ((opt, OPTForSequenceClassification), (gptj, GPTJForSequenceClassification)):
+        theirs = {n for n in seq_cls(ours.config).state_dict() if not n.startswith("score.")}
+        assert theirs == {n for n in ours.state_dict() if not n.startswith("classifier.")}
     assert opt.classifier.in_features == 32 and opt.dropout.p == 0.1  # word_embed_proj_dim; GPT-2's fallback
     assert gptj.classifier.in_features == 64 and gptj.dropout.p == 0.05  # resid_pdrop
     # eager forward = backbone → dropout → classifier (the definition, checked against the backbone alone)
