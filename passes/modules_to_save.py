@@ -14,20 +14,26 @@ A saved module's persistent buffers are the adapter's too, as HF PEFT saves them
 ``decode_head`` holds a BatchNorm whose ``running_mean``/``running_var``/``num_batches_tracked``
 a train-mode graph updates in place. They get copies bound as buffers (never trained by the
 optimizer), so training updates the adapter's statistics and the base model's stay as loaded.
+
+A name may select a module at any depth (``classifier`` selects SegFormer's ``decode_head.classifier``,
+saved as ``base_model.model.decode_head.classifier.weight``, as HF PEFT does). Names that select a module
+*inside* another selected one (``["decode_head", "classifier"]``) are refused (:func:`check_not_nested`).
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
-from peftc.errors import AdapterMismatchError, TargetNotFoundError
+from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
 from peftc.methods import adapter_markers
 from peftc.program import MODEL_PREFIX, Program
 
 from .base import InPlacePass, PassResult, SiteDecision, finish, set_attr
 
-__all__ = ["ModulesToSavePass", "base_param_key", "saved_base_buffers", "trainable_base_params"]
+__all__ = ["ModulesToSavePass", "base_param_key", "check_not_nested", "saved_base_buffers", "trainable_base_params"]
 
 
 #: Sub-module names of HF PEFT's ModulesToSaveWrapper that appear in keys it saves with bias="all".
@@ -74,6 +80,33 @@ def _saved_module(module: str, modules_to_save: list[str] | None) -> bool:
     )
 
 
+def check_not_nested(program: Program, modules_to_save: list[str] | None) -> None:
+    """Refuse ``modules_to_save`` names that select a module inside another selected one.
+
+    SegFormer's ``decode_head`` holds a ``classifier``: ``modules_to_save=["decode_head", "classifier"]``
+    selects both. HF PEFT then wraps the outer module (a trained copy of the whole head, classifier included)
+    and, on that wrapper, the nested one a second time (a copy its forward never calls), and saves both copies
+    under the same keys (``base_model.model.decode_head.classifier.weight``): which one a file holds is not
+    defined, so peftc cannot match it. One module alone (``["classifier"]`` selects ``decode_head.classifier``)
+    is HF PEFT's plain case and is supported.
+
+    Raises:
+        ConfigError: naming the nested module, its selected ancestor, and what to write instead.
+    """
+    if not modules_to_save:
+        return
+    selected = sorted(m for m in program.module_types if any(m == s or m.endswith("." + s) for s in modules_to_save))
+    for module in selected:
+        outer = next((a for a in selected if module.startswith(a + ".")), None)
+        if outer is not None:
+            keep = [s for s in modules_to_save if not (module == s or module.endswith("." + s))]
+            raise ConfigError(
+                f"modules_to_save={modules_to_save!r} selects {module} inside {outer}, which is selected too; "
+                f"HF PEFT would save two copies of {module} under the same keys: name only the outer module "
+                f"(modules_to_save={json.dumps(keep)}; on the command line --set 'modules_to_save={json.dumps(keep)}')"
+            )
+
+
 def saved_base_buffers(program: Program, modules_to_save: list[str] | None) -> list[str]:
     """HF module-relative names of the persistent buffers of ``modules_to_save`` (BatchNorm statistics)."""
     if not modules_to_save:
@@ -114,6 +147,7 @@ class ModulesToSavePass(InPlacePass):
         self.bias = bias
 
     def plan(self, program: Program) -> list[SiteDecision]:
+        check_not_nested(program, self.modules_to_save)  # `peftc inspect plan` refuses what the pass would
         return [
             SiteDecision(n.rpartition(".")[0], "parameter", "rewrite", details={"param": n})
             for n in trainable_base_params(program, self.modules_to_save, self.bias)
@@ -126,6 +160,7 @@ class ModulesToSavePass(InPlacePass):
         state = program.adapter
         if state is None:
             raise ValueError("ModulesToSavePass runs after a method pass has bound an adapter")
+        check_not_nested(program, self.modules_to_save)
         names = trainable_base_params(program, self.modules_to_save, self.bias)
         if self.modules_to_save and not names:
             # seq-cls heads are named `classifier` or `score`; HF PEFT lists both and needs one.

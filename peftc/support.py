@@ -15,6 +15,9 @@ IA3's l and the prompts are random), saves it in the HF PEFT format and checks, 
 ``merge``  where the method merges: the merged graph equals the unmerged one;
 ``onnx``   ``peftc.export`` writes an ONNX artifact and its verification against the torch program passes.
 
+OPT and GPT-J token classification, which transformers has no class for, are built with peftc's own head
+(:mod:`peftc.heads`); their reference is HF PEFT on that same class, and the cell's ``load`` check says so.
+
 A cell is ✅ when every check passes, ❌ with the first failing check's one-line reason, or
 "no HF PEFT reference" when HF PEFT itself cannot build the cell (peftc then inserts a fresh adapter
 of the same config and runs train, save, merge and onnx). Cells whose task peftc has no entry for in
@@ -374,8 +377,15 @@ def build_model(family: str, task: str) -> torch.nn.Module:
     """A fresh, seeded tiny model of ``family`` for ``task`` (same weights on every call)."""
     import transformers
 
+    from peftc.heads import needs_token_classification_head, token_classification_class
+
     cfg_cls, kwargs, classes = FAMILIES[family]
     cls_name = classes.get(task)
+    if cls_name is None and task == "token-cls" and needs_token_classification_head(getattr(transformers, cfg_cls)()):
+        # transformers has none (OPT, GPT-J): peftc's own head (peftc.heads), which HF PEFT wraps like any module
+        torch.manual_seed(0)
+        cfg = getattr(transformers, cfg_cls)(**kwargs, num_labels=_NUM_LABELS)
+        return token_classification_class(cfg)(cfg).eval()
     if cls_name is None:
         raise _CheckFailed(f"transformers {transformers.__version__} has no {task} model class for {family}")
     if cls_name.startswith("diffusers."):
@@ -687,6 +697,8 @@ def _run_checks(cell: Cell, tmp: Path, checks: dict[str, str]) -> tuple[str, str
             hf = None
         else:
             checks["load"] = f"max |Δ| vs HF PEFT {max(diffs):.2g} (right- and left-padded)"
+            if type(model).__module__ == "peftc.heads":  # the reference runs on peftc's head, not a transformers class
+                checks["load"] += f", HF PEFT on peftc's {type(model).__name__} (transformers has none)"
     else:
         data = json.loads(json.dumps(hf_config(cell).to_dict(), default=lambda v: sorted(v)))
         config = config_from_dict(data)

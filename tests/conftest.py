@@ -130,6 +130,24 @@ def tiny_bart():
     return BartForConditionalGeneration(cfg).eval()
 
 
+def tiny_opt():
+    """OPT causal LM: positions derived from the attention mask (cumsum), learned position table offset by 2."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        ffn_dim=128,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+        pad_token_id=0,
+    )
+    return OPTForCausalLM(cfg).eval()
+
+
 FAMILIES = {
     ("gpt2", "causal-lm"): lambda: tiny_gpt2(),
     ("llama", "causal-lm"): lambda: tiny_llama(),
@@ -137,6 +155,13 @@ FAMILIES = {
     ("gpt2", "seq-cls"): lambda: tiny_gpt2(num_labels=3),
     ("llama", "seq-cls"): lambda: tiny_llama(num_labels=3),
 }
+#: Families only some parity tests cover (not in the ``family`` fixture): ``captured`` and ``model_for`` take them too.
+MORE_FAMILIES = {("opt", "causal-lm"): tiny_opt}
+
+
+def model_for(fam: str, task: str) -> torch.nn.Module:
+    """A fresh tiny model of ``FAMILIES`` or ``MORE_FAMILIES``."""
+    return {**FAMILIES, **MORE_FAMILIES}[(fam, task)]()
 
 
 def linearise_conv1d(model: torch.nn.Module) -> torch.nn.Module:
@@ -215,7 +240,7 @@ def captured(fam: str, task: str, mode: str = "eval"):
 
     key = (fam, task, mode)
     if key not in _CAPTURES:
-        model = FAMILIES[(fam, task)]()
+        model = model_for(fam, task)
         _CAPTURES[key] = (capture(model, task, mode=mode), model)
     program, model = _CAPTURES[key]
     gm = program.graph_module

@@ -29,8 +29,16 @@ LAYOUTS = {
         r=2, alpha=6, target_modules=["q_proj", "v_proj", "up_proj"], alpha_pattern={"up_proj": 1.5}
     ),
     ("llama", "decompose_both"): dict(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "v_proj"]),
+    # OPT causal LM (positions from the attention mask): fc1 [128, 64] = (8, 16) x (8, 8)
+    ("opt", "w2_decomposed"): dict(
+        r=2, alpha=6, target_modules=["q_proj", "v_proj", "fc1"], alpha_pattern={"fc1": 1.5}
+    ),
+    # BERT seq-cls (the classifier in modules_to_save): query, value [64, 64]
+    ("bert", "decompose_both"): dict(r=2, alpha=4, decompose_both=True, target_modules=["query", "value"]),
 }
 LAYOUT_IDS = sorted({kind for _, kind in LAYOUTS})
+#: The task of each family's layouts (causal-lm unless listed).
+TASKS = {"bert": "seq-cls"}
 
 
 def perturb(tensors, seed: int, std: float = 0.1) -> None:

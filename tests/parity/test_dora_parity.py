@@ -1,4 +1,5 @@
-"""DoRA parity with HF PEFT 0.21 through its on-disk format, both directions, GPT-2 (Conv1D) and LLaMA (Linear).
+"""DoRA parity with HF PEFT 0.21 through its on-disk format, both directions: GPT-2 (Conv1D), LLaMA (Linear),
+BERT seq-cls (the classifier in modules_to_save) and OPT (positions from the attention mask).
 
 peftc → HF PEFT: a peftc DoRA adapter, away from init (B random, m off ‖W‖), saved with
 ``AdapterState.save``, loads with ``PeftModel.from_pretrained(fresh_base, dir)`` and gives the peftc
@@ -16,7 +17,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import FAMILIES, batch_for, captured, real_positions
+from conftest import batch_for, captured, model_for, real_positions
 from peftc.passes import insertion_pipeline, merge_pipeline
 from peftc.passes.dora import MAGNITUDE
 
@@ -24,13 +25,17 @@ from peftc.adapters import AdapterState
 from peftc.config import LoraConfig
 
 ATOL = 1e-5
-CASES = [("gpt2", "causal-lm"), ("llama", "causal-lm")]
+CASES = [("gpt2", "causal-lm"), ("llama", "causal-lm"), ("bert", "seq-cls"), ("opt", "causal-lm")]
 #: Several targets incl. MLP layers, a rank pattern, rsLoRA; GPT-2 also trains its biases (bias="all").
 KWARGS = {
     "gpt2": dict(r=6, lora_alpha=12, target_modules=["c_attn", "c_proj", "c_fc"], rank_pattern={"c_fc": 4},
                  use_rslora=True, bias="all"),
     "llama": dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                   "up_proj", "down_proj"], rank_pattern={"down_proj": 2}),
+    # BERT seq-cls: the classifier head trained in full beside DoRA (task_type SEQ_CLS saves it)
+    "bert": dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], modules_to_save=["classifier"]),
+    # OPT: positions derived from the attention mask (left padding shifts them)
+    "opt": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], rank_pattern={"fc1": 2}),
 }  # fmt: skip
 PADDING = ["left", "right"]
 PARAMS = [(case, pad) for case in CASES for pad in PADDING]
@@ -38,7 +43,7 @@ IDS = [f"{f}-{pad}-pad" for (f, _), pad in PARAMS]
 
 
 def _kwargs(case) -> dict:
-    return dict(task_type="CAUSAL_LM", use_dora=True, **KWARGS[case[0]])
+    return dict(task_type="SEQ_CLS" if case[1] == "seq-cls" else "CAUSAL_LM", use_dora=True, **KWARGS[case[0]])
 
 
 def _batch(program, padding: str) -> tuple:
@@ -90,7 +95,7 @@ def _key_warnings(caught) -> list[str]:
 def _from_pretrained(case, directory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(FAMILIES[case](), str(directory))
+        model = peft.PeftModel.from_pretrained(model_for(*case), str(directory))
     assert _key_warnings(caught) == []
     return model
 
@@ -114,7 +119,7 @@ def test_peftc_dora_adapter_loads_in_hf_peft(tmp_path, case, padding):
     diff = _diff(program, inputs, ours, theirs)
     print(f"\nDoRA parity {case[0]} {padding}-pad peftc->HF: {diff:.3g}")
     assert diff <= ATOL
-    base = _hf_logits(FAMILIES[case](), program, inputs)
+    base = _hf_logits(model_for(*case), program, inputs)
     assert _diff(program, inputs, theirs, base) > 1e-2  # the adapter does something
 
     merge_pipeline()(program)
@@ -126,7 +131,7 @@ def test_peftc_dora_adapter_loads_in_hf_peft(tmp_path, case, padding):
 @pytest.mark.parametrize("case,padding", PARAMS, ids=IDS)
 def test_hf_peft_dora_adapter_binds_in_peftc(tmp_path, case, padding):
     torch.manual_seed(1)
-    hf = peft.get_peft_model(FAMILIES[case](), peft.LoraConfig(**_kwargs(case)))
+    hf = peft.get_peft_model(model_for(*case), peft.LoraConfig(**_kwargs(case)))
     _away({n: p for n, p in hf.named_parameters() if p.requires_grad}, seed=1)
     hf.save_pretrained(str(tmp_path / "hf"))
 

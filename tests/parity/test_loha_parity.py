@@ -5,8 +5,10 @@ HF PEFT → peftc: an adapter made with ``get_peft_model``, every factor perturb
 loads with ``AdapterState.load``, binds into a peftc program and gives HF PEFT's logits. peftc → HF PEFT:
 a perturbed peftc adapter saved with ``AdapterState.save`` loads with ``PeftModel.from_pretrained`` and
 gives the peftc program's logits; merged, ``merge_and_unload()``'s. Batches are right- and left-padded
-(real positions compared). Train programs draw HF PEFT's random numbers in HF's order (rank and module
-dropout), and their factor gradients equal those of HF's hand-written ``HadaWeight.backward``.
+(real positions compared). Families: GPT-2, LLaMA and OPT (positions derived from the attention mask) causal
+LMs, BERT sequence classification (the classifier trained in full, ``modules_to_save``). Train programs draw
+HF PEFT's random numbers in HF's order (rank and module dropout), and their factor gradients equal those of
+HF's hand-written ``HadaWeight.backward``.
 
 HF PEFT 0.21's LoHa refuses GPT-2's Conv1D (``TypeError``); peftc adapts it as the equivalent nn.Linear, so
 GPT-2's reference is HF PEFT on GPT-2 with its Conv1D layers converted to nn.Linear (``conftest.hf_base``:
@@ -20,7 +22,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import FAMILIES, captured, hf_base
+from conftest import captured, hf_base, model_for
 from peft.tuners.loha import LoHaLayer
 from peftc.passes import insertion_pipeline, merge_pipeline
 from peftc.passes.loha import LoHaConfig
@@ -50,7 +52,12 @@ CASES = {
             init_weights=False,
         ),
     ),  # fmt: skip
+    # BERT seq-cls (the classifier trained in full, modules_to_save) and OPT (positions from the attention mask)
+    "bert-seq-cls": ("bert", dict(r=4, alpha=8, target_modules=["query", "value", "dense"])),
+    "opt-default": ("opt", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "fc1"], rank_pattern={"fc1": 2})),
 }
+#: The task of each family's cases.
+TASKS = {"bert": "seq-cls"}
 #: max |peftc - HF PEFT| per (case, direction, padding), printed at the end of the module (pytest -s)
 FIGURES: dict[str, float] = {}
 
@@ -64,7 +71,12 @@ def _batch(program, pad: str, batch: int = 3, seq: int = 9, seed: int = 1) -> di
         cols = slice(0, n) if pad == "left" else slice(seq - n, seq)
         mask[row, cols] = 0
         ids[row, cols] = 0
-    tensors = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    tensors = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
     return {n: tensors[n] for n in program.input_names}
 
 
@@ -80,18 +92,27 @@ def _compare(program, hf_model, pad: str) -> float:
     with torch.no_grad():
         got = program(*x.values())
         want = hf_model(**x).logits
-    rows = x["attention_mask"].bool()
-    assert (want - FAMILIES[(_family(program), "causal-lm")]()(**x).logits)[rows].abs().max() > 1e-2  # not identity
+    family = program.model_config.model_type
+    rows = x["attention_mask"].bool() if _task(family) == "causal-lm" else slice(None)  # seq-cls: every row
+    assert (want - model_for(family, _task(family))(**x).logits)[rows].abs().max() > 1e-2  # not identity
     return (got - want)[rows].abs().max().item()
 
 
-def _family(program) -> str:
-    return program.model_config.model_type
+def _task(family: str) -> str:
+    return TASKS.get(family, "causal-lm")
+
+
+def _config_kwargs(family: str, kwargs: dict) -> dict:
+    """HF PEFT's task type; a seq-cls head is trained in full (modules_to_save)."""
+    if _task(family) == "seq-cls":
+        return dict(task_type="SEQ_CLS", modules_to_save=["classifier"], **kwargs)
+    return dict(task_type="CAUSAL_LM", **kwargs)
 
 
 def _hf_loha(family: str, kwargs: dict, seed: int):
-    model = peft.get_peft_model(hf_base(FAMILIES[(family, "causal-lm")]), peft.LoHaConfig(**kwargs)).eval()
-    _perturb_named([(n, p) for n, p in model.named_parameters() if "hada_" in n], seed)
+    base = hf_base(lambda: model_for(family, _task(family)))
+    model = peft.get_peft_model(base, peft.LoHaConfig(**_config_kwargs(family, kwargs))).eval()
+    _perturb_named([(n, p) for n, p in model.named_parameters() if "hada_" in n or "modules_to_save" in n], seed)
     return model
 
 
@@ -104,7 +125,7 @@ def test_hf_peft_saves_peftc_loads(case, tmp_path):
         hf.save_pretrained(tmp_path)
     state = AdapterState.load(tmp_path)
     assert isinstance(state.config, LoHaConfig)
-    program, _ = captured(family, "causal-lm")
+    program, _ = captured(family, _task(family))
     insertion_pipeline(state.config, state)(program)
     assert len(program.sites) == sum(isinstance(m, LoHaLayer) for m in hf.modules())
     for pad in ("right", "left"):
@@ -139,15 +160,15 @@ def test_hf_peft_copy_of_a_targeted_lm_head_is_checked_and_dropped(tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peftc_saves_hf_peft_loads(case, tmp_path):
     family, kwargs = CASES[case]
-    program, _ = captured(family, "causal-lm")
-    insertion_pipeline(LoHaConfig(task_type="CAUSAL_LM", **kwargs))(program)
+    program, _ = captured(family, _task(family))
+    insertion_pipeline(LoHaConfig(**_config_kwargs(family, kwargs)))(program)
     _perturb_named(program.adapter.tensors.items(), seed=4)
     program.adapter.save(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lm_head is tied to the embedding
-        hf = peft.PeftModel.from_pretrained(hf_base(FAMILIES[(family, "causal-lm")]), str(tmp_path)).eval()
+        hf = peft.PeftModel.from_pretrained(hf_base(lambda: model_for(family, _task(family))), str(tmp_path)).eval()
     hf_keys = {k.replace(".default", "") for k, _ in hf.named_parameters() if "hada_" in k}
-    assert hf_keys == set(program.adapter.tensors)
+    assert hf_keys == {k for k in program.adapter.tensors if "hada_" in k}
     for pad in ("right", "left"):
         diff = FIGURES[f"{case} peftc->HF {pad}"] = _compare(program, hf, pad)
         assert diff <= ATOL, (pad, diff)

@@ -5,6 +5,7 @@ peftc → HF PEFT: a perturbed peftc adapter saved with ``AdapterState.save`` lo
 HF PEFT → peftc: an adapter made with ``get_peft_model``, perturbed (every factor, w1 included: HF inits it
 to zero) and saved with ``save_pretrained`` binds into a peftc program and gives HF PEFT's logits, and re-saved
 by peftc loads in HF PEFT again. fp32, atol 1e-5, on batches with left- and right-padded rows (real positions).
+Families: GPT-2 and LLaMA (every layout), OPT (positions derived from the attention mask) and BERT seq-cls.
 
 GPT-2's reference is HF PEFT on GPT-2 with its Conv1D layers as nn.Linear (HF PEFT 0.21 refuses LoKr on
 Conv1D; see ``conftest.linearise_conv1d``). Train programs are compared with HF PEFT in train mode at the same
@@ -18,8 +19,8 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import FAMILIES, captured, hf_base, real_positions
-from lokr_cases import LAYOUT_IDS, LAYOUTS, padded_batch, perturb
+from conftest import FAMILIES, captured, hf_base, model_for, real_positions
+from lokr_cases import LAYOUT_IDS, LAYOUTS, TASKS, padded_batch, perturb
 from peftc.passes import insertion_pipeline, merge_pipeline
 
 from peftc.adapters import AdapterState
@@ -28,6 +29,7 @@ from peftc.config import LoKrConfig
 ATOL = 1e-5
 FAMILY_IDS = ["gpt2", "llama"]
 PARAMS = [(fam, kind) for fam in FAMILY_IDS for kind in LAYOUT_IDS]
+PARAMS += [("opt", "w2_decomposed"), ("bert", "decompose_both")]  # mask-derived positions; a seq-cls head
 IDS = [f"{fam}-{kind}" for fam, kind in PARAMS]
 
 
@@ -71,6 +73,10 @@ def _hf_layout(hf) -> set[str]:
     return {n.split(".lokr_")[1].split(".")[0] for n, _ in hf.named_parameters() if ".lokr_" in n}
 
 
+def _factory(case: tuple[str, str]):
+    return lambda: model_for(*case)
+
+
 def _load_hf(factory, directory) -> torch.nn.Module:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -87,22 +93,23 @@ def test_hf_peft_021_refuses_lokr_on_conv1d():
 
 @pytest.mark.parametrize("fam,kind", PARAMS, ids=IDS)
 def test_peftc_adapter_loads_in_hf_peft(tmp_path, fam, kind):
-    case = (fam, "causal-lm")
+    case = (fam, TASKS.get(fam, "causal-lm"))
     program, _ = captured(*case)
-    insertion_pipeline(LoKrConfig(**_kwargs(fam, kind)))(program)
+    insertion_pipeline(LoKrConfig(**_kwargs(fam, kind, case[1])))(program)
     state = program.adapter
     perturb(state.tensors.values(), seed=0)
     state.save(tmp_path / "adapter")
 
-    hf = _load_hf(FAMILIES[case], tmp_path / "adapter")
+    hf = _load_hf(_factory(case), tmp_path / "adapter")
     n_hf = sum(p.numel() for n, p in hf.named_parameters() if "lokr_" in n)
-    assert n_hf == state.num_parameters()
-    assert _hf_layout(hf) == {k.split(".lokr_")[1] for k in state.tensors}
+    lokr = {k: t for k, t in state.tensors.items() if ".lokr_" in k}  # (seq-cls: the head's copies besides)
+    assert n_hf == sum(t.numel() for t in lokr.values())
+    assert _hf_layout(hf) == {k.split(".lokr_")[1] for k in lokr}
     for side in ("left", "right"):
         inputs = padded_batch(program, side)
         theirs = _hf_logits(hf, program, inputs)
         diff = _max_diff(program, inputs, _ours(program, inputs), theirs)
-        base = _hf_logits(FAMILIES[case](), program, inputs)
+        base = _hf_logits(model_for(*case), program, inputs)
         assert (theirs - base)[real_positions(program, inputs)].abs().max() > 1e-2  # the adapter does something
         print(f"PARITY peftc->hf {fam} {kind} {side}-padded max_abs_diff={diff:.3g}")
 
@@ -115,9 +122,9 @@ def test_peftc_adapter_loads_in_hf_peft(tmp_path, fam, kind):
 
 @pytest.mark.parametrize("fam,kind", PARAMS, ids=IDS)
 def test_hf_peft_adapter_binds_in_peftc(tmp_path, fam, kind):
-    case = (fam, "causal-lm")
+    case = (fam, TASKS.get(fam, "causal-lm"))
     torch.manual_seed(1)
-    hf = peft.get_peft_model(hf_base(FAMILIES[case]), peft.LoKrConfig(**_kwargs(fam, kind))).eval()
+    hf = peft.get_peft_model(hf_base(_factory(case)), peft.LoKrConfig(**_kwargs(fam, kind, case[1]))).eval()
     perturb([p for p in hf.parameters() if p.requires_grad], seed=1)
     hf.save_pretrained(str(tmp_path / "hf"))
 
@@ -133,7 +140,7 @@ def test_hf_peft_adapter_binds_in_peftc(tmp_path, fam, kind):
         print(f"PARITY hf->peftc {fam} {kind} {side}-padded max_abs_diff={diff:.3g}")
 
     state.save(tmp_path / "again")  # and back
-    again = _load_hf(FAMILIES[case], tmp_path / "again")
+    again = _load_hf(_factory(case), tmp_path / "again")
     inputs = padded_batch(program, "left")
     _max_diff(program, inputs, _hf_logits(again, program, inputs), _hf_logits(hf, program, inputs))
 

@@ -2,7 +2,8 @@
 
 The references are independent: transformers' own seq2seq loss (``model(labels=...)``) and
 ``shift_tokens_right``, the eager model's logits, and HF PEFT's ``PeftModelForSeq2SeqLM`` loading the
-trained adapter (``PeftModel.from_pretrained``) against peftc's eval program (max |Δ| ≤ 1e-5).
+trained adapter (``PeftModel.from_pretrained``) against peftc's eval program (max |Δ| ≤ 1e-5), on right- and
+left-padded source batches.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def test_capture_is_the_eager_forward():
         assert float((prog(ids, mask, dec) - want).abs().max()) <= 1e-5
 
 
-def _peftc_logits(model_dir: str, adapter: Path, batch: dict) -> torch.Tensor:
+def _peftc_program(model_dir: str, adapter: Path):
     from peftc.passes import insertion_pipeline
 
     from peftc.adapters import AdapterState
@@ -140,8 +141,17 @@ def _peftc_logits(model_dir: str, adapter: Path, batch: dict) -> torch.Tensor:
     prog = capture(load_model(model_dir, "seq2seq").model, "seq2seq", mode="eval")
     state = AdapterState.load(adapter)
     insertion_pipeline(state.config, state)(prog)
-    with torch.no_grad():
-        return prog.forward_batch(batch)
+    return prog
+
+
+def _left_padded(batch: dict) -> dict:
+    """The same encoder sources padded on the left (each row's real tokens moved to the end)."""
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+    for row in range(ids.shape[0]):
+        shift = int((mask[row] == 0).sum())
+        ids[row], mask[row] = ids[row].roll(shift), mask[row].roll(shift)
+    assert (mask[:, 0] == 0).any()
+    return {**batch, "input_ids": ids, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("prefix-tuning", marks=pytest.mark.slow)])
@@ -176,14 +186,15 @@ def test_train_loss_drops_and_hf_peft_loads_it(tmp_path, model_dir, data, method
     enc = encode(read_jsonl(data, "seq2seq"), AutoTokenizer.from_pretrained(path), "seq2seq", 128,
                  base.config.pad_token_id, base.config.decoder_start_token_id)  # fmt: skip
     batch = collate(enc, list(range(len(enc))), run["input_names"])
-    with torch.no_grad():
-        want = ref(**{k: batch[k] for k in run["input_names"]}).logits
-        untrained = (
-            AutoModelForSeq2SeqLM.from_pretrained(path).eval()(**{k: batch[k] for k in run["input_names"]}).logits
-        )
-    got = _peftc_logits(path, out / "adapter", batch)
-    assert float((got - want).abs().max()) <= 1e-5
-    assert float((got - untrained).abs().max()) > 1e-3  # the trained adapter changes the logits
+    assert (batch["attention_mask"][:, -1] == 0).any()  # right-padded sources (the tokenizer's side)
+    prog, untrained_model = _peftc_program(path, out / "adapter"), AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    for padded in (batch, _left_padded(batch)):  # the encoder's sources padded on either side
+        with torch.no_grad():
+            want = ref(**{k: padded[k] for k in run["input_names"]}).logits
+            untrained = untrained_model(**{k: padded[k] for k in run["input_names"]}).logits
+            got = prog.forward_batch(padded)
+        assert float((got - want).abs().max()) <= 1e-5
+        assert float((got - untrained).abs().max()) > 1e-3  # the trained adapter changes the logits
     if method == "lora":  # the run exports (merged): the export verifies both graphs with ONNX Runtime
         pytest.importorskip("onnxruntime")
         from peftc.exporting import export

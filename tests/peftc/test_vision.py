@@ -406,3 +406,59 @@ def test_swappable_and_float16_exports_of_segformer(hf_adapters, tmp_path):
     assert not any(n.endswith("num_batches_tracked") for n in inputs)
     half = export(hf_dir, model=base_dir, out=tmp_path / "half", dtype="float16")
     assert json.loads((half / "report.json").read_text())["verified"]
+
+
+def test_a_nested_module_to_save_alone_matches_hf_peft(tmp_path):
+    """``modules_to_save=["classifier"]`` on SegFormer selects ``decode_head.classifier``: HF PEFT's plain case."""
+    from peftc.passes import insertion_pipeline
+
+    from peftc.adapters import AdapterState
+
+    config = peft.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(_segformer(), config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    hf.save_pretrained(tmp_path)
+    state = AdapterState.load(tmp_path)
+    assert {k for k in state.tensors if "lora" not in k} == {
+        "base_model.model.decode_head.classifier.weight",
+        "base_model.model.decode_head.classifier.bias",
+    }
+    program = capture(_segformer(), "semantic-segmentation", mode="eval")
+    insertion_pipeline(state.config, state)(program)
+    x = _pixels()
+    with torch.no_grad():
+        expected, base = hf(pixel_values=x).logits, _segformer()(pixel_values=x).logits
+        assert (program(x) - expected).abs().max().item() <= PARITY_ATOL
+    assert (expected - base).abs().max() > 1e-2
+
+
+def test_nested_modules_to_save_are_refused_in_one_line(tmp_path, capsys):
+    """``["decode_head", "classifier"]`` selects a module inside another: HF PEFT saves two copies under one key."""
+    from peftc.passes import insertion_pipeline
+
+    from peftc.cli import main
+    from peftc.errors import ConfigError
+
+    program = capture(_segformer(), "semantic-segmentation", mode="train")
+    config = LoraConfig(target_modules=["query"], modules_to_save=["decode_head", "classifier"])
+    with pytest.raises(ConfigError, match=r"selects decode_head\.classifier inside decode_head"):
+        insertion_pipeline(config).plan(program)  # what `peftc inspect plan` shows, nothing changed
+    with pytest.raises(ConfigError, match=r"selects decode_head\.classifier inside decode_head") as e:
+        insertion_pipeline(config)(program)
+    assert 'modules_to_save=["decode_head"]' in str(e.value)
+
+    _segformer().save_pretrained(tmp_path / "base")
+    data = _seg_data(tmp_path / "seg", n=2)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path / "run"),
+              "--set", 'modules_to_save=["decode_head", "classifier"]', "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == ConfigError.exit_code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and "--set 'modules_to_save=[\"decode_head\"]'" in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
