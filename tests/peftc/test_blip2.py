@@ -1,0 +1,120 @@
+"""``image-to-text``: BLIP-2 (OPT language model) with LoRA — capture, HF PEFT parity, training, export, generation.
+
+A tiny BLIP-2 built here (vision 2 layers at 32x32, Q-Former 2 layers, OPT 2 layers, 4 query tokens) with a
+word-level tokenizer and a ``Blip2Processor`` made locally (tests/blip2_tiny.py). References are independent:
+the eager transformers model, HF PEFT's ``get_peft_model`` / ``PeftModel.from_pretrained`` /
+``merge_and_unload`` on the same weights (LoRA B random, not identity), transformers' own loss with
+``labels``, and HF PEFT's ``generate`` for the greedy tokens of the ONNX loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="image-to-text reads images with Pillow (pip install 'peftc[vision]')")
+
+from blip2_tiny import save_tiny_blip2, tiny_blip2, write_images
+
+from peftc.adapters import AdapterState
+from peftc.program import capture
+
+PARITY_ATOL = 1e-5
+TARGETS = {
+    "opt": ["q_proj", "k_proj"],  # HF PEFT's BLIP-2 recipe: the language model's attention
+    "qformer": ["query", "value", "q_proj"],  # the Q-Former's attention too
+}
+CAPTIONS = ["a red square", "a blue circle", "a green square on the white", "a big red circle", "a small blue square"]
+
+
+def _batch(processor, texts=("a red square", "a blue big circle on the white", "a green circle")):
+    from PIL import Image
+
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
+    images = [Image.new("RGB", (40, 36), c) for c in colours[: len(texts)]]
+    return processor(images=images, text=list(texts), padding=True, return_tensors="pt")
+
+
+def _hf_model(targets: list[str], seed: int = 1):
+    """HF PEFT's LoRA model on a fresh tiny BLIP-2, every LoRA tensor random (B non-zero)."""
+    model, _ = tiny_blip2()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny_blip2(tmp_path_factory.mktemp("blip2") / "base")
+
+
+@pytest.fixture(scope="module")
+def hf_adapters(tmp_path_factory):
+    """name -> (HF PEFT adapter dir, HF PEFT model) for each target set."""
+    root = tmp_path_factory.mktemp("blip2-hf")
+    out = {}
+    for name, targets in TARGETS.items():
+        hf = _hf_model(targets)
+        hf.save_pretrained(root / name)
+        out[name] = (root / name, hf)
+    return out
+
+
+def test_capture_is_the_whole_forward_with_dynamic_batch_and_sequence():
+    model, processor = tiny_blip2()
+    program = capture(model, "image-to-text", mode="eval")
+    assert program.input_names == ["pixel_values", "input_ids", "attention_mask"]
+    assert program.dynamic_dims["input_ids"] == {0: "batch", 1: "sequence"}
+    for texts in (("a red square",), ("a red square", "a blue big circle on the white", "a green circle")):
+        batch = _batch(processor, texts)
+        assert (batch["input_ids"][:, :4] == model.config.image_token_id).all()
+        with torch.no_grad():
+            ours = program(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            assert (ours - model(**batch).logits).abs().max().item() <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_lora_parity_with_hf_peft_both_ways_and_merge(name, hf_adapters, tmp_path):
+    from peftc.passes import insertion_pipeline, merge_pipeline
+
+    hf_dir, hf = hf_adapters[name]
+    _, processor = tiny_blip2()
+    batch = _batch(processor)
+    inputs = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        expected = hf(**batch).logits
+        base = tiny_blip2()[0](**batch).logits
+    assert (expected - base).abs().max() > 1e-2  # the adapter does something
+
+    # HF PEFT's adapter into peftc's program
+    state = AdapterState.load(hf_dir)
+    program = capture(tiny_blip2()[0], "image-to-text", mode="eval")
+    insertion_pipeline(state.config, state)(program)
+    assert len(program.sites) == len(state.tensors) // 2
+    if name == "qformer":
+        assert any(s.startswith("qformer.") for s in program.sites)
+    with torch.no_grad():
+        ours = program(*inputs)
+    assert (ours - expected).abs().max().item() <= PARITY_ATOL
+
+    # peftc's saved adapter into HF PEFT
+    state.save(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(tiny_blip2()[0], tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(**batch).logits - ours).abs().max().item() <= PARITY_ATOL
+
+    # merged vs HF PEFT's merge_and_unload
+    merge_pipeline()(program)
+    assert not program.sites
+    merged_hf = copy.deepcopy(hf).merge_and_unload()
+    with torch.no_grad():
+        assert (program(*inputs) - merged_hf(**batch).logits).abs().max().item() <= PARITY_ATOL
