@@ -118,3 +118,86 @@ def test_lora_parity_with_hf_peft_both_ways_and_merge(name, hf_adapters, tmp_pat
     merged_hf = copy.deepcopy(hf).merge_and_unload()
     with torch.no_grad():
         assert (program(*inputs) - merged_hf(**batch).logits).abs().max().item() <= PARITY_ATOL
+
+
+# -- data and training ---------------------------------------------------------------------------
+
+
+def test_caption_batches_and_loss_match_transformers(tmp_path):
+    """The collated labels are the ids with -100 on image tokens and padding; the task's loss on the program's
+    logits is ``Blip2ForConditionalGeneration(..., labels=...)``'s loss."""
+    from peftc.blip2 import CaptionEncoded, read_captions
+    from peftc.tasks import get_task
+
+    model, processor = tiny_blip2()
+    data = read_captions(write_images(tmp_path, CAPTIONS))
+    assert len(data) == 5 and data.images[0].is_file() and data.texts[1] == "a blue circle"
+    batch = CaptionEncoded(data, processor).collate([0, 2, 3], ["pixel_values", "input_ids", "attention_mask"])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert (ids[:, :4] == model.config.image_token_id).all() and (labels[:, :4] == -100).all()
+    assert (labels[batch["attention_mask"] == 0] == -100).all() and (batch["attention_mask"] == 0).any()
+    eos = processor.tokenizer.eos_token_id
+    assert [int(row[row != -100][-1]) for row in labels] == [eos] * 3  # each caption ends with the end token
+    program = capture(model, "image-to-text", mode="eval")
+    with torch.no_grad():
+        ours = get_task("image-to-text").loss(program.forward_batch(batch), batch)
+        theirs = model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels).loss
+    assert abs(float(ours) - float(theirs)) <= 1e-5
+
+
+def test_bad_caption_data_is_one_clear_error(tmp_path):
+    from peftc.blip2 import read_captions
+    from peftc.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "nope.png", "text": "a red square"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: image .*nope.png does not exist"):
+        read_captions(bad)
+    write_images(tmp_path, ["a red square"])
+    bad.write_text(json.dumps({"image": "images/0.png"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'text'"):
+        read_captions(bad)
+
+
+def test_a_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    from peftc.passes import insertion_pipeline
+
+    from peftc.blip2 import CaptionEncoded, read_captions
+    from peftc.config import LoraConfig
+
+    model, processor = tiny_blip2()
+    enc = CaptionEncoded(read_captions(write_images(tmp_path, CAPTIONS)), processor)
+    batch = enc.collate(list(range(len(enc))), ["pixel_values", "input_ids", "attention_mask"])
+    program = capture(model, "image-to-text", mode="train")
+    torch.manual_seed(0)
+    insertion_pipeline(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"]))(program)
+    opt = torch.optim.AdamW(program.parameters(trainable=True), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        torch.manual_seed(0)  # the same dropout masks each time
+        loss = program.task.loss(program.forward_batch(batch), batch)
+        losses.append(float(loss))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0], losses
+
+
+def test_train_cli_infers_the_task_and_writes_perplexity(base_dir, tmp_path, capsys):
+    from peftc.cli import main
+
+    data = write_images(tmp_path / "data", CAPTIONS)
+    args = ["train", "--model", str(base_dir), "--data", str(data), "--eval-data", str(data),
+            "--out", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "5", "--lr", "0.02",
+            "--target-modules", "q_proj,k_proj", "--no-progress"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["task"] == "image-to-text"
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["type"] == "eval"]
+    assert evals and evals[-1]["loss"] < evals[0]["loss"] and "perplexity" in evals[-1], evals
+    cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["k_proj", "q_proj"]
