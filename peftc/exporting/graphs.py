@@ -174,8 +174,12 @@ class EncoderDecoder:
         raise NotImplementedError("seq2seq exports take no swappable adapters (graph_plan refuses them)")
 
 
-def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder]:
-    """The plan class of a task: encoder-decoder LMs export two graphs, every other task one."""
+def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder] | type[Any]:
+    """The plan class of a task: encoder-decoder LMs export two graphs, image-to-text four, every other task one."""
+    if task == "image-to-text":
+        from .multimodal import ImageToText
+
+        return ImageToText
     return EncoderDecoder if task == SEQ2SEQ_TASK else SingleGraph
 
 
@@ -191,6 +195,14 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
         ConfigError: ``with_past`` for a task without a cache; a seq2seq export with adapters as
             inputs or a KV cache (not supported yet).
     """
+    if task == "image-to-text":  # the whole forward and the KV-cache generation graphs (peftc.exporting.multimodal)
+        from .multimodal import ImageToText
+
+        if adapters_as_inputs:
+            raise ConfigError("--adapters-as-inputs is not supported for image-to-text models yet; export each adapter")
+        if with_past is False:
+            raise ConfigError("image-to-text exports always hold the KV-cache generation graphs; drop --no-with-past")
+        return ImageToText(task)
     if plan_kind(task) is EncoderDecoder:
         if adapters_as_inputs:
             raise ConfigError("--adapters-as-inputs is not supported for seq2seq models yet; export each adapter alone")

@@ -184,13 +184,19 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
     assert losses[-1] < losses[0], losses
 
 
-def test_train_cli_infers_the_task_and_writes_perplexity(base_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_train_export_and_onnx_greedy_generation_equal_hf_peft(base_dir, tmp_path, capsys):
+    """``peftc train`` (task from the base's class), ``peftc export`` of the run (every graph verified), then the
+    greedy loop over the ONNX graphs with ONNX Runtime gives HF PEFT's ``generate`` tokens for the trained adapter."""
+    from PIL import Image
+
+    from peftc.blip2 import generate
     from peftc.cli import main
 
     data = write_images(tmp_path / "data", CAPTIONS)
     args = ["train", "--model", str(base_dir), "--data", str(data), "--eval-data", str(data),
             "--out", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "5", "--lr", "0.02",
-            "--target-modules", "q_proj,k_proj", "--no-progress"]  # fmt: skip
+            "--target-modules", "q_proj,k_proj,query", "--no-progress"]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0, capsys.readouterr().err
@@ -199,5 +205,24 @@ def test_train_cli_infers_the_task_and_writes_perplexity(base_dir, tmp_path, cap
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if m["type"] == "eval"]
     assert evals and evals[-1]["loss"] < evals[0]["loss"] and "perplexity" in evals[-1], evals
-    cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert sorted(cfg["target_modules"]) == ["k_proj", "q_proj"]
+
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "onnx")])
+    assert exc.value.code == 0, capsys.readouterr().err
+    out = tmp_path / "onnx"
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] and report["max_abs_diff"] <= 1e-4
+    assert set(report["onnx_vs_torch"]) == {"model", "vision_encoder", "embed_tokens", "decoder"}
+    for name in ("model", "vision_encoder_model", "embed_tokens_model", "decoder_model"):
+        assert (out / f"{name}.onnx").is_file()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.PeftModel.from_pretrained(tiny_blip2()[0], tmp_path / "run" / "adapter").eval()
+    _, processor = tiny_blip2()
+    for i, prompt in ((0, ""), (3, "a big")):
+        image = Image.open(tmp_path / "data" / "images" / f"{i}.png").convert("RGB")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            expected = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        assert generate(out, image, prompt, max_new_tokens=8) == expected.tolist()
