@@ -252,6 +252,11 @@ def caption_data(model: str, data_path: str, eval_path: str | None, max_length: 
     train_data = read_captions(data_path)
     eval_data = read_captions(eval_path) if eval_path else None
     loaded = load_model(model, IMAGE_TO_TEXT, dtype=dtype)
+    if loaded.processor is None:
+        raise ModelLoadError(
+            f"{loaded.source} has no tokenizer; save the BLIP-2 processor (or its tokenizer) into the directory with "
+            "processor.save_pretrained"
+        )
     train_enc = CaptionEncoded(train_data, loaded.processor, max_length)
     eval_enc = CaptionEncoded(eval_data, loaded.processor, max_length) if eval_data else None
     return train_enc, eval_enc, train_data, None, loaded

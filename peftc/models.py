@@ -192,8 +192,10 @@ def load_model(
         from peftc.blip2 import check_model, load_processor
 
         check_model(model)
-        proc = load_processor(path, model)
         source = str(path.resolve())
+        if not _has_tokenizer(path):  # export still works; training and generation need the processor
+            return LoadedModel(model, None, source, preset, missing)
+        proc = load_processor(path, model)
         return LoadedModel(model, proc.tokenizer, source, preset, missing, proc.image_processor, proc)
     if get_task(task).vision:
         processor = image_processor(path, model.config, task)

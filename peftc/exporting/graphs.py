@@ -195,13 +195,11 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
         ConfigError: ``with_past`` for a task without a cache; a seq2seq export with adapters as
             inputs or a KV cache (not supported yet).
     """
-    if task == "image-to-text":  # the whole forward and the KV-cache generation graphs (peftc.exporting.multimodal)
+    if task == "image-to-text":  # the whole forward and the KV-cache generation graphs, whatever ``with_past`` says
         from .multimodal import ImageToText
 
         if adapters_as_inputs:
             raise ConfigError("--adapters-as-inputs is not supported for image-to-text models yet; export each adapter")
-        if with_past is False:
-            raise ConfigError("image-to-text exports always hold the KV-cache generation graphs; drop --no-with-past")
         return ImageToText(task)
     if plan_kind(task) is EncoderDecoder:
         if adapters_as_inputs:
