@@ -67,19 +67,6 @@ def hf_adapters(tmp_path_factory):
     return out
 
 
-def test_capture_is_the_whole_forward_with_dynamic_batch_and_sequence():
-    model, processor = tiny_blip2()
-    program = capture(model, "image-to-text", mode="eval")
-    assert program.input_names == ["pixel_values", "input_ids", "attention_mask"]
-    assert program.dynamic_dims["input_ids"] == {0: "batch", 1: "sequence"}
-    for texts in (("a red square",), ("a red square", "a blue big circle on the white", "a green circle")):
-        batch = _batch(processor, texts)
-        assert (batch["input_ids"][:, :4] == model.config.image_token_id).all()
-        with torch.no_grad():
-            ours = program(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-            assert (ours - model(**batch).logits).abs().max().item() <= PARITY_ATOL
-
-
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_lora_parity_with_hf_peft_both_ways_and_merge(name, hf_adapters, tmp_path):
     from peftc.passes import insertion_pipeline, merge_pipeline
@@ -96,6 +83,9 @@ def test_lora_parity_with_hf_peft_both_ways_and_merge(name, hf_adapters, tmp_pat
     # HF PEFT's adapter into peftc's program
     state = AdapterState.load(hf_dir)
     program = capture(tiny_blip2()[0], "image-to-text", mode="eval")
+    assert program.input_names == ["pixel_values", "input_ids", "attention_mask"]
+    assert program.dynamic_dims["input_ids"] == {0: "batch", 1: "sequence"}
+    assert (batch["input_ids"][:, :4] == hf.config.image_token_id).all()  # the processor's image tokens
     insertion_pipeline(state.config, state)(program)
     assert len(program.sites) == len(state.tensors) // 2
     if name == "qformer":
@@ -220,9 +210,13 @@ def test_train_export_and_onnx_greedy_generation_equal_hf_peft(base_dir, tmp_pat
         warnings.simplefilter("ignore")
         hf = peft.PeftModel.from_pretrained(tiny_blip2()[0], tmp_path / "run" / "adapter").eval()
     _, processor = tiny_blip2()
-    for i, prompt in ((0, ""), (3, "a big")):
+    lengths = []
+    for i, prompt in ((0, ""), (1, "a"), (3, "a big")):
         image = Image.open(tmp_path / "data" / "images" / f"{i}.png").convert("RGB")
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         with torch.no_grad():
             expected = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-        assert generate(out, image, prompt, max_new_tokens=8) == expected.tolist()
+        tokens = generate(out, image, prompt, max_new_tokens=8)
+        assert tokens == expected.tolist(), prompt
+        lengths.append(len(tokens))
+    assert max(lengths) > 2, lengths  # the decoder ran several steps on its own cache
