@@ -7,7 +7,9 @@ A plan is the *capture* stage of the pipeline, in three kinds:
   adapter of a prompt method enters it as a constant cache prefix at capture instead of being
   bound afterwards, since a decode step carries no prompt;
 - :class:`EncoderDecoder`: an encoder and a decoder program (:mod:`peftc.exporting.seq2seq`), each
-  to bind its own part of the adapter.
+  to bind its own part of the adapter;
+- :class:`~peftc.exporting.multimodal.ImageToText`: BLIP-2's whole forward plus an image graph, an embedding
+  graph and a KV-cache decoder over ``inputs_embeds`` (:mod:`peftc.exporting.multimodal`).
 
 Every plan answers the same three questions — :meth:`~GraphPlan.capture` (eval-mode programs, each
 with the part of the adapter the *bind* stage still has to insert), :meth:`~GraphPlan.reference`

@@ -220,3 +220,33 @@ def test_train_export_and_onnx_greedy_generation_equal_hf_peft(base_dir, tmp_pat
         assert tokens == expected.tolist(), prompt
         lengths.append(len(tokens))
     assert max(lengths) > 2, lengths  # the decoder ran several steps on its own cache
+
+
+def test_refusals_are_one_clear_error(tmp_path, capsys):
+    """A BLIP-2 dir without its processor cannot train (one line, nothing written); export refuses what the
+    graphs cannot hold (a prompt-learning adapter, adapters as inputs) before capturing anything."""
+    from peftc.cli import main
+    from peftc.errors import ConfigError
+    from peftc.exporting import export
+
+    model, _ = tiny_blip2()
+    model.save_pretrained(tmp_path / "bare", safe_serialization=True)  # no tokenizer, no processor
+    data = write_images(tmp_path / "data", CAPTIONS[:2])
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", str(tmp_path / "bare"), "--data", str(data), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert "has no tokenizer" in lines[0] and "processor.save_pretrained" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prompt = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    prompt.save_pretrained(tmp_path / "prompt")
+    with pytest.raises(ConfigError, match="PROMPT_TUNING adapters are not supported for image-to-text"):
+        export(tmp_path / "prompt", model=tmp_path / "bare", task="image-to-text", out=tmp_path / "o1")
+    with pytest.raises(ConfigError, match="--adapters-as-inputs is not supported for image-to-text"):
+        export(tmp_path / "prompt", model=tmp_path / "bare", task="image-to-text", out=tmp_path / "o2",
+               adapters_as_inputs=True)  # fmt: skip
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
