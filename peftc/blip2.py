@@ -24,6 +24,7 @@ ONNX Runtime.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 IMAGE_TO_TEXT = "image-to-text"
+logger = logging.getLogger(__name__)
+
 _EXAMPLE = '{"image": "images/1.png", "text": "a red square"}'
 _INPUTS = ["pixel_values", "input_ids", "attention_mask"]
 
@@ -257,6 +260,14 @@ def caption_data(model: str, data_path: str, eval_path: str | None, max_length: 
             f"{loaded.source} has no tokenizer; save the BLIP-2 processor (or its tokenizer) into the directory with "
             "processor.save_pretrained"
         )
+    cfg = loaded.model.config
+    positions = getattr(cfg.text_config, "max_position_embeddings", None)
+    if positions and max_length > positions - cfg.num_query_tokens:  # the image tokens take positions too
+        usable = positions - cfg.num_query_tokens
+        logger.warning(
+            "max_length=%d exceeds the %d caption positions the model has; using %d", max_length, usable, usable
+        )
+        max_length = usable
     train_enc = CaptionEncoded(train_data, loaded.processor, max_length)
     eval_enc = CaptionEncoded(eval_data, loaded.processor, max_length) if eval_data else None
     return train_enc, eval_enc, train_data, None, loaded

@@ -416,6 +416,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _max_positions(cfg: Any) -> int | None:
+    cfg = getattr(cfg, "text_config", None) or cfg  # a vision-language model (BLIP-2): its language model's table
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

@@ -1,6 +1,6 @@
 """Graph plans: which graphs an export holds, how each is captured, bound and given held-out inputs.
 
-A plan is the *capture* stage of the pipeline, in three kinds:
+A plan is the *capture* stage of the pipeline, in four kinds:
 
 - :class:`SingleGraph` without a cache: one program of the task (``model.onnx``);
 - :class:`SingleGraph` with ``with_past``: one KV-cache program (:mod:`peftc.exporting.kv`); the
