@@ -287,7 +287,8 @@ def generate(
 
     The image graph turns the image into query embeddings once; the embedding graph puts them at the prompt's
     image tokens; the decoder runs the prompt with an empty cache, then one token per step on the cache it
-    returned, until the end token or ``max_new_tokens`` (as ``model.generate(..., do_sample=False)``).
+    returned, until an end token (``generation_config.json``'s ``eos_token_id``) or ``max_new_tokens`` (as
+    ``model.generate(..., do_sample=False)``).
 
     Args:
         artifact_dir: what ``peftc export`` wrote for an image-to-text run.
@@ -320,16 +321,28 @@ def generate(
     decoder = session["decoder"]
     past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
-    eos = processor.tokenizer.eos_token_id
+    eos = _end_tokens(root, processor.tokenizer)
     out: list[int] = []
     for _ in range(max_new_tokens):
         (embeds,) = session["embed_tokens"].run(None, {"input_ids": ids, "image_features": features})
         logits, *presents = decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, **past})
         token = int(logits[0, -1].argmax())
         out.append(token)
-        if token == eos:
+        if token in eos:
             break
         past = {i.name: p for i, p in zip(past_inputs, presents, strict=True)}
         ids = np.array([[token]], np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
     return out
+
+
+def _end_tokens(root: Path, tokenizer: Any) -> set[int]:
+    """The ids that end a generation: ``generation_config.json``'s ``eos_token_id`` (an id or a list), as
+    ``generate`` reads them, else the tokenizer's end token."""
+    try:
+        ids = json.loads((root / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        ids = None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return {int(i) for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
