@@ -220,10 +220,9 @@ def _ids(cfg: Any, texts: list[int], pads_left: bool, gen: torch.Generator) -> t
     ids = torch.full((len(texts), q + width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     ids[:, :q], mask[:, :q] = image, 1
+    allowed = torch.tensor([i for i in range(3, vocab) if i not in (image, pad)])  # real text tokens
     for row, n in enumerate(texts):
-        tokens = torch.randint(3, vocab - 1, (n,), generator=gen)
-        tokens = tokens + (tokens >= min(image, pad)).long()
-        tokens[tokens == image] = image - 1 if image - 1 != pad else image - 2
+        tokens = allowed[torch.randint(len(allowed), (n,), generator=gen)]
         start = q + (width - n if pads_left else 0)
         ids[row, start : start + n], mask[row, start : start + n] = tokens, 1
     return ids, mask
