@@ -291,7 +291,9 @@ class OnnxExporter:
     quantizer = OnnxQuantizer()  # --quantize int4|int8: ONNX Runtime's quantizers on the verified file
 
     def model_file(self, role: str | None = None) -> str:
-        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"  # optimum: encoder_model.onnx, …
+        if role in (None, "model"):  # the only graph, or the whole forward beside others (image-to-text)
+            return MODEL_FILE
+        return f"{role}_{MODEL_FILE}"  # optimum: encoder_model.onnx, …
 
     def check(self, request: ExportRequest) -> None:
         return None

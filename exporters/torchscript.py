@@ -319,7 +319,7 @@ def check_one_float32_graph(request: ExportRequest, what: str, format: str) -> N
     """What the LibTorch formats (TorchScript, AOTInductor) refuse: they take one float32 graph with one adapter.
 
     Raises:
-        ConfigError: adapters as inputs, a dtype other than float32, or several graphs (seq2seq).
+        ConfigError: adapters as inputs, a dtype other than float32, or several graphs (seq2seq, image-to-text).
     """
     if request.adapters_as_inputs:
         raise ConfigError(
@@ -330,8 +330,9 @@ def check_one_float32_graph(request: ExportRequest, what: str, format: str) -> N
         raise ConfigError(f"--dtype {request.dtype} is supported for --format onnx only; export {what} in float32")
     if request.graphs > 1:
         raise ConfigError(
-            f"seq2seq models export as two ONNX graphs (encoder, decoder); --format {format} takes causal-lm, "
-            "seq-cls and token-cls models"
+            f"this model exports as {request.graphs} ONNX graphs (seq2seq: encoder and decoder; image-to-text: the "
+            f"whole forward and three generation graphs); --format {format} takes causal-lm, seq-cls and token-cls "
+            "models"
         )
 
 

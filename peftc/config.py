@@ -45,6 +45,7 @@ TASK_TYPES = {
     # HF PEFT has no task type for images: its image-classification and segmentation guides leave it unset
     "image-cls": None,
     "semantic-segmentation": None,
+    "image-to-text": None,  # HF PEFT's BLIP-2 example leaves it unset too
 }
 
 

@@ -520,7 +520,7 @@ def iter_batches(
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     """How many predictions a batch's mean loss averages over (examples, or next-token targets)."""
-    if task == "causal-lm":
+    if task in ("causal-lm", "image-to-text"):
         return int((batch["labels"][:, 1:] != -100).sum())
     if task in ("token-cls", "seq2seq"):
         return int((batch["labels"] != -100).sum())

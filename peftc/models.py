@@ -66,6 +66,8 @@ class LoadedModel:
     missing_keys: list[str] = field(default_factory=list)
     #: Image tasks: the transformers image processor (resize, rescale, normalise) the artifact ships.
     image_processor: Any = None
+    #: ``image-to-text``: the ``Blip2Processor`` (image processor + tokenizer, :func:`peftc.blip2.load_processor`).
+    processor: Any = None
 
 
 def preset_path(name: str) -> Path:
@@ -164,8 +166,9 @@ def load_model(
     Args:
         spec: a directory holding ``config.json`` and safetensors weights, or a preset
             (``minilm``, ``tiny-gpt2``).
-        task: ``causal-lm``, ``seq-cls``, ``token-cls``, ``seq2seq``, ``image-cls`` or
-            ``semantic-segmentation`` (image tasks get :attr:`LoadedModel.image_processor`, no tokenizer).
+        task: ``causal-lm``, ``seq-cls``, ``token-cls``, ``seq2seq``, ``image-cls``,
+            ``semantic-segmentation`` (image tasks get :attr:`LoadedModel.image_processor`, no tokenizer) or
+            ``image-to-text`` (BLIP-2: :attr:`LoadedModel.processor` too).
         num_labels: classes of a head task (a new head is made when the checkpoint has none).
         id2label: class names of a head task, stored in the model config.
         dtype: load the weights in this dtype (``torch.bfloat16``: half the memory, and no float32 copy
@@ -187,6 +190,15 @@ def load_model(
     path = preset_path("minilm") if preset == "minilm" else Path(spec_str).expanduser()
     _check_model_dir(path)
     model, missing = _from_pretrained(path, task, num_labels, id2label, dtype)
+    if task == "image-to-text":  # BLIP-2: a processor of both
+        from peftc.blip2 import check_model, load_processor
+
+        check_model(model)
+        source = str(path.resolve())
+        if not _has_tokenizer(path):  # export still works; training and generation need the processor
+            return LoadedModel(model, None, source, preset, missing)
+        proc = load_processor(path, model)
+        return LoadedModel(model, proc.tokenizer, source, preset, missing, proc.image_processor, proc)
     if get_task(task).vision:
         processor = image_processor(path, model.config, task)
         return LoadedModel(model, None, str(path.resolve()), preset, missing, image_processor=processor)

@@ -203,6 +203,7 @@ def example_inputs(model: nn.Module, input_names: list[str], batch: int = 2, seq
 
 def image_shape(cfg: Any) -> tuple[int, int, int]:
     """``(channels, height, width)`` of a vision model's ``pixel_values`` (``image_size``: an int or a pair)."""
+    cfg = getattr(cfg, "vision_config", None) or cfg  # BLIP-2: the vision tower's config says
     size = getattr(cfg, "image_size", 224)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return int(getattr(cfg, "num_channels", 3)), int(height), int(width)
@@ -307,6 +308,10 @@ def capture(
         from peftc.exporting.seq2seq import Seq2SeqModule
 
         transform = lambda m, _names: Seq2SeqModule(m)  # noqa: E731
+    if transform is None and spec.name == "image-to-text":  # image tokens in the example ids (peftc.blip2)
+        from peftc.blip2 import Blip2Module
+
+        transform = Blip2Module
     wrapper = TaskModule(model, names) if transform is None else transform(model, names)
     wrapper.train(mode == "train")
     _no_zero_layerdrop(model)
@@ -411,6 +416,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _max_positions(cfg: Any) -> int | None:
+    cfg = getattr(cfg, "text_config", None) or cfg  # a vision-language model (BLIP-2): its language model's table
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

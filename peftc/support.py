@@ -300,7 +300,41 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
         ),
         {"semantic-segmentation": "SegformerForSemanticSegmentation"},
     ),
-    "blip2": ("Blip2Config", {}, {"image-to-text": "Blip2ForConditionalGeneration"}),
+    "blip2": (
+        "Blip2Config",
+        dict(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+            qformer_config=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                encoder_hidden_size=32,
+                vocab_size=128,
+            ),
+            text_config=dict(
+                model_type="opt",
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=2,
+                ffn_dim=128,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=64,
+                pad_token_id=1,
+            ),
+            num_query_tokens=2,
+            image_token_index=127,  # the last id: _batch puts num_query_tokens of them after the left padding
+        ),
+        {"image-to-text": "Blip2ForConditionalGeneration"},
+    ),
     "stable_diffusion": ("diffusers.UNet2DConditionModel", {}, {"text-to-image": "diffusers.UNet2DConditionModel"}),
 }
 #: HF PEFT's LoRA targets where it has no default for the model type (vision models, as its image guides set them).
@@ -412,6 +446,10 @@ def _batch(names: list[str], config: Any, padding: str, seed: int = 1) -> dict[s
         pad_id = getattr(config, "pad_token_id", None) or 0
         for row in (0, 2):
             ids[row, pads], mask[row, pads] = pad_id, 0
+    image = getattr(config, "image_token_id", None)
+    if image is not None:  # image-to-text: the query embeddings' tokens after the left padding, none elsewhere
+        ids[ids == image] = image - 1
+        ids[:, PAD : PAD + int(config.num_query_tokens)] = image
     out: dict[str, torch.Tensor] = {}
     for name in names:
         if name == "input_ids":
@@ -435,7 +473,7 @@ def _labels(task: Any, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     """Fixed random labels shaped for ``task``'s loss (-100 on padding for per-position tasks)."""
     gen = torch.Generator().manual_seed(7)
     classes = logits.shape[1] if logits.dim() == 4 else logits.shape[-1]
-    if task.name == "causal-lm":
+    if task.name in ("causal-lm", "image-to-text"):
         return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     if "decoder_input_ids" in batch:  # seq2seq: one label per decoder position (all real)
         return torch.randint(0, classes, logits.shape[:2], generator=gen)
@@ -638,7 +676,8 @@ def _bound_programs(model: torch.nn.Module, cell: Cell, state: Any) -> list[Any]
     """The export pipeline's own capture and bind stages (one program, or a seq2seq encoder and decoder)."""
     from peftc.exporting.graphs import bind, graph_plan
 
-    return [g.program for g in bind(graph_plan(cell.task, with_past=False).capture(model, state))]
+    programs = [g.program for g in bind(graph_plan(cell.task, with_past=False).capture(model, state))]
+    return programs[:1] if cell.task == "image-to-text" else programs  # its whole forward (the others: export)
 
 
 def _as_model(programs: list[Any]) -> Any:

@@ -49,7 +49,7 @@ class TaskSpec:
         return self.name in _PER_TOKEN
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.name == "causal-lm":
+        if self.name in _NEXT_TOKEN:
             labels = batch["labels"]
             if logits.size(1) > labels.size(1):  # virtual tokens prepended (prompt methods): HF PEFT labels them -100
                 labels = F.pad(labels, (logits.size(1) - labels.size(1), 0), value=-100)
@@ -138,6 +138,9 @@ class MeanIoU(Metric):
         return mean_iou(self.confusion) if self.confusion is not None else {}
 
 
+#: Tasks whose loss predicts each next token from the logits of the positions before (labels shifted by one).
+_NEXT_TOKEN = ("causal-lm", "image-to-text")
+
 #: Tasks whose logits are ``[batch, sequence, classes]`` with one label per position.
 _PER_TOKEN = ("token-cls", "seq2seq")
 
@@ -155,6 +158,10 @@ TASKS = {
     "semantic-segmentation": TaskSpec(
         "semantic-segmentation", "AutoModelForSemanticSegmentation", "semantic-segmentation", False
     ),
+    # BLIP-2: images and caption tokens -> logits over every position (the query tokens' too), the next-token loss
+    # on the caption as Blip2ForConditionalGeneration computes it with ``labels``; peftc.blip2 holds its data and
+    # capture, peftc.exporting.multimodal its export graphs.
+    "image-to-text": TaskSpec("image-to-text", "AutoModelForImageTextToText", "image-to-text", False),
 }
 
 #: Tasks whose input is an image (``pixel_values``) rather than tokens.
@@ -172,11 +179,13 @@ _HEADS = {"image-cls": ["classifier"], "semantic-segmentation": ["decode_head"]}
 
 def vision_task(architectures: list[str]) -> str | None:
     """The image task of a model whose config lists ``architectures`` (``*ForImageClassification``,
-    ``*ForSemanticSegmentation``), or ``None``."""
+    ``*ForSemanticSegmentation``, ``Blip2ForConditionalGeneration``), or ``None``."""
     if any(a.endswith("ForImageClassification") for a in architectures):
         return "image-cls"
     if any(a.endswith("ForSemanticSegmentation") for a in architectures):
         return "semantic-segmentation"
+    if "Blip2ForConditionalGeneration" in architectures:
+        return "image-to-text"
     return None
 
 
@@ -202,6 +211,8 @@ def graph_input_names(model: nn.Module, task: TaskSpec) -> list[str]:
     """The graph inputs for ``model``: input_ids, attention_mask, then what the model takes (images: pixel_values)."""
     if task.vision:
         return ["pixel_values"]
+    if task.name == "image-to-text":  # input_ids hold the image tokens the query embeddings replace
+        return ["pixel_values", "input_ids", "attention_mask"]
     params = inspect.signature(model.forward).parameters
     names = ["input_ids", "attention_mask"]
     if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0):

@@ -3,8 +3,8 @@
 :func:`export` (``peftc export``) walks source → base → capture → bind → reference → mode passes →
 exporter → verify → artifact (:mod:`.pipeline`). What varies is configuration, each in its module:
 
-- :mod:`.graphs` — the graph plan: one graph, a KV-cache graph (:mod:`.kv`), or an encoder and a
-  decoder graph (:mod:`.seq2seq`);
+- :mod:`.graphs` — the graph plan: one graph, a KV-cache graph (:mod:`.kv`), an encoder and a
+  decoder graph (:mod:`.seq2seq`), or BLIP-2's whole forward and generation graphs (:mod:`.multimodal`);
 - :mod:`.modes` — ``keep``, ``merge``, or ``lift`` (swappable adapters over one base);
 - the format — an exporter from the registry (:mod:`peftc.exporters.registry`), which writes, loads
   and runs, and describes the model file;

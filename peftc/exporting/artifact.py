@@ -124,6 +124,8 @@ def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> 
         loaded.tokenizer.save_pretrained(directory)
     if getattr(loaded, "image_processor", None) is not None:  # preprocessor_config.json: optimum's pipelines read it
         loaded.image_processor.save_pretrained(directory)
+    if getattr(loaded, "processor", None) is not None:  # BLIP-2: processor_config.json (num_query_tokens)
+        loaded.processor.save_pretrained(directory)
 
 
 def write_runtime_config(directory: Path, exporter: Any, plan: GraphPlan, graphs: list[Graph]) -> str | None:

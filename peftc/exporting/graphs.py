@@ -1,13 +1,15 @@
 """Graph plans: which graphs an export holds, how each is captured, bound and given held-out inputs.
 
-A plan is the *capture* stage of the pipeline, in three kinds:
+A plan is the *capture* stage of the pipeline, in four kinds:
 
 - :class:`SingleGraph` without a cache: one program of the task (``model.onnx``);
 - :class:`SingleGraph` with ``with_past``: one KV-cache program (:mod:`peftc.exporting.kv`); the
   adapter of a prompt method enters it as a constant cache prefix at capture instead of being
   bound afterwards, since a decode step carries no prompt;
 - :class:`EncoderDecoder`: an encoder and a decoder program (:mod:`peftc.exporting.seq2seq`), each
-  to bind its own part of the adapter.
+  to bind its own part of the adapter;
+- :class:`~peftc.exporting.multimodal.ImageToText`: BLIP-2's whole forward plus an image graph, an embedding
+  graph and a KV-cache decoder over ``inputs_embeds`` (:mod:`peftc.exporting.multimodal`).
 
 Every plan answers the same three questions — :meth:`~GraphPlan.capture` (eval-mode programs, each
 with the part of the adapter the *bind* stage still has to insert), :meth:`~GraphPlan.reference`
@@ -174,8 +176,12 @@ class EncoderDecoder:
         raise NotImplementedError("seq2seq exports take no swappable adapters (graph_plan refuses them)")
 
 
-def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder]:
-    """The plan class of a task: encoder-decoder LMs export two graphs, every other task one."""
+def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder] | type[Any]:
+    """The plan class of a task: encoder-decoder LMs export two graphs, image-to-text four, every other task one."""
+    if task == "image-to-text":
+        from .multimodal import ImageToText
+
+        return ImageToText
     return EncoderDecoder if task == SEQ2SEQ_TASK else SingleGraph
 
 
@@ -191,6 +197,12 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
         ConfigError: ``with_past`` for a task without a cache; a seq2seq export with adapters as
             inputs or a KV cache (not supported yet).
     """
+    if task == "image-to-text":  # the whole forward and the KV-cache generation graphs, whatever ``with_past`` says
+        from .multimodal import ImageToText
+
+        if adapters_as_inputs:
+            raise ConfigError("--adapters-as-inputs is not supported for image-to-text models yet; export each adapter")
+        return ImageToText(task)
     if plan_kind(task) is EncoderDecoder:
         if adapters_as_inputs:
             raise ConfigError("--adapters-as-inputs is not supported for seq2seq models yet; export each adapter alone")

@@ -92,7 +92,9 @@ def export(
         force: replace a non-empty ``out``.
         task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq`` (two graphs,
             ``encoder_model.onnx`` + ``decoder_model.onnx``, loadable with
-            ``ORTModelForSeq2SeqLM.from_pretrained(out, use_cache=False)``); overrides what SRC records.
+            ``ORTModelForSeq2SeqLM.from_pretrained(out, use_cache=False)``) or ``image-to-text`` (BLIP-2:
+            ``model.onnx`` and three generation graphs, :mod:`peftc.exporting.multimodal`; ``with_past`` does
+            not apply); overrides what SRC records.
         opset: ONNX opset (18 or later).
         atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
             2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).

@@ -233,6 +233,13 @@ def _build(
     dtype = base_dtype(cfg.base_dtype)
     if get_task(task).vision:  # images: read with Pillow, preprocessed per batch by the model's image processor
         train_enc, eval_enc, train_data, id2label, loaded = _image_data(cfg, task, data_path, eval_path, dtype)
+    elif task == "image-to-text":  # images and captions, batched by the model's Blip2Processor
+        from peftc.blip2 import caption_data
+
+        half = None if dtype == torch.float32 else dtype
+        train_enc, eval_enc, train_data, id2label, loaded = caption_data(
+            cfg.model, data_path, eval_path, cfg.max_length, half
+        )
     else:
         train_enc, eval_enc, train_data, id2label, loaded = _text_data(cfg, task, config, data_path, eval_path, dtype)
 

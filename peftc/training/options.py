@@ -53,7 +53,15 @@ __all__ = [
     "resolve_data",
 ]
 
-TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation")
+TRAINABLE_TASKS = (
+    "causal-lm",
+    "seq-cls",
+    "token-cls",
+    "seq2seq",
+    "image-cls",
+    "semantic-segmentation",
+    "image-to-text",
+)
 
 #: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
 #: method whose config lacks the field is an error. Every other field: ``--set FIELD=VALUE``.
@@ -123,7 +131,8 @@ class TrainConfig:
     task: str | None = _help(
         f"{', '.join(TRAINABLE_TASKS)}. Default: the preset's task; for a model directory, from the architectures "
         "in its config.json: *ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
-        "semantic-segmentation, *ForTokenClassification -> token-cls, an encoder-decoder's *ForConditionalGeneration "
+        "semantic-segmentation, Blip2ForConditionalGeneration -> image-to-text, *ForTokenClassification -> token-cls, "
+        "an encoder-decoder's *ForConditionalGeneration "
         "(T5, BART) -> seq2seq, *CausalLM or *LMHeadModel -> causal-lm, "
         "anything else -> seq-cls.",
         default=None,
