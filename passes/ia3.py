@@ -284,8 +284,22 @@ def ia3_stack(program: Program, site: Site, states: list[AdapterState], slot: fx
         dead = [mul, vec] + ([vec.args[0]] if vec.op == "call_function" else [])  # the output's flatten, then l
         with graph.inserting_before(mul):
             param = stacked_param(program, path, stacked, site.name, like=mul)
-            rows = add_call(program, aten.unsqueeze.default, (gather(program, param, slot, mul, site.name), 1), mul, site.name, "mixed_u")
-            scaled = add_call(program, aten.mul.Tensor, (per_row(program, t, slot, mul, site.name), rows), mul, site.name, mul.meta["peftc_role"])
+            rows = add_call(
+                program,
+                aten.unsqueeze.default,
+                (gather(program, param, slot, mul, site.name), 1),
+                mul,
+                site.name,
+                "mixed_u",
+            )
+            scaled = add_call(
+                program,
+                aten.mul.Tensor,
+                (per_row(program, t, slot, mul, site.name), rows),
+                mul,
+                site.name,
+                mul.meta["peftc_role"],
+            )
             out = restore_shape(program, scaled, t, mul, site.name)
         mul.replace_all_uses_with(out)
         erase(program, dead)

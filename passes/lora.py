@@ -385,9 +385,23 @@ def lora_stack(program: Program, site: Site, states: list[AdapterState], slot: f
             a_param = stacked_param(program, path_a, a_stack, site.name, like=out)
             b_param = stacked_param(program, path_b, b_stack, site.name, like=out)
             xr = per_row(program, x, slot, out, site.name)
-            at = add_call(program, aten.transpose.int, (gather(program, a_param, slot, out, site.name), 1, 2), out, site.name, "mixed_t")
+            at = add_call(
+                program,
+                aten.transpose.int,
+                (gather(program, a_param, slot, out, site.name), 1, 2),
+                out,
+                site.name,
+                "mixed_t",
+            )
             axr = add_call(program, aten.bmm.default, (xr, at), out, site.name, "lora_A")
-            bt = add_call(program, aten.transpose.int, (gather(program, b_param, slot, out, site.name), 1, 2), out, site.name, "mixed_t")
+            bt = add_call(
+                program,
+                aten.transpose.int,
+                (gather(program, b_param, slot, out, site.name), 1, 2),
+                out,
+                site.name,
+                "mixed_t",
+            )
             baxr = add_call(program, aten.bmm.default, (axr, bt), out, site.name, "lora_B")
             delta = restore_shape(program, baxr, base, out, site.name)
         out.args = (base, delta)

@@ -61,9 +61,13 @@ def check_adapter_index(index: Any, n: int, batch: int | None = None) -> np.ndar
     """
     array = np.asarray(index)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ConfigError(f"adapter_index must be a 1-D integer array (one per row), got {array.dtype}{list(array.shape)}")
+        raise ConfigError(
+            f"adapter_index must be a 1-D integer array (one per row), got {array.dtype}{list(array.shape)}"
+        )
     if batch is not None and array.shape[0] != batch:
-        raise ConfigError(f"adapter_index has {array.shape[0]} entries but the batch has {batch} rows; give one per row")
+        raise ConfigError(
+            f"adapter_index has {array.shape[0]} entries but the batch has {batch} rows; give one per row"
+        )
     bad = array[(array < -1) | (array >= n)]
     if bad.size:
         raise ConfigError(
@@ -92,13 +96,15 @@ def per_row(program: Program, x: fx.Node, slot: fx.Node, like: fx.Node, site: st
     return add_call(program, aten.reshape.default, (x, [batch, -1, int(features)]), like, site, "mixed_view")
 
 
-def restore_shape(program: Program, y: fx.Node, shape_of: fx.Node, like: fx.Node, site: str) -> fx.Node:
-    """``y`` ``[batch, -1, f]`` reshaped to the shape of ``shape_of`` (whose last dim is ``f``)."""
-    ndim = shape_of.meta["val"].dim()
+def restore_shape(
+    program: Program, y: fx.Node, lead_of: fx.Node, like: fx.Node, site: str, last: int | None = None
+) -> fx.Node:
+    """``y`` ``[batch, -1, f]`` reshaped to the leading dims of ``lead_of`` and ``f`` (default: its last dim)."""
+    ndim = lead_of.meta["val"].dim()
     dims: list[Any] = [
-        add_call(program, aten.sym_size.int, (shape_of, i), like, site, "mixed_size") for i in range(ndim - 1)
+        add_call(program, aten.sym_size.int, (lead_of, i), like, site, "mixed_size") for i in range(ndim - 1)
     ]
-    dims.append(int(shape_of.meta["val"].shape[-1]))
+    dims.append(int(lead_of.meta["val"].shape[-1]) if last is None else int(last))
     return add_call(program, aten.reshape.default, (y, dims), like, site, "mixed_restore")
 
 
@@ -268,9 +274,11 @@ def _stack_linear(program, linear: fx.Node, states, by_path: dict[str, str], bas
         y = add_call(program, aten.bmm.default, (xr, wt), linear, site, "mixed_head")
         if b is not None:
             bs = stacked_param(program, f"{b.target}__stacked", params[b], site, like=linear)
-            br = add_call(program, aten.unsqueeze.default, (gather(program, bs, slot, linear, site), 1), linear, site, "mixed_u")
+            br = add_call(
+                program, aten.unsqueeze.default, (gather(program, bs, slot, linear, site), 1), linear, site, "mixed_u"
+            )
             y = add_call(program, aten.add.Tensor, (y, br), linear, site, "mixed_bias")
-        out = restore_shape(program, y, linear, linear, site)
+        out = restore_shape(program, y, x, linear, site, last=int(params[w].shape[1]))
     linear.replace_all_uses_with(out)
     erase(program, [linear] + [n for n in (w, b) if n is not None and not n.users])
 

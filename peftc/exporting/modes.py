@@ -418,7 +418,9 @@ class MixedAdapters(SwappableAdapters):
                 )
         for s, state in zip(adapters.srcs, adapters.states, strict=True):
             if getattr(state.config, "use_dora", False):
-                raise ConfigError(f"{s} is a DoRA adapter, which cannot share one batch yet; export it without --mixed-batch")
+                raise ConfigError(
+                    f"{s} is a DoRA adapter, which cannot share one batch yet; export it without --mixed-batch"
+                )
         super().check_sources(adapters)
 
     def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
@@ -430,7 +432,7 @@ class MixedAdapters(SwappableAdapters):
     def comparisons(
         self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
     ) -> list[Comparison]:
-        """Cases whose rows mix the base and every adapter; row ``b`` of the reference is its own program's row ``b``."""
+        """Cases whose rows mix the base and every adapter; reference row ``b``: its own program's row ``b``."""
         import torch
 
         from peftc.exporters.verify import run_torch
