@@ -161,6 +161,10 @@ def test_gpt2_kv_manifest_report_and_out_of_range_indices(gpt2_kv):
     rows = {r for case in report["adapter_index_rows"].values() for r in case}
     assert rows == {-1, 0, 1}  # verification mixed the base and both adapters
     assert (out / "adapters" / "a1" / "adapter_config.json").is_file()
+    from peftc.inspect import inspect_path, render
+
+    text = render(inspect_path(out))
+    assert "mode: mixed-batch" in text and "-1 = the base model, 0 = a0 (rank 4), 1 = a1 (rank 8)" in text
 
     # ONNX Runtime's Gather fails the run on an index outside [-1, n); peftc's helper refuses first
     session = _session(out / "model.onnx")
