@@ -82,7 +82,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     n, per = args.adapters, args.batch // args.adapters
-    print(f"model: GPT-2 shape, {args.layers} layers, hidden 768, vocab 50257, {n} LoRA adapters r={args.rank} on c_attn")
+    print(
+        f"model: GPT-2 shape, {args.layers} layers, hidden 768, vocab 50257, {n} LoRA adapters r={args.rank} on c_attn"
+    )
     print(f"input: {args.batch} rows x seq {args.seq} ({per} rows per adapter); threads {args.threads}; "
           f"onnxruntime {ort.__version__}")  # fmt: skip
     cfg = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
@@ -145,11 +147,15 @@ def main() -> None:
     part_feeds = [{k: v[r] for k, v in feeds.items()} for r in rows]
 
     got = mixed.run(["logits"], {**feeds, "adapter_index": index})[0]
-    diffs = [np.abs(got[r] - swappable.run(["logits"], part_feeds[i], run_opts[i][0])[0]).max() for i, r in enumerate(rows)]
+    diffs = [
+        np.abs(got[r] - swappable.run(["logits"], part_feeds[i], run_opts[i][0])[0]).max() for i, r in enumerate(rows)
+    ]
     zero = np.zeros_like(index)
     single = mixed.run(["logits"], {**feeds, "adapter_index": zero})[0]
     print(f"max |mixed row - swappable run of its adapter| = {max(diffs):.2e}")
-    print(f"max |mixed, all adapter 0 - merged adapter 0| = {np.abs(single - merged.run(['logits'], feeds)[0]).max():.2e}")
+    print(
+        f"max |mixed, all adapter 0 - merged adapter 0| = {np.abs(single - merged.run(['logits'], feeds)[0]).max():.2e}"
+    )
     print(f"max |adapter 1 rows - adapter 0 on them| = {np.abs(got[rows[1]] - single[rows[1]]).max():.2e} (far from 0)")
 
     def swap_all() -> None:
