@@ -167,6 +167,8 @@ def export(
         raise ConfigError(
             f"--dtype {dtype} is supported for single-graph exports without {flag}; export this one in float32"
         )
+    if mixed_batch and len(graphs_kind.roles) > 1:
+        raise ConfigError("--mixed-batch is not supported for seq2seq models yet; export each adapter alone")
     plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), several)
     out = Path(out) if out is not None else default_out(srcs[0], format)
     check_output_dir(out, force)  # fail before minutes of work, not after

@@ -180,6 +180,12 @@ def test_gpt2_kv_manifest_report_and_out_of_range_indices(gpt2_kv):
     with pytest.raises(ConfigError, match="one per row"):
         check_adapter_index([0, 1], 2, batch=3)
     assert check_adapter_index([-1, 1], 2).dtype == np.int64
+    from peftc.exporters.onnx import run_onnx
+    from peftc.exporters.verify import VerifyCase
+
+    case = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+    with pytest.raises(ConfigError, match="adapter_index 2 is out of range"):
+        run_onnx(out / "model.onnx", [VerifyCase("bad", {**case, "adapter_index": torch.tensor([2])})])
 
 
 # -- LLaMA LoRA and GPT-2 IA3, no cache ------------------------------------------------------------
