@@ -154,12 +154,13 @@ def export(
     # -- options: everything that can be refused before a file is read
     atol = check_options(format, opset, atol, dtype)
     exporter = get_exporter(format)
+    if mixed_batch:  # refuse --mixed-batch with another mode or format before any source is read
+        select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
     quant = check_quantize(quantize, exporter, dtype, quantize_block_size, quantize_min_top1, quantize_max_kl)
     several = adapters_as_inputs or mixed_batch  # the modes that take several sources
     srcs = source_list(src, several)
     plan_task = task or resolve_source(srcs[0], str(model) if model is not None else None, None).task
     graphs_kind = plan_kind(plan_task)
-    mode = select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
     exporter.check(ExportRequest(adapters_as_inputs, dtype, len(graphs_kind.roles), with_past))
     one_adapter_graph = len(graphs_kind.roles) == 1 and not several  # what float16 rebuilds
     if dtype != "float32" and not one_adapter_graph:
@@ -170,6 +171,7 @@ def export(
     if mixed_batch and len(graphs_kind.roles) > 1:
         raise ConfigError("--mixed-batch is not supported for seq2seq models yet; export each adapter alone")
     plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), several)
+    mode = select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
     out = Path(out) if out is not None else default_out(srcs[0], format)
     check_output_dir(out, force)  # fail before minutes of work, not after
 

@@ -335,3 +335,26 @@ def test_refusals_are_one_line(made, tmp_path):
     with pytest.raises(ConfigError, match="DoRA"):
         export([adapters[0], tmp_path / "dora"], model=str(base), mixed_batch=True, out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_passes_every_src_with_mixed_batch_and_refuses_in_one_line(capsys, monkeypatch, tmp_path):
+    import sys
+
+    import peftc.exporting  # noqa: F401
+    from peftc.cli import main
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exc:
+            main(list(argv))
+        out, err = capsys.readouterr()
+        return exc.value.code, out, err
+
+    calls = []
+    monkeypatch.setattr(sys.modules["peftc.exporting"], "export", lambda src, **kw: calls.append((src, kw)) or tmp_path)
+    code, out, _ = cli("export", "a", "b", "--mixed-batch", "--out", str(tmp_path / "o"))
+    assert code == 0 and calls[-1][0] == ["a", "b"] and calls[-1][1]["mixed_batch"] is True
+    monkeypatch.undo()
+    code, _, err = cli("export", "a", "b", "--mixed-batch", "--merge", "--out", str(tmp_path / "x"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "exclude each other" in lines[0]
+    assert not (tmp_path / "x").exists()
