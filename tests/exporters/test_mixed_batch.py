@@ -386,3 +386,35 @@ def test_mixed_batch_model_loads_without_onnx_runtime_warnings(gpt2_kv, tmp_path
     out, _ = gpt2_kv
     err = open_session(out / "model.onnx")
     assert "appears in graph inputs" not in err and "[W:onnxruntime" not in err
+
+
+def test_onnxruntime_genai_generates_a_mixed_batch_like_hf_peft(gpt2_kv):
+    """The KV-cache export's genai_config.json drives og.Model; ``set_model_input`` feeds adapter_index."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the genai extra)")
+    out, adapters = gpt2_kv
+    index = [0, -1, 1]
+    prompt = np.array([[5, 16, 27, 38, 49]] * 3, dtype=np.int32)
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=10, batch_size=3, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.set_model_input("adapter_index", np.array(index, dtype=np.int64))
+    generator.append_tokens(prompt)
+    prefill = np.asarray(generator.get_output("logits"))[:, -1]
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = np.array([list(generator.get_sequence(i)) for i in range(3)])
+    with torch.no_grad():
+        want = _hf_mixed(tiny_gpt2, adapters).generate(
+            input_ids=torch.from_numpy(prompt).long(),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            adapter_names=_names(index),
+            max_length=10,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    np.testing.assert_allclose(prefill, want.logits[0].numpy(), atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(got, want.sequences.numpy())
+    assert len({tuple(row[5:]) for row in got.tolist()}) > 1  # the rows' adapters lead to different tokens
