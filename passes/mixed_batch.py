@@ -227,8 +227,7 @@ def _stack_saved(program: Program, states: Sequence[AdapterState], slot: fx.Node
     if base_model is None:
         raise ValueError("mixed-batch heads need the program's source model (the base head of slot 0)")
     by_path = {MODEL_PREFIX + _saved_name(k): k for k in keys}
-    gm, graph = program.graph_module, program.graph
-    getters = [n for n in graph.nodes if n.op == "get_attr" and n.target in by_path]
+    getters = [n for n in program.graph.nodes if n.op == "get_attr" and n.target in by_path]
     linears = {}
     for getter in getters:
         for user in getter.users:
@@ -244,7 +243,6 @@ def _stack_saved(program: Program, states: Sequence[AdapterState], slot: fx.Node
             linears[user] = None
     for linear in linears:
         _stack_linear(program, linear, states, by_path, base_model, slot)
-    del gm
 
 
 def _stack_values(states, key: str, base: torch.Tensor) -> torch.Tensor:
