@@ -20,6 +20,7 @@ equals the swappable run of its adapter.
 The last line printed is ``mixed_batch_throughput_ratio=<x>``: (swappable runs) / (one mixed run).
 
     python bench/mixed_batch.py --layers 4 --seq 16
+    python bench/mixed_batch.py --layers 4 --seq 1 --past 128   # a decode step on a 128-token cache
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ import torch
 from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
 
 
-def _program(model, rank: int, seed: int):
-    """An eval program of ``model`` with a non-identity LoRA adapter (r=rank on c_attn)."""
+def _program(model, rank: int, seed: int, past: bool = False):
+    """An eval program of ``model`` (a KV-cache graph with ``past``) with a non-identity LoRA adapter on c_attn."""
     from peftc.passes import insertion_pipeline
 
     from peftc.config import LoraConfig
+    from peftc.exporting.kv import with_past
     from peftc.program import capture
 
-    program = capture(model, "causal-lm", mode="eval")
+    program = capture(model, "causal-lm", mode="eval", transform=with_past() if past else None)
     insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -60,7 +62,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=16, help="new tokens per row")
+    parser.add_argument("--past", type=int, default=0, help="a KV-cache graph, run on a cache of this many tokens")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
@@ -85,15 +88,17 @@ def main() -> None:
     print(
         f"model: GPT-2 shape, {args.layers} layers, hidden 768, vocab 50257, {n} LoRA adapters r={args.rank} on c_attn"
     )
-    print(f"input: {args.batch} rows x seq {args.seq} ({per} rows per adapter); threads {args.threads}; "
+    print(f"input: {args.batch} rows x {args.seq} new tokens on a cache of {args.past} ({per} rows per adapter); "
+          f"threads {args.threads}; "
           f"onnxruntime {ort.__version__}")  # fmt: skip
     cfg = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).eval()
 
+    kv = args.past > 0
     tmp = Path(tempfile.mkdtemp(prefix="peftc-mixed-bench-"))
     tick = time.perf_counter()
-    program = _program(model, args.rank, 1)
+    program = _program(model, args.rank, 1, kv)
     states = [program.adapter]
     for i in range(1, n):  # the other adapters: the same targets, other tensors
         gen = torch.Generator().manual_seed(100 + i)
@@ -101,12 +106,12 @@ def main() -> None:
         states.append(SimpleNamespace(tensors=tensors, config=states[0].config))
     files = [{k: v.float().numpy() for k, v in lifted_tensors(program, st).items()} for st in states]
 
-    mixed_program = _program(model, args.rank, 1)
+    mixed_program = _program(model, args.rank, 1, kv)
     MixedBatchPass(states)(mixed_program)
     mixed_path = tmp / "mixed.onnx"
     export_program_onnx(mixed_program, mixed_path, external_data=True)
 
-    swap_program = _program(model, args.rank, 1)
+    swap_program = _program(model, args.rank, 1, kv)
     LiftAdaptersToInputsPass()(swap_program)
     defaults = {
         k: np.zeros((0, v.shape[1]) if k.endswith("lora_A") else (v.shape[0], 0), np.float32)
@@ -140,8 +145,11 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50257, (args.batch, args.seq), dtype=np.int64)
-    mask = np.ones_like(ids)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.cumsum(mask, -1) - 1}
+    mask = np.ones((args.batch, args.past + args.seq), np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": (np.cumsum(mask, -1) - 1)[:, -args.seq :]}
+    if kv:  # a decode step on a filled cache (random keys and values: the timing does not depend on them)
+        cache = rng.standard_normal((args.batch, 12, args.past, 64)).astype(np.float32)
+        feeds.update({f"past_key_values.{i}.{kv_}": cache for i in range(args.layers) for kv_ in ("key", "value")})
     index = np.repeat(np.arange(n), per)  # rows 0..per-1: adapter 0, …
     rows = [slice(i * per, (i + 1) * per) for i in range(n)]
     part_feeds = [{k: v[r] for k, v in feeds.items()} for r in rows]
