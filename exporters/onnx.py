@@ -261,12 +261,18 @@ def run_onnx(
     feeds_names = [i.name for i in session.get_inputs()]  # overridable initializers (adapter defaults) not listed
     types = {i.name: i.type for i in session.get_inputs()}
     names = [output] if isinstance(output, str) else list(output)
+    mixed = session.get_modelmeta().custom_metadata_map.get("peftc.mixed_batch") == "true"
+    n_adapters = len(session.get_modelmeta().custom_metadata_map.get("peftc.adapters", "").split(","))
     outs = []
     for case in cases:
         missing = [n for n in feeds_names if n not in case.inputs]
         if missing:
             raise ExportVerificationError(f"{path} takes input(s) {missing} that the program does not have")
         feeds = {n: _as(case.inputs[n].numpy(), types[n]) for n in feeds_names}
+        if mixed:  # the graph cannot say that an index is out of range (its Gather fails): refuse it here
+            from peftc.passes.mixed_batch import ADAPTER_INDEX, check_adapter_index
+
+            feeds[ADAPTER_INDEX] = check_adapter_index(feeds[ADAPTER_INDEX], n_adapters, len(feeds[ADAPTER_INDEX]))
         result = session.run(names, feeds, run_options)
         outs.append(result[0] if isinstance(output, str) else result)
     return outs

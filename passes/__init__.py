@@ -17,6 +17,7 @@ from peftc.methods import get_method, methods
 from .base import FunctionalPass, InPlacePass, Pass, PassManager, PassResult, SiteDecision
 from .eval_mode import EvalModePass
 from .lift import LiftAdaptersToInputsPass
+from .mixed_batch import MixedBatchPass
 from .modules_to_save import ModulesToSavePass
 
 #: The method modules; importing one registers its method (order = ``--method`` listing order).
@@ -55,6 +56,7 @@ __all__ = [
     "MergeAdaLoraPass",
     "MergeIA3Pass",
     "MergeLoraPass",
+    "MixedBatchPass",
     "ModulesToSavePass",
     "Pass",
     "PassManager",

@@ -265,6 +265,46 @@ def ia3_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedTe
     return [LiftedTensor(ia3_input_name(site.name), graph_path(key), value, torch.ones_like(value))]
 
 
+def ia3_stack(program: Program, site: Site, states: list[AdapterState], slot: fx.Node) -> None:
+    """Mixed batch: every source's ``l`` stacked ``[n+1, features]`` (ones in slot 0), one vector per row."""
+    from .mixed_batch import erase, gather, per_row, restore_shape, stacked_param
+
+    graph, key = program.graph, peft_key(site.name, IA3_MARKER)
+    values = [torch.ones_like(states[0].tensors[key].detach().flatten())]
+    values += [s.tensors[key].detach().flatten() for s in states]
+    stacked = torch.stack(values)
+    path = graph_path(key) + "__stacked"
+    muls = [
+        n
+        for n in graph.nodes
+        if n.meta.get("peftc_site") == site.name and n.meta.get("peftc_role") in ("ia3_in", "ia3_out")
+    ]
+    for mul in muls:
+        t, vec = mul.args
+        dead = [mul, vec] + ([vec.args[0]] if vec.op == "call_function" else [])  # the output's flatten, then l
+        with graph.inserting_before(mul):
+            param = stacked_param(program, path, stacked, site.name, like=mul)
+            rows = add_call(
+                program,
+                aten.unsqueeze.default,
+                (gather(program, param, slot, mul, site.name), 1),
+                mul,
+                site.name,
+                "mixed_u",
+            )
+            scaled = add_call(
+                program,
+                aten.mul.Tensor,
+                (per_row(program, t, slot, mul, site.name), rows),
+                mul,
+                site.name,
+                mul.meta["peftc_role"],
+            )
+            out = restore_shape(program, scaled, t, mul, site.name)
+        mul.replace_all_uses_with(out)
+        erase(program, dead)
+
+
 def _merge_pass() -> Pass:
     from .merge_ia3 import MergeIA3Pass
 
@@ -291,6 +331,7 @@ IA3 = register_method(
         markers=("ia3_",),
         merge_pass=_merge_pass,
         lift=ia3_lift,
+        stack=ia3_stack,
         describe_site=_describe,
     )
 )

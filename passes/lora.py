@@ -43,6 +43,7 @@ __all__ = [
     "MergeLoraPass",
     "lora_input_names",
     "lora_lift",
+    "lora_stack",
     "lora_variant",
     "site_variant",
 ]
@@ -357,6 +358,56 @@ def lora_lift(program: Program, site: Site, state: AdapterState) -> list[LiftedT
     return lifted + variant.lift(program, site, state) if variant else lifted
 
 
+def lora_stack(program: Program, site: Site, states: list[AdapterState], slot: fx.Node) -> None:
+    """Mixed batch: every source's A and B·s stacked (ranks zero-padded), gathered per row, applied with bmm.
+
+    ``h_b = base(x)_b + (x_b A_bᵀ) B_bᵀ`` with ``A_b``, ``B_b`` the slot of row ``b``
+    (:mod:`peftc.passes.mixed_batch`); slot 0 is zeros: the base model.
+    """
+    from .mixed_batch import erase, gather, per_row, restore_shape, stacked_lora, stacked_param
+
+    if site.variant is not None:
+        raise ConfigError(
+            f"{site.variant} sites ({site.name}) cannot share one batch yet (no stacked rule for the magnitude); "
+            "export without --mixed-batch"
+        )
+    graph = program.graph
+    outs = [n for n in graph.nodes if n.meta.get("peftc_site") == site.name and n.meta.get("peftc_role") == "lora_out"]
+    a_stack, b_stack = stacked_lora(states, site.name, site.in_features, site.out_features)
+    path_a = graph_path(peft_key(site.name, "lora_A.weight")) + "__stacked"
+    path_b = graph_path(peft_key(site.name, "lora_B.weight")) + "__stacked"
+    for out in outs:
+        base, scaled = out.args
+        bax = scaled.args[0]
+        ax = bax.args[0]
+        x, a_node, b_node = ax.args[0], ax.args[1], bax.args[1]
+        with graph.inserting_before(out):
+            a_param = stacked_param(program, path_a, a_stack, site.name, like=out)
+            b_param = stacked_param(program, path_b, b_stack, site.name, like=out)
+            xr = per_row(program, x, slot, out, site.name)
+            at = add_call(
+                program,
+                aten.transpose.int,
+                (gather(program, a_param, slot, out, site.name), 1, 2),
+                out,
+                site.name,
+                "mixed_t",
+            )
+            axr = add_call(program, aten.bmm.default, (xr, at), out, site.name, "lora_A")
+            bt = add_call(
+                program,
+                aten.transpose.int,
+                (gather(program, b_param, slot, out, site.name), 1, 2),
+                out,
+                site.name,
+                "mixed_t",
+            )
+            baxr = add_call(program, aten.bmm.default, (axr, bt), out, site.name, "lora_B")
+            delta = restore_shape(program, baxr, base, out, site.name)
+        out.args = (base, delta)
+        erase(program, [scaled, bax, ax, a_node, b_node])
+
+
 def low_rank_facts(parts: dict[str, list[int]]) -> dict[str, Any]:
     """Rank, in and out features of a site from the shapes of its ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``."""
     a, b = parts.get("lora_A"), parts.get("lora_B")
@@ -391,6 +442,7 @@ LORA = register_method(
         merge_pass=MergeLoraPass,
         lift=lora_lift,
         lift_bypass=("lora_scale",),
+        stack=lora_stack,
         describe_site=_describe,
     )
 )

@@ -350,6 +350,12 @@ class _FormatOption(click.Option):
     help="Swappable: LoRA tensors become graph inputs (default: the base); each SRC is written as "
     "adapters/<name>.onnx_adapter for RunOptions.add_active_adapter. SRCs share the base and targets.",
 )
+@click.option(
+    "--mixed-batch",
+    is_flag=True,
+    help="Many adapters in one batch (ONNX; LoRA or IA3): every SRC's tensors stacked in one model.onnx with an "
+    "input adapter_index int64[batch] (-1: the base model, i: the i-th SRC), so each row gets its own adapter.",
+)
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
 @click.option(
     "--task",
@@ -402,6 +408,7 @@ def export(
     fmt: str,
     merge: bool,
     adapters_as_inputs: bool,
+    mixed_batch: bool,
     with_past: bool | None,
     model: str | None,
     task: str | None,
@@ -417,7 +424,7 @@ def export(
 ) -> None:
     """Export a run dir or an HF PEFT adapter dir (default: peftc-run) to a verified artifact directory.
 
-    With --adapters-as-inputs, several SRCs made for the same base share one model.onnx.
+    With --adapters-as-inputs or --mixed-batch, several SRCs made for the same base share one model.onnx.
     """
     from peftc.errors import ConfigError
     from peftc.exporting import export as run_export
@@ -427,11 +434,13 @@ def export(
             "--merge and --adapters-as-inputs exclude each other: merge folds one adapter into the weights, "
             "adapters-as-inputs keeps them swappable; choose one"
         )
-    if len(srcs) > 1 and not adapters_as_inputs:
+    several = adapters_as_inputs or mixed_batch
+    if len(srcs) > 1 and not several:
         raise ConfigError(
-            f"{len(srcs)} sources given; exporting several adapters over one base needs --adapters-as-inputs"
+            f"{len(srcs)} sources given; exporting several adapters over one base needs --adapters-as-inputs "
+            "or --mixed-batch"
         )
-    src: str | list[str] = (list(srcs) if adapters_as_inputs else srcs[0]) if srcs else "peftc-run"
+    src: str | list[str] = (list(srcs) if several else srcs[0]) if srcs else "peftc-run"
     path = run_export(
         src,
         format=fmt,
@@ -449,6 +458,7 @@ def export(
         quantize_block_size=quantize_block_size,
         quantize_min_top1=quantize_min_top1,
         quantize_max_kl=quantize_max_kl,
+        mixed_batch=mixed_batch,
     )
     report_path = os.path.join(path, "report.json")
     if os.path.isfile(report_path):

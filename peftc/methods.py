@@ -132,6 +132,10 @@ class Method:
             swappable exports; ``None`` with ``lift_refusal`` saying why not.
         lift_bypass: ``peftc_role`` values of nodes removed once the tensors are inputs (a scale folded
             into the lifted value).
+        stack: ``(program, site, states, slot) -> None``: the mixed-batch rule (``--mixed-batch``): rewrite
+            the site so every row applies the adapter its ``slot`` node picks from all ``states`` stacked
+            (:mod:`peftc.passes.mixed_batch`); ``None`` refuses, with ``stack_refusal`` if given.
+        stack_refusal: why the method cannot share one batch (optional).
         training_hooks: ``(config, state, total_steps) -> TrainingHooks``; ``None``: no hooks.
         transforms_inputs: the adapter enters through the model's inputs (virtual tokens, prefixes),
             not through its layers; such methods re-capture the model and take no graph-level merge.
@@ -151,6 +155,8 @@ class Method:
     lift: Callable[[Program, Site, AdapterState], list[LiftedTensor]] | None = None
     lift_refusal: str | None = None
     lift_bypass: tuple[str, ...] = ()
+    stack: Callable[[Program, Site, list[AdapterState], Any], None] | None = None
+    stack_refusal: str | None = None
     training_hooks: Callable[[MethodConfig, AdapterState, int], TrainingHooks] | None = None
     transforms_inputs: bool = False
     cache_prefix: Callable[[nn.Module, AdapterState], list[tuple[torch.Tensor, torch.Tensor]]] | None = None

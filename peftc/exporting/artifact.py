@@ -75,6 +75,7 @@ def write_artifact(
         merged=mode.merged,
         extra={
             **files,
+            "mode": mode.name,
             "with_past": plan.with_past,
             **({"runtime_config": runtime} if runtime is not None else {}),
             **({"dtype": dtype} if dtype is not None else {}),

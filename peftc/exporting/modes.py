@@ -7,7 +7,12 @@
 - ``lift`` (:class:`SwappableAdapters`, ``--adapters-as-inputs``): one or more sources over one base;
   each site's tensors become graph inputs whose defaults make the base model
   (:class:`~peftc.passes.lift.LiftAdaptersToInputsPass`), and each source is written as an adapter
-  file of the format (``adapters/<name>.onnx_adapter``).
+  file of the format (``adapters/<name>.onnx_adapter``);
+- ``mixed-batch`` (:class:`MixedAdapters`, ``--mixed-batch``): one or more sources over one base, all
+  stacked inside one graph with an ``adapter_index`` ``int64[batch]`` input (``-1``: the base model,
+  ``i``: the ``i``-th source) so each row of one run gets its own adapter
+  (:class:`~peftc.passes.mixed_batch.MixedBatchPass`); verified on batches whose rows mix every
+  adapter and the base, each row against its own adapted torch program.
 
 A mode is the part of the pipeline that differs between these configurations, one hook per stage:
 which sources it accepts (:meth:`~Mode.check_sources`), what the artifact calls the adapters, the
@@ -36,6 +41,7 @@ __all__ = [
     "ADAPTERS_SUBDIR",
     "ADAPTER_SUBDIR",
     "Comparison",
+    "MixedAdapters",
     "Mode",
     "OneAdapter",
     "SwappableAdapters",
@@ -83,7 +89,7 @@ def _role(graph: Graph, text: str) -> str:
 class Mode(Protocol):
     """The hooks of one export mode (see the module docstring); the pipeline calls each once, in stage order."""
 
-    name: str  # keep | merge | lift
+    name: str  # keep | merge | lift | mixed-batch
     merged: bool
 
     def check_sources(self, adapters: Adapters) -> None:
@@ -386,12 +392,169 @@ class SwappableAdapters:
         }
 
 
-def select_mode(merge: bool, adapters_as_inputs: bool, exporter: Exporter) -> Mode:
-    """The mode of an export: ``merge``, ``lift`` (adapters as inputs) or ``keep``; merge and lift exclude each other.
+class MixedAdapters(SwappableAdapters):
+    """``mixed-batch``: one graph, every source's adapter stacked in it, picked per row by ``adapter_index``.
+
+    Sources are checked as for ``lift`` (one method, base, task, the same target modules) and must have a
+    stack rule (:attr:`peftc.methods.Method.stack`); ranks and scales may differ.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(files=None)  # type: ignore[arg-type]
+        self.name = "mixed-batch"
+        self.states: list[Any] = []
+        self.rows: list[list[int]] = []
+
+    def check_sources(self, adapters: Adapters) -> None:
+        from peftc.methods import get_method
+
+        for s, state in zip(adapters.srcs, adapters.states, strict=True):
+            method = get_method(state)
+            if method.stack is None:
+                raise ConfigError(
+                    f"{s} is a {method.label} adapter, which cannot share one batch with others "
+                    f"({method.stack_refusal or 'it has no stack rule; LoRA and IA3 have one'}); "
+                    "export it without --mixed-batch"
+                )
+        for s, state in zip(adapters.srcs, adapters.states, strict=True):
+            if getattr(state.config, "use_dora", False):
+                raise ConfigError(
+                    f"{s} is a DoRA adapter, which cannot share one batch yet; export it without --mixed-batch"
+                )
+        super().check_sources(adapters)
+
+    def after_bind(self, adapters: Adapters, bound: list[list[Graph]]) -> None:
+        """The sources' tensors must agree as for ``lift`` (only ranks differ); the states are stacked by ``apply``."""
+        super().after_bind(adapters, bound)
+        self.lifted = []  # what lift writes as adapter files: mixed-batch keeps the tensors in the graph
+        self.states = list(adapters.states)
+
+    def comparisons(
+        self, plan: GraphPlan, model: Any, adapters: Adapters, names: list[str], bound: list[list[Graph]]
+    ) -> list[Comparison]:
+        """Cases whose rows mix the base and every adapter; reference row ``b``: its own program's row ``b``."""
+        import torch
+
+        from peftc.exporters.verify import run_torch
+        from peftc.passes.mixed_batch import ADAPTER_INDEX
+
+        graph = bound[0][0]
+        inputs = graph.program.input_names
+        per_source = [graph.reference] + [run_torch(g[0].program, graph.cases, inputs) for g in bound[1:]]
+        base = run_torch(plan.base_module(model), graph.cases, inputs)
+        n = len(adapters.states)
+        reference = []
+        for k, case in enumerate(graph.cases):
+            batch = int(case.inputs[inputs[0]].shape[0])
+            rows = [((b + k) % (n + 1)) - 1 for b in range(batch)]
+            self.rows.append(rows)
+            case.inputs[ADAPTER_INDEX] = torch.tensor(rows, dtype=torch.long)
+            reference.append(_pick_rows([base[k] if r < 0 else per_source[r][k] for r in rows]))
+        graph.reference = reference
+        return [Comparison(graph, reference, f"{REFERENCE} of each row's adapter (the base model for -1)")]
+
+    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+        """The mixed-batch pass, then its torch program checked row by row against each adapter's own."""
+        from peftc.exporters.verify import compare_outputs, run_torch
+        from peftc.passes.mixed_batch import MixedBatchPass
+
+        g = graphs[0]
+        MixedBatchPass(self.states)(g.program)
+        report = compare_outputs(
+            run_torch(g.program, g.cases, g.program.input_names),
+            g.reference,
+            g.cases,
+            g.program.task.name,
+            atol=atol,
+            candidate="the mixed-batch torch program",
+            reference=f"{REFERENCE} of each row's adapter",
+        ).raise_if_failed(hint="the mixed-batch pass changed a row's outputs; nothing was written")
+        return [report]
+
+    def metadata(self, names: list[str]) -> dict[str, str]:
+        return {"peftc.mixed_batch": "true", "peftc.adapters": ",".join(names)}
+
+    def write_side_files(self, exporter: Exporter, directory: Path, graphs: list[Graph], names: list[str]) -> None:
+        """No adapter files (the tensors are in the graph); ``adapters/`` holds the HF PEFT copies."""
+        (directory / ADAPTERS_SUBDIR).mkdir()
+
+    def report_entries(
+        self, format: str, graphs: list[Graph], comparisons: list[Comparison], reports: list[Any], merged: list[Any]
+    ) -> dict[str, Any]:
+        return {
+            f"{format}_vs_torch": reports[0].to_dict(),
+            "mixed_torch_vs_per_adapter": merged[0].to_dict() if merged else None,
+            "adapter_index_rows": {c.name: rows for c, rows in zip(graphs[0].cases, self.rows, strict=True)},
+        }
+
+    def manifest_entries(
+        self,
+        exporter: Exporter,
+        directory: Path,
+        adapters: Adapters,
+        names: list[str],
+        comparisons: list[Comparison],
+        reports: list[Any],
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        from peftc.exporters.manifest import adapter_info
+        from peftc.passes.mixed_batch import ADAPTER_INDEX
+
+        method = adapters.states[0].config.peft_type
+        entries = []
+        for i, (name, source, state, ranks) in enumerate(
+            zip(names, adapters.sources, adapters.states, self.ranks, strict=True)
+        ):
+            info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
+            info.update(
+                index=i,
+                hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",
+                rank=(ranks[0] if len(ranks) == 1 else ranks) if ranks else None,
+            )
+            entries.append(info)
+        return None, {
+            "method": method,
+            "mixed_batch": True,
+            "adapter_index": {
+                "input": ADAPTER_INDEX,
+                "dtype": "int64",
+                "shape": ["batch"],
+                "base": -1,
+                "range": [-1, len(names) - 1],
+                "out_of_range": "the run fails (ONNX Gather: index out of bounds); "
+                "peftc.passes.mixed_batch.check_adapter_index refuses such values first",
+            },
+            "adapters": entries,
+        }
+
+
+def _pick_rows(outputs: list[Any]) -> Any:
+    """Row ``b`` of ``outputs[b]`` for every row (each output: an array, or a list of arrays, batch first)."""
+    import numpy as np
+
+    first = outputs[0]
+    if isinstance(first, (list, tuple)):
+        return [np.stack([o[j][b] for b, o in enumerate(outputs)]) for j in range(len(first))]
+    return np.stack([o[b] for b, o in enumerate(outputs)])
+
+
+def select_mode(merge: bool, adapters_as_inputs: bool, exporter: Exporter, mixed_batch: bool = False) -> Mode:
+    """The mode of an export: ``merge``, ``lift`` (adapters as inputs), ``mixed-batch`` or ``keep``; they exclude
+    each other.
 
     Raises:
-        ConfigError: ``merge`` with ``adapters_as_inputs``, or adapters as inputs for a format without adapter files.
+        ConfigError: two modes at once, or adapters as inputs (mixed batch) for a format without adapter files
+            (other than ONNX).
     """
+    if mixed_batch:
+        if merge or adapters_as_inputs:
+            other = "--merge" if merge else "--adapters-as-inputs"
+            raise ConfigError(
+                f"--mixed-batch and {other} exclude each other: mixed-batch keeps every adapter inside one graph, "
+                "picked per row by adapter_index; choose one"
+            )
+        if exporter.name != "onnx":
+            raise ConfigError(f"--format {exporter.name} takes no --mixed-batch yet; use --format onnx")
+        return MixedAdapters()
     if adapters_as_inputs:
         if merge:
             raise ConfigError(

@@ -50,7 +50,8 @@ def source_list(src: str | Path | Sequence[str | Path], adapters_as_inputs: bool
         raise ConfigError("no source to export; give one or more run or adapter directories")
     if not adapters_as_inputs and len(srcs) != 1:
         raise ConfigError(
-            f"{len(srcs)} sources given; exporting several adapters over one base needs --adapters-as-inputs"
+            f"{len(srcs)} sources given; exporting several adapters over one base needs --adapters-as-inputs "
+            "or --mixed-batch"
         )
     return srcs
 

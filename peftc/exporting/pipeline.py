@@ -72,6 +72,7 @@ def export(
     quantize_block_size: int | None = None,
     quantize_min_top1: float | None = None,
     quantize_max_kl: float | None = None,
+    mixed_batch: bool = False,
 ) -> Path:
     """Export the adapted model of SRC to a verified artifact directory.
 
@@ -125,6 +126,15 @@ def export(
         quantize_block_size: int4 block length (power of two >= 16; default 32).
         quantize_min_top1: the gate: minimum top-1 agreement with the float program (default 0.9).
         quantize_max_kl: the gate: maximum mean KL(float ‖ quantized) in nats (default 0.05).
+        mixed_batch: many adapters in one batch (ONNX, float32): ``src`` may be a list of LoRA or IA3
+            sources over one base (same method, task and target modules; ranks and alphas may differ);
+            one ``model.onnx`` holds all their tensors stacked and takes an ``adapter_index``
+            ``int64[batch]`` input right after the text inputs (``-1``: the base model, ``i``: the
+            ``i``-th source), so each row of one run gets its own adapter, with or without the KV
+            cache (a row keeps its adapter by being fed the same index every step). Saved ``nn.Linear``
+            heads (``modules_to_save``) are stacked too. Verified on batches mixing every adapter and
+            the base, each row against its own adapted torch program. Excludes ``merge`` and
+            ``adapters_as_inputs``.
 
     Returns:
         The artifact directory: the model file(s) (``model.onnx`` + ``model.onnx.data``, ``model.pt``,
@@ -146,19 +156,24 @@ def export(
     # -- options: everything that can be refused before a file is read
     atol = check_options(format, opset, atol, dtype)
     exporter = get_exporter(format)
+    if mixed_batch:  # refuse --mixed-batch with another mode or format before any source is read
+        select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
     quant = check_quantize(quantize, exporter, dtype, quantize_block_size, quantize_min_top1, quantize_max_kl)
-    srcs = source_list(src, adapters_as_inputs)
+    several = adapters_as_inputs or mixed_batch  # the modes that take several sources
+    srcs = source_list(src, several)
     plan_task = task or resolve_source(srcs[0], str(model) if model is not None else None, None).task
     graphs_kind = plan_kind(plan_task)
     exporter.check(ExportRequest(adapters_as_inputs, dtype, len(graphs_kind.roles), with_past))
-    one_adapter_graph = len(graphs_kind.roles) == 1 and not adapters_as_inputs  # what float16 rebuilds
+    one_adapter_graph = len(graphs_kind.roles) == 1 and not several  # what float16 rebuilds
     if dtype != "float32" and not one_adapter_graph:
+        flag = "--mixed-batch" if mixed_batch else "--adapters-as-inputs"
         raise ConfigError(
-            f"--dtype {dtype} is supported for single-graph exports without --adapters-as-inputs; "
-            "export this one in float32"
+            f"--dtype {dtype} is supported for single-graph exports without {flag}; export this one in float32"
         )
-    plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), adapters_as_inputs)
-    mode = select_mode(merge, adapters_as_inputs, exporter)
+    if mixed_batch and len(graphs_kind.roles) > 1:
+        raise ConfigError("--mixed-batch is not supported for seq2seq models yet; export each adapter alone")
+    plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), several)
+    mode = select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
     out = Path(out) if out is not None else default_out(srcs[0], format)
     check_output_dir(out, force)  # fail before minutes of work, not after
 

@@ -204,6 +204,15 @@ def last_eval(metrics: Path) -> dict[str, Any] | None:
     return last
 
 
+def _mixed_adapters(manifest: dict[str, Any]) -> str:
+    """``0 = name (rank 4), 1 = …`` of a mixed-batch artifact's manifest."""
+    parts = []
+    for a in manifest.get("adapters", []):
+        rank = f" (rank {a['rank']})" if a.get("rank") is not None else ""
+        parts.append(f"{a.get('index')} = {a.get('name')}{rank}")
+    return ", ".join(parts)
+
+
 def render(info: dict[str, Any]) -> str:
     """Human-readable text for an :func:`inspect_path` or :func:`plan_model` result."""
     lines = [f"{info['kind']}: {info.get('path') or info.get('model')}"]
@@ -212,7 +221,12 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"  {key}: {info[key]}")
     manifest = info.get("manifest")
     if manifest:
-        lines.append(f"  merged: {manifest.get('merged')}  method: {manifest.get('method')}")
+        mode = f"  mode: {manifest['mode']}" if manifest.get("mode") else ""
+        lines.append(f"  merged: {manifest.get('merged')}  method: {manifest.get('method')}{mode}")
+        if manifest.get("mixed_batch"):  # --mixed-batch: which adapter_index picks which adapter
+            lines.append(f"  adapter_index: int64[batch], -1 = the base model, {_mixed_adapters(manifest)}")
+        elif manifest.get("adapters"):
+            lines.append("  adapters: " + ", ".join(str(a.get("name")) for a in manifest["adapters"]))
     if "inputs" in info:
         lines.append("inputs:")
         lines += [f"  {_io(v)}" for v in info["inputs"]]
