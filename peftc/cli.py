@@ -353,7 +353,9 @@ class _FormatOption(click.Option):
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
 @click.option(
     "--task",
-    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation"]),
+    type=click.Choice(
+        ["causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation", "text-to-image"]
+    ),
     help="Task, when neither the adapter config's task_type nor the base's architecture says it.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory (default: SRC/export-FORMAT).")

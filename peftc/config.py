@@ -45,6 +45,7 @@ TASK_TYPES = {
     # HF PEFT has no task type for images: its image-classification and segmentation guides leave it unset
     "image-cls": None,
     "semantic-segmentation": None,
+    "text-to-image": None,  # HF PEFT's Stable Diffusion recipe leaves it unset too
 }
 
 

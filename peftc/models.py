@@ -176,6 +176,11 @@ def load_model(
     get_task(task)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     preset = spec_str if spec_str in PRESETS else None
+    if task == "text-to-image":  # a diffusers UNet or pipeline directory (peftc.diffusion)
+        from peftc.diffusion import load_unet
+
+        unet = load_unet(spec_str, dtype)
+        return LoadedModel(unet, None, source=str(Path(spec_str).expanduser().resolve()))
     if preset == "tiny-gpt2":
         if task != "causal-lm":
             raise ModelLoadError(f"preset 'tiny-gpt2' is a causal LM; it cannot do task {task!r}")

@@ -53,7 +53,9 @@ __all__ = [
     "resolve_data",
 ]
 
-TRAINABLE_TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation")
+TRAINABLE_TASKS = (
+    "causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation", "text-to-image",
+)  # fmt: skip
 
 #: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
 #: method whose config lacks the field is an error. Every other field: ``--set FIELD=VALUE``.
@@ -122,7 +124,8 @@ class TrainConfig:
     model: str = _help(f"Base model: a preset ({', '.join(PRESETS)}) or a local HF model directory.", default="minilm")
     task: str | None = _help(
         f"{', '.join(TRAINABLE_TASKS)}. Default: the preset's task; for a model directory, from the architectures "
-        "in its config.json: *ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
+        "in its config.json: a diffusers UNet2DConditionModel or Stable Diffusion pipeline directory -> text-to-image, "
+        "*ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
         "semantic-segmentation, *ForTokenClassification -> token-cls, an encoder-decoder's *ForConditionalGeneration "
         "(T5, BART) -> seq2seq, *CausalLM or *LMHeadModel -> causal-lm, "
         "anything else -> seq-cls.",
@@ -343,6 +346,10 @@ def infer_task(model: str) -> str:
     """The task of ``--model`` without ``--task`` (the rule :class:`TrainConfig`'s ``task`` help states)."""
     if model in PRESETS:
         return PRESETS[model][1]
+    from peftc.diffusion import diffusion_task
+
+    if diffusion_task(model):  # a diffusers UNet or pipeline directory
+        return diffusion_task(model)
     try:
         cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
         archs = cfg.get("architectures") or []
@@ -431,6 +438,10 @@ def method_config(cfg: TrainConfig, task: str) -> MethodConfig:
     data["task_type"] = TASK_TYPES[task]
     if task in VISION_TASKS and "target_modules" in fields and not data.get("target_modules"):
         data["target_modules"] = list(IMAGE_TARGETS)  # HF PEFT's image guides (its default table has no ViT)
+    if task == "text-to-image" and "target_modules" in fields and not data.get("target_modules"):
+        from peftc.diffusion import UNET_TARGETS
+
+        data["target_modules"] = list(UNET_TARGETS)  # HF PEFT's Stable Diffusion recipe
     if task in HEAD_TASKS and "modules_to_save" in fields and not data.get("modules_to_save"):
         data["modules_to_save"] = head_modules(task)  # HF PEFT's convention for classification heads
     data["inference_mode"] = False
