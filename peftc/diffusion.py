@@ -49,6 +49,7 @@ __all__ = [
     "read_prompts",
     "require_diffusers",
     "unet_dir",
+    "write_pipeline_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -432,3 +433,11 @@ def diffusion_data(model: str, data_path: str, eval_path: str | None, dtype: tor
     eval_enc = encode_diffusion(eval_data, parts, size, seed=0) if eval_data else None
     loaded = LoadedModel(unet, None, source=str(Path(model).expanduser().resolve()))
     return train_enc, eval_enc, train_data, None, loaded
+
+
+# -- artifact ------------------------------------------------------------------------------------
+
+
+def write_pipeline_files(directory: Path, loaded: Any) -> None:
+    """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (what optimum's ``ORTUnet`` reads)."""
+    loaded.model.save_config(directory / "unet")

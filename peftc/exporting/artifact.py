@@ -61,7 +61,7 @@ def write_artifact(
     )
     adapter, mode_extra = mode.manifest_entries(exporter, directory, adapters, names, comparisons, reports)
     if len(graphs) == 1:
-        files: dict[str, Any] = {"model_file": exporter.model_file()}
+        files: dict[str, Any] = {"model_file": exporter.model_file(graphs[0].role)}
     else:
         files = {"model_files": {g.role: exporter.model_file(g.role) for g in graphs}}
     write_manifest(
@@ -112,6 +112,11 @@ def _quantize_entry(quantization: dict[str, Any]) -> dict[str, Any]:
 def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> None:
     """config.json (architecture, label map, ``use_cache``), generation config, tokenizer."""
     model = loaded.model
+    if getattr(loaded, "pipeline", None) is not None or hasattr(model, "save_config"):  # diffusers (peftc.diffusion)
+        from peftc.diffusion import write_pipeline_files
+
+        write_pipeline_files(directory, loaded)
+        return
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if hasattr(config, "use_cache"):
