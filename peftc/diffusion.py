@@ -47,6 +47,8 @@ __all__ = [
     "load_unet",
     "per_sample_timesteps",
     "read_prompts",
+    "save_tiny_pipeline",
+    "tiny_unet",
     "require_diffusers",
     "unet_dir",
     "write_pipeline_files",
@@ -441,3 +443,67 @@ def diffusion_data(model: str, data_path: str, eval_path: str | None, dtype: tor
 def write_pipeline_files(directory: Path, loaded: Any) -> None:
     """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (what optimum's ``ORTUnet`` reads)."""
     loaded.model.save_config(directory / "unet")
+
+
+# -- tiny bases (tests, the support matrix, the README's example) --------------------------------
+
+
+def tiny_unet(seed: int = 0) -> nn.Module:
+    """A random ``UNet2DConditionModel`` small enough for tests: latents 4×8×8, channels (32, 64), text dim 32."""
+    diffusers = require_diffusers()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ).eval()  # fmt: skip
+
+
+def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny ``StableDiffusionPipeline`` (16×16 images, 8×8 latents, a 2-layer CLIP text encoder,
+    prompts of 16 tokens) as ``save_pretrained`` does, without downloading anything.
+
+    The tokenizer is a ``CLIPTokenizer`` over a byte-level vocabulary (every byte, alone and word-final) with
+    no merges: each character is a token.
+    """
+    diffusers = require_diffusers()
+    import transformers
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tok_dir = directory / "_tokenizer_files"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16, pad_token="<|endoftext|>"
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text_encoder = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
+                vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, projection_dim=32,
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+            )
+        ).eval()  # fmt: skip
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+            norm_num_groups=32, sample_size=16,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        ).eval()  # fmt: skip
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012, clip_sample=False)  # fmt: skip
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(seed), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(directory, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return directory

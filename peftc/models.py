@@ -232,7 +232,9 @@ def image_processor(path: Path | None, config: Any, task: str) -> Any:
 def check_model_spec(spec: str | Path) -> None:
     """Fail fast (before reading data or capturing) when ``spec`` is neither a preset nor a model dir."""
     if str(spec) not in PRESETS:
-        _check_model_dir(Path(str(spec)).expanduser())
+        from peftc.diffusion import unet_dir
+
+        _check_model_dir(unet_dir(spec))  # a diffusers pipeline directory: its unet/
 
 
 def _check_model_dir(path: Path) -> None:
