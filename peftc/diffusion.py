@@ -239,7 +239,9 @@ def read_prompts(path: str | Path) -> DiffusionData:
         except ValueError as e:
             raise DataError(f"{path}:{lineno}: not JSON ({e})") from e
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not isinstance(obj.get("prompt"), str):
-            raise DataError(f"{path}:{lineno}: text-to-image rows are {{'image': path, 'prompt': text}}, got {line[:80]!r}")
+            raise DataError(
+                f"{path}:{lineno}: text-to-image rows are {{'image': path, 'prompt': text}}, got {line[:80]!r}"
+            )
         image = (path.parent / obj["image"]).resolve()
         try:
             with Image.open(image) as im:
@@ -325,7 +327,9 @@ class DiffusionEncoded:
     def collate(self, indices: Sequence[int], input_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``sample`` (noisy latents), ``timestep`` ``[b]``, ``encoder_hidden_states`` and ``labels`` (the target)."""
         if list(input_names) != ["sample", "timestep", "encoder_hidden_states"]:
-            raise DataError(f"text-to-image data feeds sample, timestep, encoder_hidden_states, not {list(input_names)}")
+            raise DataError(
+                f"text-to-image data feeds sample, timestep, encoder_hidden_states, not {list(input_names)}"
+            )
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         steps = int(self.scheduler.config.num_train_timesteps)
         if self.seed is None:
