@@ -368,7 +368,7 @@ class DiffusionEncoded:
 
 
 def _pixels(image: Path, size: tuple[int, int]) -> torch.Tensor:
-    """An image as ``[3, h, w]`` in [-1, 1]: resized (shorter side, bilinear) and centre-cropped, as diffusers' recipe."""
+    """An image as ``[3, h, w]`` in [-1, 1]: resized (shorter side, bilinear) and centre-cropped (diffusers' recipe)."""
     import numpy as np
 
     from peftc.images import _pil
@@ -445,7 +445,7 @@ def diffusion_data(model: str, data_path: str, eval_path: str | None, dtype: tor
 
 
 def write_pipeline_files(directory: Path, loaded: Any) -> None:
-    """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (what optimum's ``ORTUnet`` reads)."""
+    """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (optimum's ``ORTUnet`` reads it)."""
     loaded.model.save_config(directory / "unet")
 
 
@@ -460,7 +460,8 @@ def tiny_unet(seed: int = 0) -> nn.Module:
         return diffusers.UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ).eval()  # fmt: skip
 
 
@@ -492,13 +493,15 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
             transformers.CLIPTextConfig(
                 vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=16, projection_dim=32,
-                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
             )
         ).eval()  # fmt: skip
         vae = diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
             norm_num_groups=32, sample_size=16,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         ).eval()  # fmt: skip
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                         beta_end=0.012, clip_sample=False)  # fmt: skip

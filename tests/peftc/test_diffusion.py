@@ -84,8 +84,9 @@ def test_task_is_inferred_from_unet_and_pipeline_directories(pipe_dir, hf_adapte
 
 
 def test_lora_parity_with_hf_peft_both_ways_and_merge(pipe_dir, hf_adapter, tmp_path):
-    from peftc.adapters import AdapterState
     from peftc.passes import insertion_pipeline, merge_pipeline
+
+    from peftc.adapters import AdapterState
     from peftc.program import capture
 
     hf_dir, hf = hf_adapter
@@ -122,9 +123,10 @@ def test_lora_parity_with_hf_peft_both_ways_and_merge(pipe_dir, hf_adapter, tmp_
 
 
 def test_a_step_lowers_the_noise_prediction_loss_on_a_fixed_batch(pipe_dir, data_file):
+    from peftc.passes import insertion_pipeline
+
     from peftc.config import LoraConfig
     from peftc.diffusion import diffusion_data, per_sample_timesteps
-    from peftc.passes import insertion_pipeline
     from peftc.program import capture
     from peftc.tasks import get_task
 
