@@ -387,9 +387,9 @@ def dynamic_shapes(
     a model only exports with both ≥ 2); a name containing ``sequence`` (``sequence``,
     ``past_sequence``, ``encoder_sequence``) is bounded by ``max_sequence`` (the model's position
     table), ``batch`` by ``max_batch`` when given, any other (``lora_rank``) by :data:`MAX_DIM`.
-    ``"NAME + k"`` with ``NAME`` a dim of an earlier input and ``k`` an integer is that dim plus ``k`` (a seq2seq decoder's encoder states with ``k`` virtual
-    tokens in front). Any other name that is not an identifier
-    (``"past_sequence + sequence"``: the attention mask of a KV-cache graph) is a derived size:
+    ``"NAME + k"`` with ``NAME`` a dim of an earlier input and ``k`` an integer is that dim plus ``k``
+    (a seq2seq decoder's encoder states with ``k`` virtual tokens in front). Any other name that is not
+    an identifier (``"past_sequence + sequence"``: the attention mask of a KV-cache graph) is a derived size:
     torch works out its relation to the others (``Dim.AUTO``) and the name is only what the
     artifact calls it. An input with no named axes is static (``None``).
     """
