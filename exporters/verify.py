@@ -393,8 +393,9 @@ def compare_outputs(
         diff = np.abs(a[rows] - e[rows])
         worst = float(diff.max()) if diff.size else math.nan
         for x, y in extra:  # presents [batch, heads, past + sequence, head_dim]: real positions (the mask's ones)
-            keep = case.inputs["attention_mask"].bool().numpy()
-            if x.ndim == 4 and keep.shape == (x.shape[0], x.shape[2]):
+            mask = case.inputs.get("attention_mask")  # graphs without a mask (a text encoder's pooled output): whole
+            keep = mask.bool().numpy() if mask is not None else None
+            if keep is not None and x.ndim == 4 and keep.shape == (x.shape[0], x.shape[2]):
                 x, y = x.transpose(0, 2, 1, 3)[keep], y.transpose(0, 2, 1, 3)[keep]
             if x.size:
                 worst = max(worst, float(np.abs(x - y).max()))

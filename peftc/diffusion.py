@@ -444,9 +444,102 @@ def diffusion_data(model: str, data_path: str, eval_path: str | None, dtype: tor
 # -- artifact ------------------------------------------------------------------------------------
 
 
-def write_pipeline_files(directory: Path, loaded: Any) -> None:
-    """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (optimum's ``ORTUnet`` reads it)."""
+class TextEncoderModule(nn.Module):
+    """A CLIP text encoder as optimum exports it: ``input_ids -> last_hidden_state, pooler_output``."""
+
+    output_names = ["last_hidden_state", "pooler_output"]
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.input_names = ["input_ids"]
+        self.dynamic_dims = {"input_ids": {0: "batch", 1: "sequence"}}
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        vocab = int(self.model.config.vocab_size)
+        return (torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(inputs[0], return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class VaeDecoderModule(nn.Module):
+    """A VAE's decoder as optimum exports it: ``latent_sample -> sample`` (fixed latent size, dynamic batch)."""
+
+    output_names = ["sample"]
+    max_batch = UNetModule.max_batch  # the same Upsample2D branch on the batch
+
+    def __init__(self, model: nn.Module, latent_size: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.latent_size = latent_size
+        self.input_names = ["latent_sample"]
+        self.dynamic_dims = {"latent_sample": {0: "batch"}}
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        channels = int(self.model.config.latent_channels)
+        return (torch.randn(2, channels, *self.latent_size, generator=torch.Generator().manual_seed(0)),)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(inputs[0], return_dict=False)[0]
+
+
+def write_pipeline_files(
+    directory: Path, loaded: Any, exporter: Any = None, options: Any = None, atol: float = 1e-4
+) -> dict[str, Any]:
+    """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (optimum's ``ORTUnet`` reads it);
+    from a pipeline directory exported to ONNX, the rest of the pipeline in optimum's layout.
+
+    The rest is ``text_encoder/model.onnx`` (``input_ids -> last_hidden_state, pooler_output``) and
+    ``vae_decoder/model.onnx`` (``latent_sample -> sample``), each captured and written by peftc's ONNX exporter
+    and verified like the UNet against its torch module on held-out inputs, with its ``config.json``; the
+    ``tokenizer/`` and ``scheduler/`` folders and ``model_index.json`` are copied. Optimum's
+    ``ORTStableDiffusionPipeline.from_pretrained`` loads the folder. These parts carry no adapter.
+
+    Returns:
+        ``report.json`` entries: ``components``, each part's verification report (empty for a UNet directory).
+
+    Raises:
+        ExportVerificationError: a part's ONNX outputs differ from torch's by more than ``atol``.
+    """
+    import shutil
+
     loaded.model.save_config(directory / "unet")
+    source = Path(loaded.source)
+    if diffusion_kind(source) != "pipeline" or exporter is None or exporter.name != "onnx":
+        return {}
+    import transformers
+
+    from peftc.exporters.verify import make_cases, run_torch, verify_artifact
+    from peftc.program import capture
+
+    diffusers = require_diffusers()
+    text_encoder = transformers.CLIPTextModel.from_pretrained(str(source / "text_encoder"), use_safetensors=True)
+    vae = diffusers.AutoencoderKL.from_pretrained(str(source / "vae"), use_safetensors=True)
+    latent = _sample_size(loaded.model.config)
+    parts = {
+        "text_encoder": (text_encoder, lambda m, _names: TextEncoderModule(m)),
+        "vae_decoder": (vae, lambda m, _names, size=latent: VaeDecoderModule(m, size)),
+    }
+    reports = {}
+    for role, (module, transform) in parts.items():
+        program = capture(module.eval(), TASK, mode="eval", transform=transform)
+        path = directory / exporter.model_file(role)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exporter.write(program, path, {"peftc.task": TASK, "peftc.graph": role}, options)
+        cases = make_cases(program)
+        reference = run_torch(program, cases, program.input_names)
+        report = verify_artifact(exporter, path, program, cases, reference, atol=atol, reference_name=f"torch {role}")
+        report.raise_if_failed(hint="nothing was written")
+        reports[role] = report.to_dict()
+        save_config = module.save_config if hasattr(module, "save_config") else module.config.save_pretrained
+        save_config(path.parent)  # diffusers' or transformers' config.json
+    for folder in ("tokenizer", "scheduler"):
+        if (source / folder).is_dir():
+            shutil.copytree(source / folder, directory / folder)
+    shutil.copy2(source / "model_index.json", directory / "model_index.json")
+    return {"components": reports}
 
 
 # -- tiny bases (tests, the support matrix, the README's example) --------------------------------
@@ -503,8 +596,12 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         ).eval()  # fmt: skip
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012, clip_sample=False)  # fmt: skip
+    # DDIM (eta 0) is deterministic, so a fixed latent gives the same images in any runtime; training reads its
+    # config into a DDPMScheduler, as diffusers' recipe does with any Stable Diffusion scheduler
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(seed), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -45,7 +45,7 @@ def write_artifact(
             ``quantize`` holds the scheme and the headline figures).
     """
     comparisons, reports, merged = checks
-    write_model_files(directory, loaded, with_past=plan.with_past)
+    components = write_model_files(directory, loaded, plan.with_past, exporter, options, atol)
     runtime = write_runtime_config(directory, exporter, plan, graphs)
     mode.copy_adapters(directory, adapters, names)
     write_report(
@@ -56,6 +56,7 @@ def write_artifact(
         entries={
             **mode.report_entries(exporter.name, graphs, comparisons, reports, merged),
             **({"quantization": quantization} if quantization is not None else {}),
+            **components,
         },
         timings=timings,
     )
@@ -109,14 +110,19 @@ def _quantize_entry(quantization: dict[str, Any]) -> dict[str, Any]:
     return {k: quantization[k] for k in keys}
 
 
-def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> None:
-    """config.json (architecture, label map, ``use_cache``), generation config, tokenizer."""
+def write_model_files(
+    directory: Path, loaded: Any, with_past: bool = False, exporter: Any = None, options: Any = None, atol: float = 1e-4
+) -> dict[str, Any]:
+    """config.json (architecture, label map, ``use_cache``), generation config, tokenizer.
+
+    A diffusers UNet's artifact gets its config, and from a pipeline directory the rest of the pipeline
+    (:func:`peftc.diffusion.write_pipeline_files`); the returned ``report.json`` entries say how its parts verified.
+    """
     model = loaded.model
-    if getattr(loaded, "pipeline", None) is not None or hasattr(model, "save_config"):  # diffusers (peftc.diffusion)
+    if hasattr(model, "save_config"):  # a diffusers model (peftc.diffusion)
         from peftc.diffusion import write_pipeline_files
 
-        write_pipeline_files(directory, loaded)
-        return
+        return write_pipeline_files(directory, loaded, exporter, options, atol)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if hasattr(config, "use_cache"):
@@ -129,6 +135,7 @@ def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> 
         loaded.tokenizer.save_pretrained(directory)
     if getattr(loaded, "image_processor", None) is not None:  # preprocessor_config.json: optimum's pipelines read it
         loaded.image_processor.save_pretrained(directory)
+    return {}
 
 
 def write_runtime_config(directory: Path, exporter: Any, plan: GraphPlan, graphs: list[Graph]) -> str | None:

@@ -177,28 +177,49 @@ def test_without_diffusers_the_task_names_the_extra(monkeypatch, pipe_dir, data_
 
 
 @pytest.mark.slow
-def test_cli_train_then_export_the_unet(pipe_dir, data_file, tmp_path, capsys):
-    """``peftc train`` on a pipeline directory, then ``peftc export`` of the run: ``unet/model.onnx`` verified."""
-    import onnxruntime as ort
+def test_cli_train_then_export_the_pipeline_for_optimum(pipe_dir, data_file, tmp_path, capsys):
+    """``peftc train`` on a pipeline directory, ``peftc export --merge`` of the run: the whole pipeline in optimum's
+    layout, which ``ORTStableDiffusionPipeline`` runs to the latents and images of diffusers' pipeline with HF
+    PEFT's LoRA (the run's adapter) on the UNet, from the same latents (DDIM: no noise is drawn while sampling)."""
+    from diffusers import StableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     from peftc.cli import main
 
     run = tmp_path / "run"
     args = ["train", "--model", str(pipe_dir), "--data", str(data_file), "--eval-data", str(data_file)]
     with pytest.raises(SystemExit) as exc:
-        main([*args, "--max-steps", "2", "--batch-size", "3", "--lr", "1e-3", "--out", str(run)])
+        main([*args, "--max-steps", "2", "--batch-size", "3", "--lr", "1e-2", "--set", "init_lora_weights=false",
+              "--out", str(run)])  # fmt: skip
     assert exc.value.code == 0, capsys.readouterr().err
+    assert json.loads((run / "run.json").read_text())["task"] == "text-to-image"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_loss" in m or "loss" in m for m in metrics)
+    assert any(m["type"] == "eval" and m["loss"] > 0 for m in metrics)  # the held-out noise-prediction loss
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] and sorted(config["target_modules"]) == sorted(UNET_TARGETS)
-    with pytest.raises(SystemExit) as exc:
-        main(["export", str(run), "--out", str(tmp_path / "onnx")])
-    assert exc.value.code == 0, capsys.readouterr().err
+    assert sorted(config["target_modules"]) == sorted(UNET_TARGETS) and config["task_type"] is None
     out = tmp_path / "onnx"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(run), "--merge", "--out", str(out)])
+    assert exc.value.code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["verified"] and report["max_abs_diff"] <= EXPORT_ATOL
-    assert json.loads((out / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
-    session = ort.InferenceSession(str(out / "unet" / "model.onnx"))
-    assert [i.name for i in session.get_inputs()] == ["sample", "timestep", "encoder_hidden_states"]
-    assert [o.name for o in session.get_outputs()] == ["out_sample"]
+    assert all(c["passed"] for c in report["components"].values())  # text_encoder, vae_decoder
+    for part in ("unet", "text_encoder", "vae_decoder"):
+        assert (out / part / "model.onnx").is_file() and (out / part / "config.json").is_file()
+    assert (out / "model_index.json").is_file() and (out / "tokenizer").is_dir() and (out / "scheduler").is_dir()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ort = ORTStableDiffusionPipeline.from_pretrained(out)
+        reference = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None)
+        reference.unet = peft.PeftModel.from_pretrained(reference.unet, run / "adapter")
+    assert [i.name for i in ort.unet.session.get_inputs()] == ["sample", "timestep", "encoder_hidden_states"]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = {"prompt": "a red square", "num_inference_steps": 2, "height": 16, "width": 16, "latents": latents}
+    with torch.no_grad():
+        ours = np.asarray(ort(output_type="latent", **kwargs).images)
+        expected = reference(output_type="latent", **kwargs).images.numpy()
+        assert np.abs(expected).max() > 1  # latents of scale ~1-7: the tolerance below is relative to that
+        assert np.abs(ours - expected).max() <= 1e-4
+        images = np.asarray(ort(output_type="np", **kwargs).images)
+        assert np.abs(images - reference(output_type="np", **kwargs).images).max() <= 1e-4
