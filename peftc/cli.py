@@ -477,8 +477,8 @@ def export(
 )
 @click.option(
     "--task",
-    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation"]),
-    help="Task for a model dir or preset (default: from its architecture).",
+    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation", "text-to-image"]),
+    help="Task for a model dir or preset (default: from its architecture; a diffusers UNet dir: text-to-image).",
 )
 @click.option("--model", help="Base model of an adapter dir for --graph/--diff (default: base_model_name_or_path).")
 @click.option("--target-modules", help="Targets for --plan (default: the method's HF PEFT table).")

@@ -223,3 +223,19 @@ def test_cli_train_then_export_the_pipeline_for_optimum(pipe_dir, data_file, tmp
         assert np.abs(ours - expected).max() <= 1e-4
         images = np.asarray(ort(output_type="np", **kwargs).images)
         assert np.abs(images - reference(output_type="np", **kwargs).images).max() <= 1e-4
+
+
+def test_an_adapter_on_conv2d_layers_is_refused_by_name():
+    """HF PEFT adapts a UNet's Conv2d layers (``conv1``, ``proj_in``); peftc's LoRA pass takes Linear/Conv1D only."""
+    from types import SimpleNamespace
+
+    from peftc.passes.targets import check_all_used
+
+    from peftc.errors import AdapterMismatchError
+
+    key = "base_model.model.down_blocks.0.resnets.0.conv1.lora_A.weight"
+    state = SimpleNamespace(tensors={key: torch.zeros(1)})
+    with pytest.raises(AdapterMismatchError, match=r"adapts down_blocks\.0\.resnets\.0\.conv1, a Conv2d; .*Linear"):
+        check_all_used(state, set(), "lora_", {"down_blocks.0.resnets.0.conv1": "Conv2d"})
+    with pytest.raises(AdapterMismatchError, match="matches no targeted module"):  # a module the model lacks
+        check_all_used(state, set(), "lora_", {})
