@@ -207,6 +207,12 @@ def test_cli_train_then_export_the_pipeline_for_optimum(pipe_dir, data_file, tmp
     for part in ("unet", "text_encoder", "vae_decoder"):
         assert (out / part / "model.onnx").is_file() and (out / part / "config.json").is_file()
     assert (out / "model_index.json").is_file() and (out / "tokenizer").is_dir() and (out / "scheduler").is_dir()
+    capsys.readouterr()  # what train and export printed
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--json", str(out)])
+    assert exc.value.code == 0
+    info = json.loads(capsys.readouterr().out)  # the manifest's unet/model.onnx
+    assert [i["name"] for i in info["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
