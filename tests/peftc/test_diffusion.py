@@ -245,3 +245,49 @@ def test_an_adapter_on_conv2d_layers_is_refused_by_name():
         check_all_used(state, set(), "lora_", {"down_blocks.0.resnets.0.conv1": "Conv2d"})
     with pytest.raises(AdapterMismatchError, match="matches no targeted module"):  # a module the model lacks
         check_all_used(state, set(), "lora_", {})
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_batches_follow_the_noise_schedule(prediction):
+    """``sample = √ᾱ_t·z + √(1-ᾱ_t)·ε`` and the target ``ε`` or ``v = √ᾱ_t·ε - √(1-ᾱ_t)·z``, computed here from the
+    scheduler's ``alphas_cumprod`` with the draws an evaluation batch makes (a generator seeded per row)."""
+    from diffusers import DDPMScheduler
+
+    from peftc.diffusion import DiffusionEncoded
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
+    gen = torch.Generator().manual_seed(0)
+    mean, std, emb = (
+        torch.randn(3, 4, 8, 8, generator=gen),
+        torch.rand(3, 4, 8, 8, generator=gen),
+        torch.randn(3, 5, 32),
+    )
+    enc = DiffusionEncoded(mean, std, emb, scaling_factor=0.5, scheduler=scheduler, seed=10)
+    batch = enc.collate([2, 0], ["sample", "timestep", "encoder_hidden_states"])
+    for row, i in enumerate([2, 0]):
+        draw = torch.Generator().manual_seed(10 + i)
+        eps_z, noise = torch.randn(4, 8, 8, generator=draw), torch.randn(4, 8, 8, generator=draw)
+        t = int(torch.randint(0, 1000, (1,), generator=draw))
+        z = (mean[i] + std[i] * eps_z) * 0.5
+        a = scheduler.alphas_cumprod[t]
+        assert batch["timestep"][row] == t
+        torch.testing.assert_close(batch["sample"][row], a.sqrt() * z + (1 - a).sqrt() * noise)
+        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+        torch.testing.assert_close(batch["labels"][row], target)
+        assert torch.equal(batch["encoder_hidden_states"][row], emb[i])
+
+
+def test_bad_rows_are_one_line_data_errors(tmp_path):
+    from peftc.diffusion import read_prompts
+    from peftc.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    for text, match in [
+        ('{"image": "x.png"}\n', r"bad\.jsonl:1: text-to-image rows are"),
+        ('{"image": "missing.png", "prompt": "p"}\n', r"bad\.jsonl:1: cannot read image"),
+        ("\n", "holds no rows"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(DataError, match=match) as exc:
+            read_prompts(bad)
+        assert "\n" not in str(exc.value)
