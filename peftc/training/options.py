@@ -144,8 +144,8 @@ class TrainConfig:
     data: str | None = _help(
         "Training data, JSON lines: {'text': ...} (causal-lm), {'text': ..., 'label': int|str} (seq-cls) or "
         "{'tokens': [...], 'labels': [...]} (token-cls), {'image': path, 'label': int|str} or a folder of one "
-        "subfolder of images per class (image-cls), {'image': path, 'mask': path} (semantic-segmentation; "
-        "image paths relative to the file). "
+        "subfolder of images per class (image-cls), {'image': path, 'mask': path} (semantic-segmentation), "
+        "{'image': path, 'prompt': ...} (text-to-image; image paths relative to the file). "
         f"Default: the data shipped for {' and '.join(f'--model {m} --task {t}' for m, t in DEFAULT_DATA)}.",
         default=None,
     )
