@@ -119,7 +119,7 @@ def write_model_files(
     (:func:`peftc.diffusion.write_pipeline_files`); the returned ``report.json`` entries say how its parts verified.
     """
     model = loaded.model
-    if hasattr(model, "save_config"):  # a diffusers model (peftc.diffusion)
+    if type(model).__module__.startswith("diffusers."):  # a diffusers UNet (peftc.diffusion)
         from peftc.diffusion import write_pipeline_files
 
         return write_pipeline_files(directory, loaded, exporter, options, atol)

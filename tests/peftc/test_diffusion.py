@@ -177,6 +177,32 @@ def test_without_diffusers_the_task_names_the_extra(monkeypatch, pipe_dir, data_
 
 
 @pytest.mark.slow
+def test_export_from_a_unet_directory_is_the_unet_folder(pipe_dir, hf_adapter, tmp_path):
+    """HF PEFT's adapter on a bare UNet directory, unmerged: ``unet/model.onnx`` + ``unet/config.json`` only, and ONNX
+    Runtime's noise prediction equals HF PEFT's on a batch and timestep unlike the capture example's."""
+    import onnxruntime as ort
+
+    from peftc.exporting import export
+
+    hf_dir, hf = hf_adapter
+    out = export(hf_dir, model=pipe_dir / "unet", out=tmp_path / "onnx")  # task from the base: text-to-image
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "manifest.json", "report.json", "unet"]
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", "model.onnx"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] and report["max_abs_diff"] <= EXPORT_ATOL and "components" not in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_file"] == "unet/model.onnx" and manifest["task"] == "text-to-image"
+    session = ort.InferenceSession(str(out / "unet" / "model.onnx"))
+    sample, timestep, states = _inputs(batch=5, seed=11)
+    (got,) = session.run(
+        None, {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()}
+    )
+    with torch.no_grad():
+        expected = hf(sample, timestep, states).sample.numpy()
+    assert np.abs(got - expected).max() <= EXPORT_ATOL
+
+
+@pytest.mark.slow
 def test_cli_train_then_export_the_pipeline_for_optimum(pipe_dir, data_file, tmp_path, capsys):
     """``peftc train`` on a pipeline directory, ``peftc export --merge`` of the run: the whole pipeline in optimum's
     layout, which ``ORTStableDiffusionPipeline`` runs to the latents and images of diffusers' pipeline with HF
