@@ -163,6 +163,8 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
     cfg = program.model_config
     if program.input_names == ["pixel_values"]:
         return _image_cases(program, seed)
+    if not {"input_ids", "inputs_embeds"} & set(program.input_names):
+        return _tensor_cases(program, seed)
     vocab = int(getattr(cfg, "vocab_size", 128) or 128)
     pad_id = getattr(cfg, "pad_token_id", None)
     pad_id = int(pad_id) if isinstance(pad_id, int) and 0 <= pad_id < vocab else 0
@@ -196,6 +198,37 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
         VerifyCase("batch1", batch(1, 7, [0]), "a single unpadded sequence"),
         VerifyCase("reshaped", batch(3, 5, [0, 0, 0]), "batch and sequence unlike the capture example"),
         VerifyCase("left-padded", batch(4, 12, [0, 3, 6, 11]), "rows left-padded by 0, 3, 6 and 11 tokens"),
+    ]
+
+
+def _tensor_cases(program: Program, seed: int) -> list[VerifyCase]:
+    """Graphs of float tensors (a diffusion UNet's ``sample, timestep, encoder_hidden_states``): standard normal
+    values shaped like the capture example, with the batch (and any other dynamic dim) resized: one row, then 3
+    rows with dynamic dims one larger (within any bound). A scalar or integer input gets new values in the
+    example's range.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def case(batch: int, grow: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, example in zip(program.input_names, program.example_inputs, strict=True):
+            shape = list(example.shape)
+            for axis, dim in program.dynamic_dims.get(name, {}).items():
+                shape[axis] = batch if dim == "batch" else shape[axis] + grow
+            if example.is_floating_point():
+                if example.ndim == 0 or name == "timestep":  # a diffusion step: within the example's scale
+                    high = max(float(example.abs().max()), 1.0)
+                    out[name] = (torch.rand(shape, generator=gen) * high).to(example.dtype)
+                else:
+                    out[name] = torch.randn(shape, generator=gen).to(example.dtype)
+            else:
+                high = max(int(example.max()), 1)
+                out[name] = torch.randint(0, high + 1, shape, generator=gen, dtype=example.dtype)
+        return out
+
+    return [
+        VerifyCase("batch1", case(1, 0), "a batch of one"),
+        VerifyCase("reshaped", case(3, 1), "batch 3 and every other dynamic dim one larger than the capture example"),
     ]
 
 
@@ -360,8 +393,9 @@ def compare_outputs(
         diff = np.abs(a[rows] - e[rows])
         worst = float(diff.max()) if diff.size else math.nan
         for x, y in extra:  # presents [batch, heads, past + sequence, head_dim]: real positions (the mask's ones)
-            keep = case.inputs["attention_mask"].bool().numpy()
-            if x.ndim == 4 and keep.shape == (x.shape[0], x.shape[2]):
+            mask = case.inputs.get("attention_mask")  # graphs without a mask (a text encoder's pooled output): whole
+            keep = mask.bool().numpy() if mask is not None else None
+            if keep is not None and x.ndim == 4 and keep.shape == (x.shape[0], x.shape[2]):
                 x, y = x.transpose(0, 2, 1, 3)[keep], y.transpose(0, 2, 1, 3)[keep]
             if x.size:
                 worst = max(worst, float(np.abs(x - y).max()))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.adapters import AdapterState
+from peftc.adapters import AdapterState, graph_path
 from peftc.errors import AdapterMismatchError, ConfigError, TargetNotFoundError
 from peftc.program import MODEL_PREFIX, Program
 
@@ -181,9 +181,20 @@ def resolve_targets(config: Any, program: Program, table: dict[str, list[str]]) 
     return table[model_type]
 
 
-def check_all_used(state: Any, used: set[str], marker: str) -> None:
-    """Every tensor of a loaded adapter that carries ``marker`` must have found its module."""
+def check_all_used(state: Any, used: set[str], marker: str, module_types: dict[str, str] | None = None) -> None:
+    """Every tensor of a loaded adapter that carries ``marker`` must have found its module.
+
+    With the program's ``module_types``, a tensor whose module exists but is not a Linear/Conv1D layer (a
+    ``Conv2d``: HF PEFT adapts convolutions, peftc does not yet) is named as such.
+    """
     unused = sorted(k for k in state.tensors if marker in k and k not in used)
+    module = graph_path(unused[0]).removeprefix(MODEL_PREFIX).split(f".{marker}")[0] if unused else ""
+    cls = (module_types or {}).get(module)
+    if cls is not None and cls not in LINEAR_TYPES:
+        raise AdapterMismatchError(
+            f"adapter tensor {unused[0]} (and {len(unused) - 1} more) adapts {module}, a {cls}; peftc adapts "
+            f"Linear and Conv1D layers only ({cls} adapters are not supported yet)"
+        )
     if unused:
         raise AdapterMismatchError(
             f"adapter tensor {unused[0]} (and {len(unused) - 1} more) matches no targeted module of this model; "
@@ -233,7 +244,7 @@ class LinearAdapterPass(InPlacePass):
             if site.name in chosen:
                 used |= self.rewrite_site(program, site, chosen[site.name], state, fresh)
         if not fresh:
-            check_all_used(state, used, self.marker)
+            check_all_used(state, used, self.marker, program.module_types)
         program.adapter = state
         finish(program)
         logger.info("%s: %d sites, %d adapter parameters", self.name, len(chosen), state.num_parameters())

@@ -360,7 +360,16 @@ class _FormatOption(click.Option):
 @click.option(
     "--task",
     type=click.Choice(
-        ["causal-lm", "seq-cls", "token-cls", "seq2seq", "image-cls", "semantic-segmentation", "image-to-text"]
+        [
+            "causal-lm",
+            "seq-cls",
+            "token-cls",
+            "seq2seq",
+            "image-cls",
+            "semantic-segmentation",
+            "image-to-text",
+            "text-to-image",
+        ]
     ),
     help="Task, when neither the adapter config's task_type nor the base's architecture says it.",
 )
@@ -487,8 +496,8 @@ def export(
 )
 @click.option(
     "--task",
-    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation"]),
-    help="Task for a model dir or preset (default: from its architecture).",
+    type=click.Choice(["causal-lm", "seq-cls", "token-cls", "image-cls", "semantic-segmentation", "text-to-image"]),
+    help="Task for a model dir or preset (default: from its architecture; a diffusers UNet dir: text-to-image).",
 )
 @click.option("--model", help="Base model of an adapter dir for --graph/--diff (default: base_model_name_or_path).")
 @click.option("--target-modules", help="Targets for --plan (default: the method's HF PEFT table).")

@@ -46,6 +46,7 @@ TASK_TYPES = {
     "image-cls": None,
     "semantic-segmentation": None,
     "image-to-text": None,  # HF PEFT's BLIP-2 example leaves it unset too
+    "text-to-image": None,  # HF PEFT's Stable Diffusion recipe leaves it unset too
 }
 
 

@@ -181,6 +181,11 @@ def load_model(
     get_task(task)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     preset = spec_str if spec_str in PRESETS else None
+    if task == "text-to-image":  # a diffusers UNet or pipeline directory (peftc.diffusion)
+        from peftc.diffusion import load_unet
+
+        unet = load_unet(spec_str, dtype)
+        return LoadedModel(unet, None, source=str(Path(spec_str).expanduser().resolve()))
     if preset == "tiny-gpt2":
         if task != "causal-lm":
             raise ModelLoadError(f"preset 'tiny-gpt2' is a causal LM; it cannot do task {task!r}")
@@ -241,7 +246,9 @@ def image_processor(path: Path | None, config: Any, task: str) -> Any:
 def check_model_spec(spec: str | Path) -> None:
     """Fail fast (before reading data or capturing) when ``spec`` is neither a preset nor a model dir."""
     if str(spec) not in PRESETS:
-        _check_model_dir(Path(str(spec)).expanduser())
+        from peftc.diffusion import unet_dir
+
+        _check_model_dir(unet_dir(spec))  # a diffusers pipeline directory: its unet/
 
 
 def _check_model_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ class Program:
     #: The class captured around the model (:class:`~peftc.tasks.TaskModule` or a ``transform``'s). A pass that
     #: re-captures with an input transform (prompt methods) asks it for its prompted variant (``prompted``).
     wrapper: type[nn.Module] | None = field(default=None, repr=False)
+    #: Largest batch the graph takes when the model guards an upper bound (diffusers' upsampler: batch < 64).
+    max_batch: int | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -151,7 +154,7 @@ class Program:
 
     def dynamic_shapes(self, min_size: int = 1) -> tuple[dict[int, Any] | None, ...]:
         """``torch.export`` dynamic shapes of the graph's inputs, to re-export its graph module."""
-        return dynamic_shapes(self.input_names, self.dynamic_dims, min_size, self.max_positions())
+        return dynamic_shapes(self.input_names, self.dynamic_dims, min_size, self.max_positions(), self.max_batch)
 
 
 def get_tensor(module: nn.Module, path: str) -> Any:
@@ -312,6 +315,10 @@ def capture(
         from peftc.blip2 import Blip2Module
 
         transform = Blip2Module
+    if transform is None and spec.name == "text-to-image":  # a diffusers UNet, scalar timestep (optimum's layout)
+        from peftc.diffusion import UNetModule
+
+        transform = lambda m, _names: UNetModule(m)  # noqa: E731
     wrapper = TaskModule(model, names) if transform is None else transform(model, names)
     wrapper.train(mode == "train")
     _no_zero_layerdrop(model)
@@ -324,9 +331,10 @@ def capture(
     if max_seq and getattr(wrapper, "extra_positions", 0):  # positions the transform adds (virtual tokens)
         max_seq -= wrapper.extra_positions
     ep = None
-    min_dim, max_dim, oblivious = 1, max_seq, False
+    # a wrapper may know an upper bound the model guards on the batch (UNetModule.max_batch): no failed attempt first
+    min_dim, max_dim, oblivious, max_batch = 1, max_seq, False, getattr(wrapper, "max_batch", None)
     while ep is None:
-        shapes = dynamic_shapes(names, wanted_dims, min_dim, max_dim)
+        shapes = dynamic_shapes(names, wanted_dims, min_dim, max_dim, max_batch)
         try:
             with fx_config.patch(backed_size_oblivious=oblivious):
                 ep = torch.export.export(wrapper, inputs, dynamic_shapes=(shapes,), strict=False)
@@ -336,6 +344,8 @@ def capture(
                 # buffer by the length; with virtual tokens ``n + sequence != table size``): capture up to
                 # one position less (Program.max_positions says so)
                 max_dim = max_seq - 1
+            elif not max_batch and (bound := re.search(r"Dim\('batch', max=(\d+)\)", str(e))):
+                max_batch = int(bound.group(1))  # the model branches on a batch size (diffusers: batch >= 64)
             elif min_dim == 1:
                 min_dim = 2
             elif getattr(wrapper, "extra_positions", 0) and not oblivious and "min(" in str(e):
@@ -362,6 +372,7 @@ def capture(
         source=ModelRef(model),
         max_sequence=max_dim if max_dim != _max_positions(model.config) else None,
         wrapper=getattr(wrapper, "base_wrapper", type(wrapper)),
+        max_batch=max_batch,
     )
     logger.debug("captured %s for %s (%s): %d nodes", type(model).__name__, spec.name, mode, len(gm.graph.nodes))
     return program
@@ -372,6 +383,7 @@ def dynamic_shapes(
     dims_by_name: Mapping[str, Mapping[int, str]],
     min_size: int = 1,
     max_sequence: int | None = None,
+    max_batch: int | None = None,
 ) -> tuple[dict[int, Any] | None, ...]:
     """``torch.export`` dynamic shapes for inputs ``names`` whose axes are named in ``dims_by_name``.
 
@@ -379,10 +391,10 @@ def dynamic_shapes(
     and one sequence length: ``batch`` and ``sequence`` take sizes from ``min_size`` (1, or 2 when
     a model only exports with both ≥ 2); a name containing ``sequence`` (``sequence``,
     ``past_sequence``, ``encoder_sequence``) is bounded by ``max_sequence`` (the model's position
-    table), any other (``lora_rank``) by :data:`MAX_DIM`. ``"NAME + k"`` with ``NAME`` a dim of an earlier
-    input and ``k`` an integer is that dim plus ``k`` (a seq2seq decoder's encoder states with ``k`` virtual
-    tokens in front). Any other name that is not an identifier
-    (``"past_sequence + sequence"``: the attention mask of a KV-cache graph) is a derived size:
+    table), ``batch`` by ``max_batch`` when given, any other (``lora_rank``) by :data:`MAX_DIM`.
+    ``"NAME + k"`` with ``NAME`` a dim of an earlier input and ``k`` an integer is that dim plus ``k``
+    (a seq2seq decoder's encoder states with ``k`` virtual tokens in front). Any other name that is not
+    an identifier (``"past_sequence + sequence"``: the attention mask of a KV-cache graph) is a derived size:
     torch works out its relation to the others (``Dim.AUTO``) and the name is only what the
     artifact calls it. An input with no named axes is static (``None``).
     """
@@ -400,7 +412,8 @@ def dynamic_shapes(
                 continue
             if dim not in dims:
                 low = min_size if dim in ("batch", "sequence") else 1
-                dims[dim] = Dim(dim, min=low, max=(max_sequence or MAX_DIM) if "sequence" in dim else MAX_DIM)
+                high = (max_sequence or MAX_DIM) if "sequence" in dim else MAX_DIM
+                dims[dim] = Dim(dim, min=low, max=(max_batch or high) if dim == "batch" else high)
             spec[axis] = dims[dim]
         shapes.append(spec or None)
     return tuple(shapes)

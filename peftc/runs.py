@@ -59,9 +59,13 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _vision_task_of(base: str) -> str | None:
-    """``image-cls`` / ``semantic-segmentation`` when the base's config.json names such an architecture."""
+    """``image-cls`` / ``semantic-segmentation`` when the base's config.json names such an architecture;
+    ``text-to-image`` for a diffusers UNet or pipeline directory."""
+    from peftc.diffusion import diffusion_task
     from peftc.tasks import vision_task
 
+    if diffusion_task(base):
+        return diffusion_task(base)
     try:
         archs = json.loads((Path(base).expanduser() / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):

@@ -342,6 +342,7 @@ _LORA_TARGETS = {
     "vit": ["query", "value"],
     "swin": ["query", "value"],
     "segformer": ["query", "value"],
+    "stable_diffusion": ["to_q", "to_k", "to_v", "to_out.0"],  # HF PEFT's Stable Diffusion recipe
     "chatglm": ["q_proj", "v_proj"],  # HF PEFT's ``chatglm`` default (query_key_value) names ChatGLM's fused layer
 }
 #: IA3 (targets, feed-forward modules) where HF PEFT has no default for the model type.
@@ -423,11 +424,12 @@ def build_model(family: str, task: str) -> torch.nn.Module:
     if cls_name is None:
         raise _CheckFailed(f"transformers {transformers.__version__} has no {task} model class for {family}")
     if cls_name.startswith("diffusers."):
+        from peftc.diffusion import MissingExtraError, tiny_unet
+
         try:
-            import diffusers
-        except ImportError as e:
-            raise _CheckFailed("needs diffusers (not installed)") from e
-        raise _CheckFailed(f"no tiny {cls_name} config defined (diffusers {diffusers.__version__})")
+            return tiny_unet()
+        except MissingExtraError as e:
+            raise _CheckFailed("needs diffusers (not installed): pip install 'peftc[diffusion]'") from e
     torch.manual_seed(0)
     cfg = getattr(transformers, cfg_cls)(**kwargs)
     if task in ("seq-cls", "token-cls", "image-cls"):
@@ -461,6 +463,12 @@ def _batch(names: list[str], config: Any, padding: str, seed: int = 1) -> dict[s
         elif name == "decoder_input_ids":
             out[name] = torch.randint(3, vocab, (BATCH, 4), generator=gen)
             out[name][:, 0] = int(getattr(config, "decoder_start_token_id", None) or 0)
+        elif name == "sample":  # a diffusion UNet: latents, a scalar timestep, prompt embeddings
+            out[name] = torch.randn(BATCH, config.in_channels, config.sample_size, config.sample_size, generator=gen)
+        elif name == "timestep":
+            out[name] = torch.tensor(321.0)
+        elif name == "encoder_hidden_states":
+            out[name] = torch.randn(BATCH, SEQ, config.cross_attention_dim, generator=gen)
         elif name == "pixel_values":
             size = int(getattr(config, "image_size", 32))
             out[name] = torch.randn(BATCH, int(getattr(config, "num_channels", 3)), size, size, generator=gen)
@@ -473,6 +481,8 @@ def _labels(task: Any, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     """Fixed random labels shaped for ``task``'s loss (-100 on padding for per-position tasks)."""
     gen = torch.Generator().manual_seed(7)
     classes = logits.shape[1] if logits.dim() == 4 else logits.shape[-1]
+    if task.name == "text-to-image":  # the noise a UNet predicts
+        return torch.randn(logits.shape, generator=gen)
     if task.name in ("causal-lm", "image-to-text"):
         return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     if "decoder_input_ids" in batch:  # seq2seq: one label per decoder position (all real)
@@ -510,7 +520,8 @@ def _max_diff(task: Any, batch: dict[str, torch.Tensor], ours: torch.Tensor, the
 def _hf_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return model(**batch).logits
+        out = model(**batch)
+        return out.logits if hasattr(out, "logits") else out.sample  # a diffusers UNet predicts ``sample``
 
 
 # -- HF PEFT side -------------------------------------------------------------------------------

@@ -64,12 +64,16 @@ class TaskSpec:
             labels = batch["labels"]
             upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
             return F.cross_entropy(upsampled, labels, ignore_index=IGNORE_INDEX)
+        if self.name == "text-to-image":  # noise (or velocity) prediction: diffusers' train_text_to_image_lora
+            return F.mse_loss(logits.float(), batch["labels"].float())
         return F.cross_entropy(logits.float(), batch["labels"])
 
     def metric(self) -> Metric:
         """A fresh accumulator of this task's evaluation metrics (besides the loss), fed batch by batch."""
         if self.name == "semantic-segmentation":
             return MeanIoU()
+        if self.name == "text-to-image":
+            return Metric()
         return Accuracy() if self.name in HEAD_TASKS else Perplexity()
 
     @property
@@ -162,6 +166,9 @@ TASKS = {
     # on the caption as Blip2ForConditionalGeneration computes it with ``labels``; peftc.blip2 holds its data and
     # capture, peftc.exporting.multimodal its export graphs.
     "image-to-text": TaskSpec("image-to-text", "AutoModelForImageTextToText", "image-to-text", False),
+    # A diffusers UNet2DConditionModel (peftc.diffusion): sample, timestep, encoder_hidden_states -> out_sample;
+    # the loss is the noise-prediction MSE, the metric the loss alone.
+    "text-to-image": TaskSpec("text-to-image", "UNet2DConditionModel", "text-to-image", False),
 }
 
 #: Tasks whose input is an image (``pixel_values``) rather than tokens.

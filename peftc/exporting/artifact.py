@@ -45,7 +45,7 @@ def write_artifact(
             ``quantize`` holds the scheme and the headline figures).
     """
     comparisons, reports, merged = checks
-    write_model_files(directory, loaded, with_past=plan.with_past)
+    components = write_model_files(directory, loaded, plan.with_past, exporter, options, atol)
     runtime = write_runtime_config(directory, exporter, plan, graphs)
     mode.copy_adapters(directory, adapters, names)
     write_report(
@@ -56,12 +56,13 @@ def write_artifact(
         entries={
             **mode.report_entries(exporter.name, graphs, comparisons, reports, merged),
             **({"quantization": quantization} if quantization is not None else {}),
+            **components,
         },
         timings=timings,
     )
     adapter, mode_extra = mode.manifest_entries(exporter, directory, adapters, names, comparisons, reports)
     if len(graphs) == 1:
-        files: dict[str, Any] = {"model_file": exporter.model_file()}
+        files: dict[str, Any] = {"model_file": exporter.model_file(graphs[0].role)}
     else:
         files = {"model_files": {g.role: exporter.model_file(g.role) for g in graphs}}
     write_manifest(
@@ -110,9 +111,19 @@ def _quantize_entry(quantization: dict[str, Any]) -> dict[str, Any]:
     return {k: quantization[k] for k in keys}
 
 
-def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> None:
-    """config.json (architecture, label map, ``use_cache``), generation config, tokenizer."""
+def write_model_files(
+    directory: Path, loaded: Any, with_past: bool = False, exporter: Any = None, options: Any = None, atol: float = 1e-4
+) -> dict[str, Any]:
+    """config.json (architecture, label map, ``use_cache``), generation config, tokenizer.
+
+    A diffusers UNet's artifact gets its config, and from a pipeline directory the rest of the pipeline
+    (:func:`peftc.diffusion.write_pipeline_files`); the returned ``report.json`` entries say how its parts verified.
+    """
     model = loaded.model
+    if type(model).__module__.startswith("diffusers."):  # a diffusers UNet (peftc.diffusion)
+        from peftc.diffusion import write_pipeline_files
+
+        return write_pipeline_files(directory, loaded, exporter, options, atol)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if hasattr(config, "use_cache"):
@@ -127,6 +138,7 @@ def write_model_files(directory: Path, loaded: Any, with_past: bool = False) -> 
         loaded.image_processor.save_pretrained(directory)
     if getattr(loaded, "processor", None) is not None:  # BLIP-2: processor_config.json (num_query_tokens)
         loaded.processor.save_pretrained(directory)
+    return {}
 
 
 def write_runtime_config(directory: Path, exporter: Any, plan: GraphPlan, graphs: list[Graph]) -> str | None:

@@ -36,6 +36,7 @@ __all__ = [
     "Graph",
     "GraphPlan",
     "SingleGraph",
+    "UNetGraph",
     "adapted_program",
     "bind",
     "graph_plan",
@@ -134,6 +135,23 @@ class SingleGraph:
 
 
 @dataclass
+class UNetGraph(SingleGraph):
+    """``text-to-image``: one graph, the pipeline's UNet, in optimum's diffusion layout (``unet/model.onnx``)."""
+
+    roles: ClassVar[tuple[str | None, ...]] = ("unet",)
+
+    def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
+        from peftc.program import capture
+
+        return [Graph("unet", capture(model, self.task, mode="eval"), state)]
+
+    def base_module(self, model: nn.Module) -> nn.Module:
+        from peftc.diffusion import UNetModule
+
+        return UNetModule(model).eval()
+
+
+@dataclass
 class EncoderDecoder:
     """An encoder-decoder LM (T5, BART): an encoder graph and a decoder graph without cache."""
 
@@ -177,11 +195,14 @@ class EncoderDecoder:
 
 
 def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder] | type[Any]:
-    """The plan class of a task: encoder-decoder LMs export two graphs, image-to-text four, every other task one."""
+    """The plan class of a task: encoder-decoder LMs export two graphs, image-to-text four, a diffusion UNet its
+    folder's graph, every other task one."""
     if task == "image-to-text":
         from .multimodal import ImageToText
 
         return ImageToText
+    if task == "text-to-image":
+        return UNetGraph
     return EncoderDecoder if task == SEQ2SEQ_TASK else SingleGraph
 
 
@@ -212,6 +233,8 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
                 "drop it"
             )
         return EncoderDecoder(task)
+    if plan_kind(task) is UNetGraph and not with_past:
+        return UNetGraph(task)
     if with_past is None:
         return SingleGraph(task, task == "causal-lm")
     if with_past and task != "causal-lm":

@@ -213,6 +213,7 @@ def export(
         for g in graphs:
             tick = time.perf_counter()
             metadata = _metadata(plan, mode, adapters, names, g, recorded_dtype)
+            (tmp / exporter.model_file(g.role)).parent.mkdir(parents=True, exist_ok=True)  # unet/model.onnx
             exporter.write(g.program, tmp / exporter.model_file(g.role), metadata, options)
             timings[_timing("export", g)] = time.perf_counter() - tick
             _memory(_timing("export", g)[:-2])

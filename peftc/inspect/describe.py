@@ -146,7 +146,10 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise AdapterFormatError(f"{path / 'manifest.json'} is not valid JSON: {e}") from e
     info: dict[str, Any] = {"kind": "artifact", "path": str(path), "manifest": manifest}
-    if any(path.glob("*.onnx")):
+    named = manifest.get("model_file")  # the manifest's own file first (a diffusion pipeline's unet/model.onnx)
+    if isinstance(named, str) and named.endswith(".onnx") and (path / named).is_file():
+        info.update(onnx_summary(path / named, method=manifest.get("method")))
+    elif any(path.glob("*.onnx")):
         info.update(onnx_summary(onnx_file(path), method=manifest.get("method")))
     report = path / "report.json"
     if report.is_file():

@@ -75,6 +75,10 @@ def plan_config(
     settings["task_type"] = TASK_TYPES[task]
     if task in VISION_TASKS and "target_modules" in fields and not settings.get("target_modules"):
         settings["target_modules"] = list(IMAGE_TARGETS)  # HF PEFT's image guides (its default table has no ViT)
+    if task == "text-to-image" and "target_modules" in fields and not settings.get("target_modules"):
+        from peftc.diffusion import UNET_TARGETS
+
+        settings["target_modules"] = list(UNET_TARGETS)  # HF PEFT's Stable Diffusion recipe
     if task in HEAD_TASKS and "modules_to_save" in fields and not settings.get("modules_to_save"):
         settings["modules_to_save"] = head_modules(task)  # HF PEFT's convention for classification heads
     return chosen.config(method, **settings)

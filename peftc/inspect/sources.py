@@ -101,11 +101,14 @@ def _presets() -> dict[str, Any]:
 def guess_task(spec: str | Path) -> str:
     """A preset's task; ``image-cls``/``semantic-segmentation`` for a ``…ForImageClassification``/
     ``…ForSemanticSegmentation`` config, ``causal-lm`` for a ``…ForCausalLM``/``…LMHeadModel`` one, else ``seq-cls``."""
+    from peftc.diffusion import diffusion_task
     from peftc.tasks import vision_task
 
     presets = _presets()
     if str(spec) in presets and not Path(spec).exists():
         return presets[str(spec)][1]
+    if diffusion_task(spec):  # a diffusers UNet directory: text-to-image
+        return diffusion_task(spec)
     try:
         arch = " ".join(json.loads((Path(spec) / "config.json").read_text()).get("architectures") or [])
     except (OSError, json.JSONDecodeError, AttributeError):

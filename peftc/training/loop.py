@@ -231,7 +231,13 @@ def _build(
     ``device`` before capture; the adapter is made (or read) on the CPU, then moved to ``device`` as float32.
     """
     dtype = base_dtype(cfg.base_dtype)
-    if get_task(task).vision:  # images: read with Pillow, preprocessed per batch by the model's image processor
+    if task == "text-to-image":  # a Stable Diffusion pipeline: VAE latents and prompt embeddings (peftc.diffusion)
+        from peftc.diffusion import diffusion_data
+
+        train_enc, eval_enc, train_data, id2label, loaded = diffusion_data(
+            cfg.model, data_path, eval_path, None if dtype == torch.float32 else dtype
+        )
+    elif get_task(task).vision:  # images: read with Pillow, preprocessed per batch by the model's image processor
         train_enc, eval_enc, train_data, id2label, loaded = _image_data(cfg, task, data_path, eval_path, dtype)
     elif task == "image-to-text":  # images and captions, batched by the model's Blip2Processor
         from peftc.blip2 import caption_data
@@ -251,8 +257,11 @@ def _build(
         base_source = loaded.source
     config.base_model_name_or_path = base_source
     loaded.model.to(device=device, dtype=dtype)
-    train_prog = capture(loaded.model, task, mode="train")
-    eval_prog = capture(loaded.model, task, mode="eval")
+    transform = None
+    if task == "text-to-image":  # training draws one timestep per row
+        from peftc.diffusion import per_sample_timesteps as transform
+    train_prog = capture(loaded.model, task, mode="train", transform=transform)
+    eval_prog = capture(loaded.model, task, mode="eval", transform=transform)
     from peftc.passes import insertion_pipeline
 
     if checkpoint is not None:

@@ -61,6 +61,7 @@ TRAINABLE_TASKS = (
     "image-cls",
     "semantic-segmentation",
     "image-to-text",
+    "text-to-image",
 )
 
 #: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
@@ -130,7 +131,8 @@ class TrainConfig:
     model: str = _help(f"Base model: a preset ({', '.join(PRESETS)}) or a local HF model directory.", default="minilm")
     task: str | None = _help(
         f"{', '.join(TRAINABLE_TASKS)}. Default: the preset's task; for a model directory, from the architectures "
-        "in its config.json: *ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
+        "in its config.json: a diffusers UNet2DConditionModel or Stable Diffusion pipeline directory -> text-to-image, "
+        "*ForImageClassification -> image-cls, *ForSemanticSegmentation -> "
         "semantic-segmentation, Blip2ForConditionalGeneration -> image-to-text, *ForTokenClassification -> token-cls, "
         "an encoder-decoder's *ForConditionalGeneration "
         "(T5, BART) -> seq2seq, *CausalLM or *LMHeadModel -> causal-lm, "
@@ -150,8 +152,8 @@ class TrainConfig:
     data: str | None = _help(
         "Training data, JSON lines: {'text': ...} (causal-lm), {'text': ..., 'label': int|str} (seq-cls) or "
         "{'tokens': [...], 'labels': [...]} (token-cls), {'image': path, 'label': int|str} or a folder of one "
-        "subfolder of images per class (image-cls), {'image': path, 'mask': path} (semantic-segmentation; "
-        "image paths relative to the file). "
+        "subfolder of images per class (image-cls), {'image': path, 'mask': path} (semantic-segmentation), "
+        "{'image': path, 'prompt': ...} (text-to-image; image paths relative to the file). "
         f"Default: the data shipped for {' and '.join(f'--model {m} --task {t}' for m, t in DEFAULT_DATA)}.",
         default=None,
     )
@@ -352,6 +354,10 @@ def infer_task(model: str) -> str:
     """The task of ``--model`` without ``--task`` (the rule :class:`TrainConfig`'s ``task`` help states)."""
     if model in PRESETS:
         return PRESETS[model][1]
+    from peftc.diffusion import diffusion_task
+
+    if diffusion_task(model):  # a diffusers UNet or pipeline directory
+        return diffusion_task(model)
     try:
         cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
         archs = cfg.get("architectures") or []
@@ -440,6 +446,10 @@ def method_config(cfg: TrainConfig, task: str) -> MethodConfig:
     data["task_type"] = TASK_TYPES[task]
     if task in VISION_TASKS and "target_modules" in fields and not data.get("target_modules"):
         data["target_modules"] = list(IMAGE_TARGETS)  # HF PEFT's image guides (its default table has no ViT)
+    if task == "text-to-image" and "target_modules" in fields and not data.get("target_modules"):
+        from peftc.diffusion import UNET_TARGETS
+
+        data["target_modules"] = list(UNET_TARGETS)  # HF PEFT's Stable Diffusion recipe
     if task in HEAD_TASKS and "modules_to_save" in fields and not data.get("modules_to_save"):
         data["modules_to_save"] = head_modules(task)  # HF PEFT's convention for classification heads
     data["inference_mode"] = False
