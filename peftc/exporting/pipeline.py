@@ -90,9 +90,10 @@ def export(
             HF PEFT adapter whose ``base_model_name_or_path`` is not a local directory).
         out: the artifact directory; default ``SRC/export-<format>`` (the first SRC's).
         force: replace a non-empty ``out``.
-        task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq`` (two graphs,
-            ``encoder_model.onnx`` + ``decoder_model.onnx``, loadable with
-            ``ORTModelForSeq2SeqLM.from_pretrained(out, use_cache=False)``); overrides what SRC records.
+        task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq`` (``encoder_model.onnx``,
+            ``decoder_model.onnx`` and, with ``with_past``, ``decoder_with_past_model.onnx``: loadable with
+            ``ORTModelForSeq2SeqLM.from_pretrained(out)``, ``use_cache=True`` or ``False``; without
+            ``with_past``, two graphs and ``use_cache=False`` only); overrides what SRC records.
         opset: ONNX opset (18 or later).
         atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
             2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).
@@ -106,10 +107,13 @@ def export(
             ``adapters/<name>.onnx_adapter`` (activate it with ``RunOptions.add_active_adapter``) beside
             a copy of its HF PEFT files. Each adapter activated is verified against its own adapted
             torch program, no adapter against the base model. Excludes ``merge``.
-        with_past: causal LMs only: a KV-cache graph (inputs ``past_key_values.{i}.key|value``,
+        with_past: causal LMs: a KV-cache graph (inputs ``past_key_values.{i}.key|value``,
             outputs ``present.{i}.key|value``, the layout optimum's ``ORTModelForCausalLM``
-            generates with; see :mod:`peftc.exporting.kv`). ``None`` (default): on for causal-lm
-            with ONNX, as in optimum.
+            generates with; see :mod:`peftc.exporting.kv`). seq2seq LMs: KV-cache decoders (the first
+            step's ``decoder_model.onnx`` also returns ``present.{i}.decoder|encoder.key|value``;
+            ``decoder_with_past_model.onnx`` takes them as ``past_key_values.*``; see
+            :mod:`peftc.exporting.seq2seq`), as ``ORTModelForSeq2SeqLM(use_cache=True)`` runs them.
+            ``None`` (default): on for causal-lm and seq2seq with ONNX, as in optimum.
         dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
             precision; the base is loaded in float16 and the artifact verified against the float16
             torch program with the float16 ``atol``).
@@ -126,7 +130,8 @@ def export(
 
     Returns:
         The artifact directory: the model file(s) (``model.onnx`` + ``model.onnx.data``, ``model.pt``,
-        ``model.pt2``, or ``encoder_model.onnx`` + ``decoder_model.onnx``), ``config.json``, tokenizer
+        ``model.pt2``, or ``encoder_model.onnx`` + ``decoder_model.onnx`` (+ ``decoder_with_past_model.onnx``)),
+        ``config.json``, tokenizer
         files, ``adapter/`` (``adapters/`` for a swappable export), ``report.json``, ``manifest.json``.
 
     Raises:
