@@ -12,8 +12,25 @@ with :func:`peftc.program.capture` through its own wrapper (``transform=``)::
                          -> logits [batch, sequence, vocab]
 
 These are optimum's input and output names (``ORTEncoder`` / ``ORTDecoderForSeq2Seq`` feed the
-session by name). The decoder takes no KV cache: every step re-runs the whole decoder prefix, so
-``config.json`` says ``use_cache: false`` and optimum is loaded with ``use_cache=False``.
+session by name). Without a cache every step re-runs the whole decoder prefix (``config.json`` says
+``use_cache: false``; optimum is loaded with ``use_cache=False``). With one (``with_past``, the ONNX
+default) the decoder is two graphs, the layout optimum loads when it finds no merged decoder::
+
+    decoder_model.onnx            (CacheDecoderModule, the first step) the inputs above
+                                  -> logits, present.{i}.decoder.key|value [batch, heads, sequence, head_dim],
+                                     present.{i}.encoder.key|value [batch, heads, encoder_sequence, head_dim]
+    decoder_with_past_model.onnx  (DecoderWithPastModule, every later step) the inputs above,
+                                  past_key_values.{i}.decoder.key|value [batch, heads, past_sequence, head_dim],
+                                  past_key_values.{i}.encoder.key|value [batch, heads, encoder_sequence, head_dim]
+                                  -> logits, present.{i}.decoder.key|value [.., past_sequence + sequence, ..]
+
+The cross-attention ("encoder") cache is the encoder states projected by each layer's key/value
+projections: the first step computes it, later steps read it (their graph calls no cross-attention
+key/value projection, so an adapter on those reaches them through the cache). The self-attention
+("decoder") cache grows by the new tokens each step; the decoder's positions continue from its length.
+optimum's preferred ``decoder_model_merged.onnx`` would hold both decoders behind an ``If`` on
+``use_cache_branch``; the two plain graphs need no control flow and load the same way. With
+``use_cache=False`` optimum runs ``decoder_model.onnx`` alone and ignores its presents.
 
 The adapter is one HF PEFT state with keys for encoder and decoder modules
 (``base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight`` and
@@ -24,7 +41,8 @@ module, so together they prove the whole adapter is used. Merging folds each gra
 
 Each graph is verified with ONNX Runtime against its unmerged adapted torch program on held-out
 inputs (a batch of one, a new shape, a left-padded batch); the decoder is fed the torch encoder's
-hidden states (:func:`decoder_cases`), so each figure measures one graph. This module holds the
+hidden states (:func:`decoder_cases`) and the decoder with past the torch first step's caches
+(:func:`decode_step_cases`), so each figure measures one graph. This module holds the
 wrappers; the graph plan that captures, binds and references both graphs is
 :class:`peftc.exporting.graphs.EncoderDecoder`.
 """
