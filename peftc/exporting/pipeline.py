@@ -8,7 +8,7 @@ Every export walks the same stages, each entered once and in this order:
 3. **base** — load the base model of the first source, in the export's dtype (a float16 export never
    holds float32 weights);
 4. **capture** — the graph plan (:mod:`.graphs`): one graph, a KV-cache graph, or an encoder and
-   a decoder graph, captured in eval mode;
+   decoder graphs (with a KV cache: a first-step decoder and a decoder with past), captured in eval mode;
 5. **bind** — insert each source's saved adapter (its part, per graph);
 6. **reference** — held-out cases and the unmerged adapted torch program's outputs on them;
 7. **mode passes** (:mod:`.modes`) — ``merge`` (checked against the reference), ``lift`` (adapter
