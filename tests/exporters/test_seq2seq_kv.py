@@ -94,6 +94,8 @@ def test_cached_generation_matches_hf_peft(export_cases, family, method, merge):
     """use_cache=True greedy tokens == HF PEFT's, per-step scores within 1e-4, left- and right-padded sources."""
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
+    from peftc.inspect.describe import inspect_path, render
+
     root, hf = _hf_peft(export_cases, family, method)
     out = _export(export_cases, family, method, merge)
     for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
@@ -110,6 +112,9 @@ def test_cached_generation_matches_hf_peft(export_cases, family, method, merge):
     assert manifest["model_files"]["decoder_with_past"] == "decoder_with_past_model.onnx"
     past_inputs = {i["name"] for i in manifest["inputs"] if i.get("graph") == "decoder_with_past"}
     assert {"past_key_values.0.decoder.key", "past_key_values.1.encoder.value"} <= past_inputs
+    text = render(inspect_path(out))  # `peftc inspect` lists every graph
+    assert "graphs: 3" in text and "decoder_with_past: decoder_with_past_model.onnx" in text
+    assert "past_key_values.* (8) -> logits, present.* (4)" in text
 
     cached = ORTModelForSeq2SeqLM.from_pretrained(out, use_cache=True, use_merged=False)
     assert cached.decoder_with_past is not None and cached.can_use_cache
