@@ -254,17 +254,24 @@ _STACKS = ("decoder", "encoder")  # optimum's names: self-attention ("decoder") 
 
 
 def decoder_cache_geometry(config: Any) -> tuple[int, int, int]:
-    """``(layers, heads, head_dim)`` of a seq2seq decoder's caches (T5: ``num_decoder_layers``, ``d_kv``; BART…)."""
-    layers = next(
-        int(v)
-        for v in (getattr(config, k, None) for k in ("num_decoder_layers", "decoder_layers", "num_layers"))
-        if isinstance(v, int) and v > 0
-    )
-    heads = next(
-        int(v)
-        for v in (getattr(config, k, None) for k in ("decoder_attention_heads", "num_heads", "num_attention_heads"))
-        if isinstance(v, int) and v > 0
-    )
+    """``(layers, heads, head_dim)`` of a seq2seq decoder's caches (T5: ``num_decoder_layers``, ``d_kv``; BART…).
+
+    Raises:
+        ConfigError: a config that names neither its decoder layers nor its attention heads.
+    """
+
+    def first(*keys: str) -> int:
+        for key in keys:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise ConfigError(
+            f"cannot tell the decoder cache geometry of a {type(config).__name__} (none of {', '.join(keys)}); "
+            "export it with --no-past"
+        )
+
+    layers = first("num_decoder_layers", "decoder_layers", "num_layers")
+    heads = first("decoder_attention_heads", "num_heads", "num_attention_heads")
     head_dim = getattr(config, "d_kv", None)
     return layers, heads, int(head_dim) if isinstance(head_dim, int) else _hidden_size(config) // heads
 
