@@ -390,8 +390,9 @@ class _FormatOption(click.Option):
     "--with-past/--no-past",
     "with_past",
     default=None,
-    help="Causal LMs: a KV-cache graph (past_key_values.* in, present.* out; optimum's layout) — the default "
-    "for causal-lm — or a plain graph.",
+    help="Causal LMs: a KV-cache graph (past_key_values.* in, present.* out; optimum's layout); seq2seq LMs: "
+    "KV-cache decoders (decoder_with_past_model.onnx beside decoder_model.onnx) — the default for both with "
+    "ONNX — or plain graphs.",
 )
 @click.option(
     "--quantize",

@@ -631,7 +631,7 @@ def _onnx(saved: Path, model_dir: Path, cell: Cell, merge: bool, out: Path) -> s
         model=model_dir,
         task=cell.task,
         out=out,
-        with_past=False if cell.task == "causal-lm" else None,
+        with_past=False if cell.task in ("causal-lm", "seq2seq") else None,
     )
     report = json.loads((Path(path) / "report.json").read_text())
     diffs = [

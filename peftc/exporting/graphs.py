@@ -10,6 +10,8 @@ A plan is the *capture* stage of the pipeline, in four kinds:
   to bind its own part of the adapter;
 - :class:`~peftc.exporting.multimodal.ImageToText`: BLIP-2's whole forward plus an image graph, an embedding
   graph and a KV-cache decoder over ``inputs_embeds`` (:mod:`peftc.exporting.multimodal`).
+  to bind its own part of the adapter; :class:`EncoderDecoderWithPast` adds the KV-cache decoder of the
+  later generation steps (and the first step's decoder returns the caches).
 
 Every plan answers the same three questions — :meth:`~GraphPlan.capture` (eval-mode programs, each
 with the part of the adapter the *bind* stage still has to insert), :meth:`~GraphPlan.reference`
@@ -33,6 +35,7 @@ from .seq2seq import SEQ2SEQ_TASK
 
 __all__ = [
     "EncoderDecoder",
+    "EncoderDecoderWithPast",
     "Graph",
     "GraphPlan",
     "SingleGraph",
@@ -159,39 +162,92 @@ class EncoderDecoder:
     task: str = SEQ2SEQ_TASK
     with_past: bool = False
 
+    def wrappers(self) -> tuple[type[nn.Module], ...]:
+        """The capture wrapper of each role (:mod:`peftc.exporting.seq2seq`)."""
+        from .seq2seq import DecoderModule, EncoderModule
+
+        return EncoderModule, DecoderModule
+
     def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
-        """Each graph gets its part of ``state`` (:func:`~peftc.exporting.seq2seq.split_state`); an empty part
-        (an adapter of decoder modules only, say) leaves that graph the base model's.
+        """Each graph gets its part of ``state`` (:func:`~peftc.exporting.seq2seq.split_state`: the encoder's
+        keys to the encoder graph, the rest to every decoder graph); an empty part (an adapter of decoder
+        modules only, say) leaves that graph the base model's.
 
         Raises:
             ConfigError: a model without an encoder.
         """
         from peftc.program import capture
 
-        from .seq2seq import DecoderModule, EncoderModule, split_state
+        from .seq2seq import split_state
 
+        encoder_part, decoder_part = split_state(state, model)
         graphs = []
-        for role, wrapper, part in zip(
-            self.roles, (EncoderModule, DecoderModule), split_state(state, model), strict=True
-        ):
+        for role, wrapper in zip(self.roles, self.wrappers(), strict=True):
+            part = encoder_part if role == "encoder" else decoder_part
             program = capture(model, self.task, mode="eval", transform=lambda m, _names, w=wrapper: w(m))
             graphs.append(Graph(role, program, part if part.tensors else None))
         return graphs
 
     def reference(self, graphs: list[Graph]) -> None:
-        """The decoder's cases carry the torch encoder's states, so each figure measures one graph."""
+        """The decoder's cases carry the torch encoder's states, so each figure measures one graph; a
+        decoder-with-past graph's cases carry the torch decoder's caches (:func:`~.seq2seq.decode_step_cases`)."""
         from peftc.exporters.verify import make_cases, run_torch
 
-        from .seq2seq import decoder_cases
+        from .seq2seq import decode_step_cases, decoder_cases
 
-        encoder, decoder = graphs
+        encoder, decoder, *later = graphs
         encoder.cases = make_cases(encoder.program)
         encoder.reference = run_torch(encoder.program, encoder.cases, encoder.program.input_names)
         decoder.cases = decoder_cases(decoder.program, encoder.cases, encoder.reference)
         decoder.reference = run_torch(decoder.program, decoder.cases, decoder.program.input_names)
+        for step in later:
+            step.cases = decode_step_cases(step.program, decoder.cases, decoder.reference)
+            step.reference = run_torch(step.program, step.cases, step.program.input_names)
 
     def base_module(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError("seq2seq exports take no swappable adapters (graph_plan refuses them)")
+
+
+@dataclass
+class EncoderDecoderWithPast(EncoderDecoder):
+    """An encoder-decoder LM with KV-cache decoders, the layout ``ORTModelForSeq2SeqLM(use_cache=True)`` runs:
+    the encoder, the first decoder step (:class:`~.seq2seq.CacheDecoderModule`: presents out) and the later
+    steps (:class:`~.seq2seq.DecoderWithPastModule`: the caches in, the grown self-attention cache out)."""
+
+    roles: ClassVar[tuple[str | None, ...]] = ("encoder", "decoder", "decoder_with_past")
+    with_past: bool = True
+
+    def wrappers(self) -> tuple[type[nn.Module], ...]:
+        from .seq2seq import CacheDecoderModule, DecoderWithPastModule, EncoderModule
+
+        return EncoderModule, CacheDecoderModule, DecoderWithPastModule
+
+    def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
+        """As :meth:`EncoderDecoder.capture`; the later steps' graph binds the decoder part less the modules it
+        does not call: cross-attention's key and value projections run once, in the first step, and their
+        adapter reaches the later steps through the cross-attention cache. The first step's binding still
+        checks that every decoder key finds its module."""
+        graphs = super().capture(model, state)
+        first, later = graphs[1], graphs[2]
+        if later.pending is not None:
+            first_calls, later_calls = _called_modules(first.program), _called_modules(later.program)
+
+            def called_later(key: str) -> bool:  # the key's module (the longest first-step module it is under)
+                owners = [m for m in first_calls if key.startswith(f"base_model.model.{m}.")]
+                return not owners or max(owners, key=len) in later_calls
+
+            part = later.pending.subset(called_later)
+            later.pending = part if part.tensors else None
+        return graphs
+
+
+def _called_modules(program: Program) -> set[str]:
+    """HF names of the modules whose parameters ``program`` reads (parameters the graph holds but never uses
+    do not count)."""
+    from peftc.program import MODEL_PREFIX
+
+    targets = (str(n.target) for n in program.graph.nodes if n.op == "get_attr" and n.users)
+    return {t[len(MODEL_PREFIX) :].rsplit(".", 1)[0] for t in targets if t.startswith(MODEL_PREFIX)}
 
 
 def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder] | type[Any]:
@@ -211,12 +267,13 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
 
     Args:
         task: the peftc task.
-        with_past: ``None``: a KV-cache graph for causal LMs (optimum's default), none otherwise.
+        with_past: ``None``: a KV-cache graph for causal LMs and KV-cache decoders for seq2seq LMs (optimum's
+            default), none otherwise.
         adapters_as_inputs: a swappable export (one graph whose adapter tensors are inputs).
 
     Raises:
         ConfigError: ``with_past`` for a task without a cache; a seq2seq export with adapters as
-            inputs or a KV cache (not supported yet).
+            inputs (not supported yet).
     """
     if task == "image-to-text":  # the whole forward and the KV-cache generation graphs, whatever ``with_past`` says
         from .multimodal import ImageToText
@@ -227,12 +284,7 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
     if plan_kind(task) is EncoderDecoder:
         if adapters_as_inputs:
             raise ConfigError("--adapters-as-inputs is not supported for seq2seq models yet; export each adapter alone")
-        if with_past:
-            raise ConfigError(
-                "--with-past is not supported for seq2seq models yet (the decoder re-reads its prefix each step); "
-                "drop it"
-            )
-        return EncoderDecoder(task)
+        return EncoderDecoder(task) if with_past is False else EncoderDecoderWithPast(task)
     if plan_kind(task) is UNetGraph and not with_past:
         return UNetGraph(task)
     if with_past is None:

@@ -8,7 +8,7 @@ Every export walks the same stages, each entered once and in this order:
 3. **base** — load the base model of the first source, in the export's dtype (a float16 export never
    holds float32 weights);
 4. **capture** — the graph plan (:mod:`.graphs`): one graph, a KV-cache graph, or an encoder and
-   a decoder graph, captured in eval mode;
+   decoder graphs (with a KV cache: a first-step decoder and a decoder with past), captured in eval mode;
 5. **bind** — insert each source's saved adapter (its part, per graph);
 6. **reference** — held-out cases and the unmerged adapted torch program's outputs on them;
 7. **mode passes** (:mod:`.modes`) — ``merge`` (checked against the reference), ``lift`` (adapter
@@ -91,11 +91,13 @@ def export(
             HF PEFT adapter whose ``base_model_name_or_path`` is not a local directory).
         out: the artifact directory; default ``SRC/export-<format>`` (the first SRC's).
         force: replace a non-empty ``out``.
-        task: ``causal-lm``, ``seq-cls``, ``token-cls`` or ``seq2seq`` (two graphs,
-            ``encoder_model.onnx`` + ``decoder_model.onnx``, loadable with
-            ``ORTModelForSeq2SeqLM.from_pretrained(out, use_cache=False)``) or ``image-to-text`` (BLIP-2:
-            ``model.onnx`` and three generation graphs, :mod:`peftc.exporting.multimodal`; ``with_past`` does
-            not apply); overrides what SRC records.
+        task: ``causal-lm``, ``seq-cls``, ``token-cls``, ``seq2seq`` (``encoder_model.onnx``,
+            ``decoder_model.onnx`` and, with ``with_past``, ``decoder_with_past_model.onnx``: loadable with
+            ``ORTModelForSeq2SeqLM.from_pretrained(out)``, ``use_cache=True`` or ``False``; without
+            ``with_past``, two graphs and ``use_cache=False`` only), ``image-to-text`` (BLIP-2: ``model.onnx``
+            and three generation graphs, :mod:`peftc.exporting.multimodal`; ``with_past`` does not apply) or
+            ``text-to-image`` (a diffusers UNet: ``unet/model.onnx``, and from a pipeline directory the whole
+            pipeline); overrides what SRC records.
         opset: ONNX opset (18 or later).
         atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
             2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).
@@ -109,10 +111,13 @@ def export(
             ``adapters/<name>.onnx_adapter`` (activate it with ``RunOptions.add_active_adapter``) beside
             a copy of its HF PEFT files. Each adapter activated is verified against its own adapted
             torch program, no adapter against the base model. Excludes ``merge``.
-        with_past: causal LMs only: a KV-cache graph (inputs ``past_key_values.{i}.key|value``,
+        with_past: causal LMs: a KV-cache graph (inputs ``past_key_values.{i}.key|value``,
             outputs ``present.{i}.key|value``, the layout optimum's ``ORTModelForCausalLM``
-            generates with; see :mod:`peftc.exporting.kv`). ``None`` (default): on for causal-lm
-            with ONNX, as in optimum.
+            generates with; see :mod:`peftc.exporting.kv`). seq2seq LMs: KV-cache decoders (the first
+            step's ``decoder_model.onnx`` also returns ``present.{i}.decoder|encoder.key|value``;
+            ``decoder_with_past_model.onnx`` takes them as ``past_key_values.*``; see
+            :mod:`peftc.exporting.seq2seq`), as ``ORTModelForSeq2SeqLM(use_cache=True)`` runs them.
+            ``None`` (default): on for causal-lm and seq2seq with ONNX, as in optimum.
         dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
             precision; the base is loaded in float16 and the artifact verified against the float16
             torch program with the float16 ``atol``).
@@ -138,7 +143,8 @@ def export(
 
     Returns:
         The artifact directory: the model file(s) (``model.onnx`` + ``model.onnx.data``, ``model.pt``,
-        ``model.pt2``, or ``encoder_model.onnx`` + ``decoder_model.onnx``), ``config.json``, tokenizer
+        ``model.pt2``, or ``encoder_model.onnx`` + ``decoder_model.onnx`` (+ ``decoder_with_past_model.onnx``)),
+        ``config.json``, tokenizer
         files, ``adapter/`` (``adapters/`` for a swappable export), ``report.json``, ``manifest.json``.
 
     Raises:

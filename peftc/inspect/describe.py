@@ -151,6 +151,20 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         info.update(onnx_summary(path / named, method=manifest.get("method")))
     elif any(path.glob("*.onnx")):
         info.update(onnx_summary(onnx_file(path), method=manifest.get("method")))
+    files = manifest.get("model_files")
+    if isinstance(files, dict):  # several graphs (seq2seq): each one's file and I/O names, from the manifest
+        info["graphs"] = [
+            {
+                "graph": role,
+                "file": file,
+                **{
+                    kind: [v["name"] for v in manifest.get(kind, []) if v.get("graph") == role]
+                    for kind in ("inputs", "outputs")
+                },
+            }
+            for role, file in files.items()
+        ]
+        info["summary_of"] = onnx_file(path).name
     report = path / "report.json"
     if report.is_file():
         info["report"] = json.loads(report.read_text())
@@ -230,6 +244,11 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"  adapter_index: int64[batch], -1 = the base model, {_mixed_adapters(manifest)}")
         elif manifest.get("adapters"):
             lines.append("  adapters: " + ", ".join(str(a.get("name")) for a in manifest["adapters"]))
+    if info.get("graphs"):
+        lines.append(f"graphs: {len(info['graphs'])}")
+        for g in info["graphs"]:
+            lines.append(f"  {g['graph']}: {g['file']}  {_names(g['inputs'])} -> {_names(g['outputs'])}")
+        lines.append(f"(inputs, outputs and ops below: {info.get('summary_of')})")
     if "inputs" in info:
         lines.append("inputs:")
         lines += [f"  {_io(v)}" for v in info["inputs"]]
@@ -289,6 +308,15 @@ def _site_facts(site: dict[str, Any]) -> str:
         return str(site["shape"])
     skip = {"module", "name", "method"}
     return " ".join(f"{k}={v}" for k, v in site.items() if k not in skip and v is not None)
+
+
+def _names(names: list[str]) -> str:
+    """Graph I/O names, a cache's per-layer names folded: ``input_ids, past_key_values.* (8)``."""
+    shown: list[str] = []
+    for prefix in dict.fromkeys(n.split(".", 1)[0] if "." in n else n for n in names):
+        group = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        shown.append(group[0] if group == [prefix] else f"{prefix}.* ({len(group)})")
+    return ", ".join(shown)
 
 
 def _io(v: Any) -> str:
