@@ -33,10 +33,16 @@ verification then runs the file here as for every format.
 Measured on the tiny GPT-2 / BERT LoRA programs (merged and unmerged): max |.pte − program| ~2e-7
 on batch 1, a new batch/sequence shape and a left-padded batch.
 
-Refused up front (:meth:`ExecuTorchExporter.check`): adapters as inputs, float16, several graphs
-(seq2seq) and a KV-cache graph (ExecuTorch's LLM runner keeps the cache in the program, a layout
-peftc does not write yet). Not written yet either: program–data separation (``.ptd`` weight files per
-adapter).
+**The LLM-runner layout** (``--with-past``): a causal LM as ExecuTorch's LLM runners drive it,
+``forward(tokens int64[1, seq], input_pos int64[seq]) -> logits`` with the KV cache as mutable
+buffers inside the program (transformers' static cache, :mod:`peftc.exporting.llm`), ``seq`` bounded
+by the cache length, and the runner's constant methods (``get_max_seq_len``, ``get_vocab_size``,
+``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``, ``enable_dynamic_shape``, ``get_n_layers``…).
+Verification runs its cases in order on one loaded method, as a generation does: a prefill, decode
+steps, then a new prefill from position 0 (:func:`peftc.exporters.verify.make_cases`).
+
+Refused up front (:meth:`ExecuTorchExporter.check`): adapters as inputs, float16 and several graphs
+(seq2seq); at capture, prompt methods in the LLM-runner layout.
 """
 
 from __future__ import annotations
@@ -61,8 +67,7 @@ from torch import fx
 from peftc.errors import CaptureError, ConfigError
 from peftc.program import Program, dynamic_shapes
 
-from .manifest import program_io
-from .registry import ExportRequest, WriteOptions, register_exporter
+from .registry import ExportRequest, GraphlessFileExporter, WriteOptions, register_exporter
 from .torchscript import check_one_float32_graph
 from .verify import VerifyCase, numpy_outputs
 
@@ -136,9 +141,12 @@ def export_program_executorch(
         raise ConfigError(
             f"cannot export a {program.mode}-mode program (it bakes in dropout); capture the model with mode='eval'"
         )
+    from peftc.exporting.llm import is_llm_runner, runner_metadata
+
     bounds = dim_bounds(program, max_batch)
     tick = time.perf_counter()
     exported, bounds = _reexport(program, bounds)
+    runner = runner_metadata(program) if is_llm_runner(program) else None
     info = {
         "input_names": list(program.input_names),
         "output_names": list(program.output_names),
@@ -146,6 +154,7 @@ def export_program_executorch(
         "dynamic_dims": {name: {str(k): v for k, v in dims.items()} for name, dims in program.dynamic_dims.items()},
         "dim_bounds": bounds,
         "backend": "XNNPACK",
+        **({"llm_runner": runner} if runner else {}),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
     try:
@@ -174,7 +183,7 @@ def _lower(exported: torch.export.ExportedProgram, program: Program, info: dict[
             edge = to_edge_transform_and_lower(
                 exported,
                 partitioner=[XnnpackPartitioner()] if info["backend"] == "XNNPACK" else None,
-                constant_methods={INFO_METHOD: list(json.dumps(info).encode())},
+                constant_methods={INFO_METHOD: list(json.dumps(info).encode()), **info.get("llm_runner", {})},
                 # ExecuTorch 1.5's IR dtype validator takes len() of a tensor returned where its schema
                 # says Tensor[], which guards the batch size to the example's (2): the .pte would plan
                 # memory for batch 2 and overrun it on larger batches. The numerical verification
@@ -201,7 +210,8 @@ method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
 saved = load_file(sys.argv[2])
 inputs = [saved[str(i)] for i in range(len(saved))]
 method.execute(inputs)
-method.execute([t[:1] for t in inputs])
+if len(inputs[0]) > 1:  # the first row alone (the LLM-runner layout has one row)
+    method.execute([t[:1] for t in inputs])
 """
 
 
@@ -237,8 +247,9 @@ def _reexport(
     module = _attention_as_matmuls(program)
     for min_dim in (1, 2):
         shapes = dynamic_shapes(program.input_names, program.dynamic_dims, min_dim, program.max_positions())
-        batch = torch.export.Dim("batch", min=min_dim, max=max(bounds["batch"]["max"], min_dim))
-        shapes = tuple(_cap_batch(s, batch) for s in shapes)
+        if "batch" in bounds:  # the LLM-runner layout has none (one sequence, batch 1)
+            batch = torch.export.Dim("batch", min=min_dim, max=max(bounds["batch"]["max"], min_dim))
+            shapes = tuple(_cap_batch(s, batch) for s in shapes)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -382,54 +393,35 @@ def check_bounds(
             )
 
 
-class ExecuTorchExporter:
+class ExecuTorchExporter(GraphlessFileExporter):
     """``--format executorch``: ``model.pte`` lowered to XNNPACK, for ExecuTorch's on-device runtime."""
 
     name = "executorch"
     runtime = "ExecuTorch"
     summary = f"model.pte (ExecuTorch, XNNPACK delegate) for on-device runtimes; needs {_INSTALL}"
-    cache_by_default = False  # a KV-cache graph is refused (in-program cache not written yet)
-    adapter_files = None
-    runtime_config = None
-
-    def model_file(self, role: str | None = None) -> str:
-        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"
+    cache_by_default = False  # the in-program cache (LLM-runner layout) only when asked: --with-past
+    cache_in_program = True
+    model_file_name = MODEL_FILE
 
     def check(self, request: ExportRequest) -> None:
         _require_executorch()  # before minutes of work
         check_one_float32_graph(request, self.runtime, self.name)
-        if request.with_past:
-            raise ConfigError(
-                "--with-past with --format executorch is not supported (ExecuTorch's LLM runner keeps the KV cache "
-                "inside the program, a layout peftc does not write yet); export a KV-cache graph with --format onnx "
-                "or torchscript, or drop --with-past"
-            )
 
     def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
         export_program_executorch(program, path, metadata=metadata)
 
-    def run(
-        self,
-        path: Path,
-        cases: Sequence[VerifyCase],
-        input_names: Sequence[str],
-        output_names: Sequence[str],
-        adapter: Path | None = None,
-    ) -> list[Any]:
+    def run_file(self, path: Path, cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list[Any]:
         return run_executorch(path, cases, input_names)
-
-    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return program_io(program)
 
     def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
         info = read_info(path)
-        return {
-            "opset": None,
-            "executorch": {
-                "backend": info.get("backend", "XNNPACK"),
-                "dim_bounds": info.get("dim_bounds", dim_bounds(program)),
-            },
+        entries = {
+            "backend": info.get("backend", "XNNPACK"),
+            "dim_bounds": info.get("dim_bounds", dim_bounds(program)),
         }
+        if "llm_runner" in info:  # the constant methods ExecuTorch's LLM runner reads
+            entries["llm_runner"] = info["llm_runner"]
+        return {"opset": None, "executorch": entries}
 
 
 #: The ExecuTorch exporter, as registered.

@@ -155,7 +155,12 @@ def export(
             f"--dtype {dtype} is supported for single-graph exports without --adapters-as-inputs; "
             "export this one in float32"
         )
-    plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), adapters_as_inputs)
+    plan = graph_plan(
+        plan_task,
+        requested_with_past(with_past, exporter.cache_by_default),
+        adapters_as_inputs,
+        exporter.cache_in_program,
+    )
     mode = select_mode(merge, adapters_as_inputs, exporter)
     out = Path(out) if out is not None else default_out(srcs[0], format)
     check_output_dir(out, force)  # fail before minutes of work, not after

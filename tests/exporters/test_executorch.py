@@ -251,3 +251,91 @@ def test_a_crashing_program_is_detected_in_a_child_process(monkeypatch, tmp_path
         "import sys; from safetensors.torch import load_file as load\nassert load(sys.argv[2])['0'].shape == (2, 3)",
     )
     assert et._crash_of(tmp_path / "model.pte", program) is None
+
+
+# -- the LLM-runner layout: KV cache in the program ------------------------------------------------
+def _hf_lora(export_cases, family: str, name: str = "lora", r: int = 4, seed: int = 11):
+    """A base dir and an HF PEFT LoRA adapter of ``family`` (non-identity: HF's random B), once per session."""
+
+    def make():
+        import peft
+        from conftest import tiny_gpt2, tiny_llama
+        from onnx_export_cases import save_tokenizer
+
+        factory = {"gpt2": tiny_gpt2, "llama": tiny_llama}[family]
+        root = export_cases.memo(("et-base", family), lambda: export_cases.scratch(f"et-{family}"))
+        if not (root / "base").exists():
+            factory().save_pretrained(root / "base", safe_serialization=True)
+            save_tokenizer(root / "base")
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, task_type="CAUSAL_LM", init_lora_weights=False)
+        model = peft.get_peft_model(factory(), config).eval()
+        model.save_pretrained(root / name)
+        return root, model
+
+    return export_cases.memo(("et-hf-lora", family, name), make)
+
+
+def _llm_export(export_cases, family: str, merge: bool):
+    def make():
+        from peftc.exporting import export
+
+        root, _ = _hf_lora(export_cases, family)
+        out = root / f"et-llm-{merge}"
+        return export(
+            root / "lora", model=str(root / "base"), format="executorch", with_past=True, merge=merge, out=out
+        )
+
+    return export_cases.memo(("et-llm", family, merge), make)
+
+
+def _hf_steps(model, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+    """HF PEFT's logits over a prefill of ``ids[:, :prefill]`` then one token per step, with its DynamicCache."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for i in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.past_key_values
+    return logits
+
+
+@pytest.mark.slow  # one ExecuTorch lowering each: ~25 s on two shared cores
+@pytest.mark.usefixtures("executorch_installed")
+@pytest.mark.parametrize(
+    ("family", "merge"),
+    [pytest.param("llama", False, id="llama-gqa-lora-unmerged"), pytest.param("gpt2", True, id="gpt2-lora-merged")],
+)
+def test_llm_runner_layout_matches_hf_peft_over_prefill_and_decode(export_cases, family, merge):
+    """``--with-past``: tokens + positions in, the cache in the program; a prefill and 4 decode steps vs HF PEFT."""
+    out = _llm_export(export_cases, family, merge)
+    _, peft_model = _hf_lora(export_cases, family)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["tokens", "input_pos"] and manifest["merged"] is merge
+    runner = manifest["executorch"]["llm_runner"]
+    assert runner["get_max_seq_len"] == peft_model.config.max_position_embeddings if family == "llama" else 64
+    assert runner["use_kv_cache"] and runner["enable_dynamic_shape"] and runner["get_n_layers"] == 2
+    assert runner["get_vocab_size"] == 128 and manifest["executorch"]["backend"] == "XNNPACK"
+
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(out / "model.pte")
+    assert {"forward", "get_max_seq_len", "get_eos_ids", "use_kv_cache"} <= set(program.method_names)
+    assert program.load_method("get_max_seq_len").execute([])[0] == runner["get_max_seq_len"]
+    method = program.load_method("forward")
+    ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    for generation in range(2):  # the second starts over at position 0, over the first one's cache
+        prefill = 6 - 2 * generation
+        want = _hf_steps(peft_model, ids[:, generation:], prefill)
+        with peft_model.disable_adapter():
+            base = _hf_steps(peft_model, ids[:, generation:], prefill)
+        start = 0
+        for step, (w, b) in enumerate(zip(want, base, strict=True)):
+            n = w.shape[1]
+            tokens = ids[:, generation + start : generation + start + n]
+            got = method.execute([tokens, torch.arange(start, start + n)])[0]
+            assert got.shape == w.shape
+            assert float((got - w).abs().max()) <= ATOL, (generation, step)
+            assert float((got - b).abs().max()) > 1e-3  # the adapter is not the identity
+            start += n
