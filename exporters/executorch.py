@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch import fx
 
 from peftc.errors import CaptureError, ConfigError
-from peftc.program import Program, dynamic_shapes
+from peftc.program import Program, dynamic_shapes, is_llm_runner
 
 from .registry import ExportRequest, GraphlessFileExporter, WriteOptions, register_exporter
 from .torchscript import check_one_float32_graph
@@ -82,6 +82,7 @@ __all__ = [
     "load_executorch",
     "read_info",
     "run_executorch",
+    "runner_metadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ def export_program_executorch(
         raise ConfigError(
             f"cannot export a {program.mode}-mode program (it bakes in dropout); capture the model with mode='eval'"
         )
-    from peftc.exporting.llm import is_llm_runner, runner_metadata
-
     bounds = dim_bounds(program, max_batch)
     tick = time.perf_counter()
     exported, bounds = _reexport(program, bounds)
@@ -170,6 +169,35 @@ def export_program_executorch(
         "wrote %s (ExecuTorch/%s, %.1f s, bounds %s)", path, info["backend"], time.perf_counter() - tick, bounds
     )
     return path
+
+
+def runner_metadata(program: Program) -> dict[str, Any]:
+    """The constant methods ExecuTorch's LLM runner reads (the names ``export_llama`` writes).
+
+    ``get_max_seq_len`` is the cache length (the program's longest sequence), ``get_n_layers`` the
+    cache buffers' layers; the token ids and vocabulary come from the model config.
+    """
+    config = program.model_config
+    text = getattr(config, "text_config", None) or config
+    max_seq_len = int(program.max_positions())
+    layers = sum(1 for name, _ in program.graph_module.named_buffers() if name.startswith("key_cache_"))
+    eos = getattr(text, "eos_token_id", None)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    bos = getattr(text, "bos_token_id", None)
+    meta: dict[str, Any] = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": int(text.vocab_size),
+        "get_n_layers": layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+    if bos is not None:
+        meta["get_bos_id"] = int(bos)
+    if eos_ids:
+        meta["get_eos_ids"] = eos_ids
+    return meta
 
 
 def _lower(exported: torch.export.ExportedProgram, program: Program, info: dict[str, Any]) -> bytes:

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from peftc.errors import ExportVerificationError
-from peftc.program import Program, is_with_past
+from peftc.program import Program, is_llm_runner, is_with_past
 
 if TYPE_CHECKING:  # pragma: no cover
     from .registry import Exporter
@@ -190,7 +190,7 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
             raise ValueError(f"no verification input for graph input(s) {missing}")
         return {n: tensors[n] for n in names}
 
-    if program.input_names == ["tokens", "input_pos"]:  # peftc.exporting.llm: cases are one generation's calls
+    if is_llm_runner(program):  # the cache is in the program: the cases are one generation's calls, in order
         return llm_runner_cases(vocab, pad_id, max_seq, gen)
     if is_with_past(program):
         return _with_past_cases(program, batch)

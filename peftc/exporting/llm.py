@@ -19,10 +19,10 @@ change to the recipe: each call first points the cache's layers at the module's 
 ``torch.export`` traces the writes as buffer mutations (otherwise it also lifts the cache's tensors as
 constants aliasing the buffers, and decomposition refuses the duplicated, mutated inputs).
 
-The runner reads the model's constants from methods of the program (:func:`runner_metadata`, the names
-ExecuTorch's ``export_llama`` writes): ``get_max_seq_len``, ``get_max_context_len``, ``get_vocab_size``,
-``get_n_layers``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``, ``use_sdpa_with_kv_cache``,
-``enable_dynamic_shape``.
+The runner reads the model's constants from methods of the program, named as ExecuTorch's
+``export_llama`` names them (:func:`peftc.exporters.executorch.runner_metadata`): ``get_max_seq_len``,
+``get_max_context_len``, ``get_vocab_size``, ``get_n_layers``, ``get_bos_id``, ``get_eos_ids``,
+``use_kv_cache``, ``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``.
 """
 
 from __future__ import annotations
@@ -33,19 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kv import cache_geometry
+from peftc.program import LLM_RUNNER_INPUTS
 
 __all__ = [
-    "INPUT_NAMES",
     "LLMRunnerModule",
     "default_max_seq_len",
-    "is_llm_runner",
     "llm_runner",
-    "runner_metadata",
 ]
-
-#: The runner's inputs, in order.
-INPUT_NAMES = ["tokens", "input_pos"]
 #: Default cache length when the model's position table is longer (the cache is planned memory on the device).
 MAX_SEQ_LEN = 2048
 
@@ -80,7 +74,7 @@ class LLMRunnerModule(_static_cache_base()):
         finally:
             config.cache_implementation = was
         self.max_seq_len = max_seq_len
-        self.input_names = list(INPUT_NAMES)
+        self.input_names = list(LLM_RUNNER_INPUTS)
         self.output_names = ["logits"]
         self.dynamic_dims = {"tokens": {1: "sequence"}, "input_pos": {0: "sequence"}}
 
@@ -110,33 +104,3 @@ def llm_runner(max_seq_len: int) -> Callable[[nn.Module, list[str]], LLMRunnerMo
         return LLMRunnerModule(model, max_seq_len)
 
     return transform
-
-
-def is_llm_runner(program: Any) -> bool:
-    """Whether ``program`` has the LLM-runner layout (inputs ``tokens``, ``input_pos``)."""
-    return list(program.input_names) == INPUT_NAMES
-
-
-def runner_metadata(program: Any) -> dict[str, Any]:
-    """The constant methods ExecuTorch's LLM runner reads, from the program's model config."""
-    config = program.model_config
-    layers, _, _ = cache_geometry(config)
-    text = getattr(config, "text_config", None) or config
-    max_seq_len = int(program.max_positions())
-    eos = getattr(text, "eos_token_id", None)
-    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-    bos = getattr(text, "bos_token_id", None)
-    meta: dict[str, Any] = {
-        "get_max_seq_len": max_seq_len,
-        "get_max_context_len": max_seq_len,
-        "get_vocab_size": int(text.vocab_size),
-        "get_n_layers": layers,
-        "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
-        "enable_dynamic_shape": True,
-    }
-    if bos is not None:
-        meta["get_bos_id"] = int(bos)
-    if eos_ids:
-        meta["get_eos_ids"] = eos_ids
-    return meta

@@ -178,15 +178,15 @@ def pretend_installed(monkeypatch):
         (ExportRequest(adapters_as_inputs=True), "ExecuTorch takes one adapter: export each adapter on its own"),
         (ExportRequest(dtype="float16"), "--dtype float16 is supported for --format onnx only"),
         (ExportRequest(graphs=2), "--format executorch takes causal-lm, seq-cls and token-cls"),
-        (ExportRequest(with_past=True), "--with-past with --format executorch is not supported.*--format onnx"),
     ],
-    ids=["adapters-as-inputs", "float16", "seq2seq", "with-past"],
+    ids=["adapters-as-inputs", "float16", "seq2seq"],
 )
 def test_executorch_refuses_what_it_cannot_take(request_, match):
     exporter = get_exporter("executorch")
     with pytest.raises(ConfigError, match=match):
         exporter.check(request_)
     assert exporter.check(ExportRequest(with_past=False)) is None and not exporter.cache_by_default
+    assert exporter.check(ExportRequest(with_past=True)) is None and exporter.cache_in_program
 
 
 def test_missing_executorch_is_refused_before_any_work(export_cases, monkeypatch):
@@ -202,15 +202,21 @@ def test_missing_executorch_is_refused_before_any_work(export_cases, monkeypatch
     assert not out.exists()
 
 
-@pytest.mark.usefixtures("pretend_installed")
-def test_with_past_is_refused_by_the_pipeline_before_any_work(export_cases):
-    from peftc.exporting import export
+def test_prompt_methods_are_refused_in_the_llm_runner_layout(tmp_path):
+    """Prefix tuning's keys/values would have to enter the static cache: refused in one line, at capture."""
+    import peft
+    from conftest import tiny_gpt2
 
-    built = export_cases.build("gpt2")
-    out = built.run_dir.parent / "export-executorch-with-past"
-    with pytest.raises(ConfigError, match="--with-past with --format executorch"):
-        export(built.run_dir, format="executorch", with_past=True, out=out)
-    assert not out.exists()
+    from peftc.adapters import AdapterState
+    from peftc.exporting.graphs import graph_plan
+
+    config = peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)
+    plan = graph_plan("causal-lm", with_past=True, cache_in_program=True)
+    assert plan.cache_in_program and plan.with_past
+    with pytest.raises(ConfigError, match=r"not supported in the in-program KV-cache layout yet.*--format onnx"):
+        plan.capture(tiny_gpt2(), AdapterState.load(tmp_path))
+    assert not graph_plan("causal-lm", with_past=None).cache_in_program  # the ONNX layout is the default
 
 
 def test_train_mode_program_is_refused(tmp_path, pretend_installed):
