@@ -67,10 +67,13 @@ class WriteOptions:
     Attributes:
         opset: ONNX opset.
         external_data: ONNX weights in ``<file>.data`` (``True``), inline (``False``) or by size (``None``).
+        adapter_rank: swappable export: the largest rank of the sources, for formats whose adapter
+            tensors have one fixed shape (ExecuTorch's ``.ptd`` files: every adapter zero-padded to it).
     """
 
     opset: int = 18
     external_data: bool | None = None
+    adapter_rank: int | None = None
 
 
 @runtime_checkable

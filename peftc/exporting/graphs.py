@@ -131,7 +131,7 @@ class SingleGraph:
 
         from .kv import WithPastModule
 
-        if self.cache_in_program:
+        if self.with_past and self.cache_in_program:
             raise NotImplementedError("an in-program cache takes no swappable adapters (the format refuses them)")
         names = graph_input_names(model, get_task(self.task))
         return (WithPastModule(model, names) if self.with_past else TaskModule(model, names)).eval()

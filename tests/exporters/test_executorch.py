@@ -345,3 +345,67 @@ def test_llm_runner_layout_matches_hf_peft_over_prefill_and_decode(export_cases,
             assert float((got - w).abs().max()) <= ATOL, (generation, step)
             assert float((got - b).abs().max()) > 1e-3  # the adapter is not the identity
             start += n
+
+
+# -- program–data separation: one .pte, model.ptd, one .ptd per adapter ------------------------------
+def _ptd_export(export_cases):
+    def make():
+        from peftc.exporting import export
+
+        root, _ = _hf_lora(export_cases, "gpt2", "rank4", r=4, seed=21)
+        _hf_lora(export_cases, "gpt2", "rank8", r=8, seed=22)
+        srcs = [root / "rank4", root / "rank8"]
+        out = root / "et-ptd"
+        return export(srcs, model=str(root / "base"), format="executorch", adapters_as_inputs=True, out=out)
+
+    return export_cases.memo(("et-ptd",), make)
+
+
+@pytest.mark.slow  # one ExecuTorch lowering: ~30 s on two shared cores
+@pytest.mark.usefixtures("executorch_installed")
+def test_one_program_serves_each_adapter_from_its_own_data_file(export_cases):
+    """Two HF PEFT LoRA adapters (ranks 4 and 8): one .pte + model.ptd + adapters/<name>.ptd each vs HF PEFT."""
+    import peft
+    from peftc.exporters import executorch_data as data
+
+    out = _ptd_export(export_cases)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["executorch"]["data_files"] == ["model.ptd", "adapter.ptd"]
+    assert [a["file"] for a in manifest["adapters"]] == ["adapters/rank4.ptd", "adapters/rank8.ptd"]
+    names = [i["name"] for i in manifest["inputs"]]
+    assert names == ["input_ids", "attention_mask", "position_ids"]  # the adapters are data here, not inputs
+    assert manifest["executorch"]["backend"] == "XNNPACK"
+    assert {"model.pte", "model.ptd", "adapter.ptd", "adapters/rank4.ptd", "adapters/rank8.ptd"} <= set(
+        manifest["files"]
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert all(r["max_abs_diff"] <= ATOL for r in report["adapters_vs_torch"].values())
+    # every adapter file holds the same keys and shapes (rank 4 zero-padded to 8), none of the base weights
+    keys = [set(data.read_data(out / a["file"])[1]) for a in manifest["adapters"]]
+    assert keys[0] == keys[1] and all(k.startswith("peftc_adapter.") for k in keys[0])
+    layout = data.ExecuTorchAdapterFiles().inputs(out / "model.pte")
+    assert {tuple(v["shape"]) for k, v in layout.items() if k.endswith("lora_A")} == {(8, 64)}
+    # every base weight is in model.ptd (the XNNPACK delegate's too); the program keeps its code and small constants
+    weights = sum(p.numel() * 4 for p in built_base(out.parent).parameters())
+    assert (out / "model.ptd").stat().st_size >= weights > 2 * (out / "model.pte").stat().st_size
+
+    inputs = make_inputs("causal-lm", names, 2, 6, [2, 0])
+    root = out.parent
+    base = _hf_lora(export_cases, "gpt2", "rank4")[1]
+    with base.disable_adapter():
+        want_base = hf_logits(base, inputs)
+    got_base = et.load_executorch(out / "model.pte").execute(list(inputs.values()))[0].numpy()
+    assert max_diff("causal-lm", got_base, want_base, inputs) <= ATOL  # the no-op adapter.ptd: the base model
+    for name in ("rank4", "rank8"):
+        hf = peft.PeftModel.from_pretrained(built_base(root), root / name).eval()
+        want = hf_logits(hf, inputs)
+        got = et.load_executorch(out / "model.pte", out / "adapters" / f"{name}.ptd").execute(list(inputs.values()))
+        got = got[0].numpy()
+        assert max_diff("causal-lm", got, want, inputs) <= ATOL, name
+        assert max_diff("causal-lm", got, want_base, inputs) > 1e-3, name  # not the identity
+
+
+def built_base(root):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(root / "base", use_safetensors=True).eval()
