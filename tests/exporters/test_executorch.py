@@ -409,3 +409,38 @@ def built_base(root):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(root / "base", use_safetensors=True).eval()
+
+
+def _char_tokenizer(path) -> None:
+    """A BPE tokenizer.json ExecuTorch's C++ tokenizers read: 94 printable ASCII characters, ids 1..94 of 128."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{chr(c): c - 32 for c in range(33, 127)}}
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), 128)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    tok.save(str(path))
+
+
+@pytest.mark.slow  # shares the merged GPT-2 LLM-runner export above, or pays for it
+@pytest.mark.usefixtures("executorch_installed")
+def test_executorch_text_llm_runner_generates_hf_peft_greedy_tokens(export_cases, tmp_path):
+    """ExecuTorch's own TextLLMRunner (C++ behind its Python bindings) drives the .pte: HF PEFT's greedy tokens."""
+    runner_mod = pytest.importorskip("executorch.extension.llm.runner", reason="ExecuTorch built without the runner")
+    out = _llm_export(export_cases, "gpt2", merge=True)
+    _, peft_model = _hf_lora(export_cases, "gpt2")
+    _char_tokenizer(tmp_path / "tokenizer.json")
+    prompt = "LoRA"  # the tiny random model mostly repeats a token; here the adapter changes the greedy tokens
+    ids = torch.tensor([[ord(c) - 32 for c in prompt]])
+    with torch.no_grad():
+        want = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+
+    runner = runner_mod.TextLLMRunner(str(out / "model.pte"), str(tmp_path / "tokenizer.json"))
+    pieces: list[str] = []
+    config = runner_mod.GenerationConfig(max_new_tokens=6, temperature=0.0, echo=False)
+    runner.generate(prompt, config, token_callback=pieces.append)
+    vocab = {i: t for t, i in json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"].items()}
+    assert pieces == [vocab[int(i)] for i in want]
+    with peft_model.disable_adapter(), torch.no_grad():  # the adapter changes what is generated
+        base = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+    assert base.tolist() != want.tolist()
