@@ -348,7 +348,8 @@ class _FormatOption(click.Option):
     "--adapters-as-inputs",
     is_flag=True,
     help="Swappable: LoRA tensors become graph inputs (default: the base); each SRC is written as "
-    "adapters/<name>.onnx_adapter for RunOptions.add_active_adapter. SRCs share the base and targets.",
+    "adapters/<name>.onnx_adapter for RunOptions.add_active_adapter (executorch: one model.pte, the base "
+    "weights in model.ptd, adapters/<name>.ptd each). SRCs share the base and targets.",
 )
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
 @click.option(
@@ -374,7 +375,8 @@ class _FormatOption(click.Option):
     "with_past",
     default=None,
     help="Causal LMs: a KV-cache graph (past_key_values.* in, present.* out; optimum's layout) — the default "
-    "for causal-lm — or a plain graph.",
+    "for causal-lm with onnx — or a plain graph. executorch: the LLM-runner layout (tokens + input_pos in, "
+    "the cache inside the program), only when asked.",
 )
 @click.option(
     "--quantize",

@@ -12,7 +12,7 @@ from peftc.exporters import ExportRequest, get_exporter
 from peftc.exporters import executorch as et
 from peftc.exporters.verify import make_cases, run_torch, verify_artifact
 
-from peftc.errors import ConfigError, ExportVerificationError
+from peftc.errors import AdapterFormatError, ConfigError, ExportVerificationError
 
 
 @pytest.fixture
@@ -444,3 +444,44 @@ def test_executorch_text_llm_runner_generates_hf_peft_greedy_tokens(export_cases
     with peft_model.disable_adapter(), torch.no_grad():  # the adapter changes what is generated
         base = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
     assert base.tolist() != want.tolist()
+
+
+def test_data_files_pad_ranks_and_refuse_what_does_not_fit(tmp_path, executorch_installed):
+    """Ranks zero-pad to the program's shape; a larger rank, another shape, a duplicated key are refused."""
+    from peftc.exporters import executorch_data as data
+
+    from peftc.errors import AdapterMismatchError
+
+    a = torch.randn(4, 6)
+    padded = data._pad(a, [8, 6], 0, "x.lora_A")
+    assert padded.shape == (8, 6) and torch.equal(padded[:4], a) and not padded[4:].any()
+    with pytest.raises(AdapterMismatchError, match=r"x.lora_A has shape \[4, 6\]; the program takes \[2, 6\]"):
+        data._pad(a, [2, 6], 0, "x.lora_A")
+    with pytest.raises(AdapterMismatchError, match="takes"):
+        data._pad(a, [8, 5], 0, "x.lora_A")
+    data.write_data(tmp_path / "a.ptd", {"k.a": a, "k.b": torch.ones(3)})
+    data.write_data(tmp_path / "b.ptd", {"k.c": torch.zeros(2, 2)})
+    merged = data.merged_data([tmp_path / "a.ptd", tmp_path / "b.ptd"], tmp_path / "ab.ptd")
+    buffers, entries = data.read_data(merged)
+    assert sorted(entries) == ["k.a", "k.b", "k.c"] and list(entries["k.a"].tensor_layout.sizes) == [4, 6]
+    got = torch.frombuffer(bytearray(buffers[entries["k.a"].buffer_index]), dtype=torch.float32).view(4, 6)
+    assert torch.equal(got, a)
+    with pytest.raises(AdapterMismatchError, match="both hold 'k.a'"):
+        data.merged_data([tmp_path / "a.ptd", tmp_path / "a.ptd"], tmp_path / "aa.ptd")
+    with pytest.raises(AdapterFormatError, match="is not an ExecuTorch .ptd data file"):
+        (tmp_path / "bad.ptd").write_bytes(b"not a ptd")
+        data.read_data(tmp_path / "bad.ptd")
+
+
+def test_graphless_formats_share_one_base():
+    """TorchScript, AOTInductor and ExecuTorch: no adapter files but ExecuTorch's, run() goes through run_file."""
+    from peftc.exporters import GraphlessFileExporter
+
+    for name in ("torchscript", "aoti", "executorch"):
+        exporter = get_exporter(name)
+        assert isinstance(exporter, GraphlessFileExporter) and exporter.runtime_config is None
+        assert exporter.model_file() == exporter.model_file_name
+        assert exporter.model_file("decoder") == f"decoder_{exporter.model_file_name}"
+    assert get_exporter("torchscript").adapter_files is None and get_exporter("aoti").adapter_files is None
+    assert get_exporter("executorch").adapter_files.suffix == ".ptd" and get_exporter("executorch").cache_in_program
+    assert not get_exporter("onnx").cache_in_program
