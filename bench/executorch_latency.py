@@ -12,9 +12,11 @@ run round-robin so that other load on a shared machine slows all alike.
 
 The last line printed is ``executorch_latency_ratio_vs_eager=<x>``: the geometric mean over the
 batch sizes of ExecuTorch median / eager median (below 1: ExecuTorch is faster); the line before it
-gives the same against ONNX Runtime.
+gives the same against ONNX Runtime. With ``--llm``, the LLM-runner layout (the KV cache in the
+program) is timed too: a prefill of ``--seq`` tokens and one decode step, vs eager torch with
+transformers' DynamicCache.
 
-    python bench/executorch_latency.py --runs 50
+    python bench/executorch_latency.py --runs 50 --llm
 """
 
 from __future__ import annotations
@@ -31,6 +33,58 @@ from _common import geomean, load_line, merged_lora_gpt2, ort_session, token_inp
 from timing import interleaved_medians
 
 
+def _llm_runner_steps(eager: torch.nn.Module, args: argparse.Namespace) -> None:
+    """The LLM-runner layout (``--with-past``): a prefill of ``--seq`` tokens and a decode step vs eager + DynamicCache.
+
+    The program is the HF-merged model captured in the layout (the cache in the program); eager runs
+    the same model with transformers' DynamicCache, cropped back after each timed decode step.
+    """
+    import copy
+
+    from peftc.exporters.executorch import export_program_executorch, load_executorch
+
+    from peftc.exporting.llm import llm_runner
+    from peftc.program import capture
+
+    model = copy.deepcopy(eager)
+    program = capture(model, "causal-lm", mode="eval", transform=llm_runner(args.positions))
+    program.max_sequence = args.positions
+    ids = torch.randint(1, args.vocab, (1, args.seq + 1), generator=torch.Generator().manual_seed(3))
+    with tempfile.TemporaryDirectory() as tmp:
+        tick = time.perf_counter()
+        method = load_executorch(export_program_executorch(program, Path(tmp) / "llm.pte"))
+        print(f"ExecuTorch LLM-runner export: {time.perf_counter() - tick:.1f} s")
+        prompt, step = [ids[:, : args.seq], torch.arange(args.seq)], [ids[:, args.seq :], torch.tensor([args.seq])]
+        with torch.no_grad():
+            cache = eager(input_ids=ids[:, : args.seq], use_cache=True).past_key_values
+
+        def eager_prefill():
+            with torch.no_grad():
+                return eager(input_ids=ids[:, : args.seq], use_cache=True).logits
+
+        def eager_step():
+            with torch.no_grad():
+                out = eager(input_ids=ids[:, args.seq :], past_key_values=cache, use_cache=True).logits
+            cache.crop(args.seq)
+            return out
+
+        method.execute(prompt)
+        fns = {
+            "eager_prefill": eager_prefill,
+            "et_prefill": lambda: method.execute(prompt),
+            "eager_step": eager_step,
+            "et_step": lambda: method.execute(step),
+        }
+        m = interleaved_medians(fns, args.warmup, args.runs)
+        diff = float((method.execute(step)[0] - eager_step()).abs().max())
+        print(
+            f"LLM-runner layout, prefill {args.seq}: eager {m['eager_prefill']:.3f} ms, ExecuTorch "
+            f"{m['et_prefill']:.3f} ms ({m['et_prefill'] / m['eager_prefill']:.3f}); decode step: eager "
+            f"{m['eager_step']:.3f} ms, ExecuTorch {m['et_step']:.3f} ms ({m['et_step'] / m['eager_step']:.3f}); "
+            f"max |ExecuTorch - eager| at the step {diff:.2e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -44,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, every runtime")
+    parser.add_argument("--llm", action="store_true", help="also time the LLM-runner layout (--with-past)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -105,6 +160,8 @@ def main() -> None:
             vs_eager.append(medians["executorch"] / medians["eager"])
             vs_ort.append(medians["executorch"] / medians["ort"])
 
+    if args.llm:
+        _llm_runner_steps(eager, args)
     print(f"executorch_latency_ratio_vs_ort={geomean(vs_ort):.3f}")
     print(f"executorch_latency_ratio_vs_eager={geomean(vs_eager):.3f}")
 
