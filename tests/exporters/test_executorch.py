@@ -175,11 +175,14 @@ def pretend_installed(monkeypatch):
 @pytest.mark.parametrize(
     ("request_", "match"),
     [
-        (ExportRequest(adapters_as_inputs=True), "ExecuTorch takes one adapter: export each adapter on its own"),
+        (
+            ExportRequest(adapters_as_inputs=True, with_past=True),
+            "--adapters-as-inputs with --with-past is not supported by --format executorch",
+        ),
         (ExportRequest(dtype="float16"), "--dtype float16 is supported for --format onnx only"),
         (ExportRequest(graphs=2), "--format executorch takes causal-lm, seq-cls and token-cls"),
     ],
-    ids=["adapters-as-inputs", "float16", "seq2seq"],
+    ids=["adapters-as-inputs-with-past", "float16", "seq2seq"],
 )
 def test_executorch_refuses_what_it_cannot_take(request_, match):
     exporter = get_exporter("executorch")
@@ -187,6 +190,7 @@ def test_executorch_refuses_what_it_cannot_take(request_, match):
         exporter.check(request_)
     assert exporter.check(ExportRequest(with_past=False)) is None and not exporter.cache_by_default
     assert exporter.check(ExportRequest(with_past=True)) is None and exporter.cache_in_program
+    assert exporter.check(ExportRequest(adapters_as_inputs=True)) is None  # program–data separation
 
 
 def test_missing_executorch_is_refused_before_any_work(export_cases, monkeypatch):
