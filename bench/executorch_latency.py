@@ -12,56 +12,77 @@ run round-robin so that other load on a shared machine slows all alike.
 
 The last line printed is ``executorch_latency_ratio_vs_eager=<x>``: the geometric mean over the
 batch sizes of ExecuTorch median / eager median (below 1: ExecuTorch is faster); the line before it
-gives the same against ONNX Runtime.
+gives the same against ONNX Runtime. With ``--llm``, the LLM-runner layout (the KV cache in the
+program) is timed too: a prefill of ``--seq`` tokens and one decode step, vs eager torch with
+transformers' DynamicCache.
 
-    python bench/executorch_latency.py --runs 50
+    python bench/executorch_latency.py --runs 50 --llm
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
+from _common import geomean, load_line, merged_lora_gpt2, ort_session, token_inputs  # bench/ is on sys.path
+from timing import interleaved_medians
 
 
-def _models(cfg, rank: int):
-    """(peftc merged program, HF model with the same adapter merged by HF PEFT)."""
-    import peft
-    from peft import set_peft_model_state_dict
-    from peftc.passes import insertion_pipeline, merge_pipeline
-    from transformers import GPT2LMHeadModel
+def _llm_runner_steps(eager: torch.nn.Module, args: argparse.Namespace) -> None:
+    """The LLM-runner layout (``--with-past``): a prefill of ``--seq`` tokens and a decode step vs eager + DynamicCache.
 
-    from peftc.config import LoraConfig
+    The program is the HF-merged model captured in the layout (the cache in the program); eager runs
+    the same model with transformers' DynamicCache, cropped back after each timed decode step.
+    """
+    import copy
+
+    from peftc.exporters.executorch import export_program_executorch, load_executorch
+
+    from peftc.exporting.llm import llm_runner
     from peftc.program import capture
 
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(cfg).eval()
-    state = base.state_dict()
-    program = capture(base, "causal-lm", mode="eval")
-    insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, tensor in program.adapter.tensors.items():
-            if "lora_B" in key:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
-    adapter = program.adapter.state_dict()
-    merge_pipeline()(program)
+    model = copy.deepcopy(eager)
+    program = capture(model, "causal-lm", mode="eval", transform=llm_runner(args.positions))
+    program.max_sequence = args.positions
+    ids = torch.randint(1, args.vocab, (1, args.seq + 1), generator=torch.Generator().manual_seed(3))
+    with tempfile.TemporaryDirectory() as tmp:
+        tick = time.perf_counter()
+        method = load_executorch(export_program_executorch(program, Path(tmp) / "llm.pte"))
+        print(f"ExecuTorch LLM-runner export: {time.perf_counter() - tick:.1f} s")
+        prompt, step = [ids[:, : args.seq], torch.arange(args.seq)], [ids[:, args.seq :], torch.tensor([args.seq])]
+        with torch.no_grad():
+            cache = eager(input_ids=ids[:, : args.seq], use_cache=True).past_key_values
 
-    eager = GPT2LMHeadModel(cfg)
-    eager.load_state_dict(state)
-    peft_model = peft.get_peft_model(
-        eager, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn"], fan_in_fan_out=True)
-    )
-    set_peft_model_state_dict(peft_model, adapter)
-    return program, peft_model.merge_and_unload().eval()
+        def eager_prefill():
+            with torch.no_grad():
+                return eager(input_ids=ids[:, : args.seq], use_cache=True).logits
+
+        def eager_step():
+            with torch.no_grad():
+                out = eager(input_ids=ids[:, args.seq :], past_key_values=cache, use_cache=True).logits
+            cache.crop(args.seq)
+            return out
+
+        method.execute(prompt)
+        fns = {
+            "eager_prefill": eager_prefill,
+            "et_prefill": lambda: method.execute(prompt),
+            "eager_step": eager_step,
+            "et_step": lambda: method.execute(step),
+        }
+        m = interleaved_medians(fns, args.warmup, args.runs)
+        diff = float((method.execute(step)[0] - eager_step()).abs().max())
+        print(
+            f"LLM-runner layout, prefill {args.seq}: eager {m['eager_prefill']:.3f} ms, ExecuTorch "
+            f"{m['et_prefill']:.3f} ms ({m['et_prefill'] / m['eager_prefill']:.3f}); decode step: eager "
+            f"{m['eager_step']:.3f} ms, ExecuTorch {m['et_step']:.3f} ms ({m['et_step'] / m['eager_step']:.3f}); "
+            f"max |ExecuTorch - eager| at the step {diff:.2e}"
+        )
 
 
 def main() -> None:
@@ -77,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, every runtime")
+    parser.add_argument("--llm", action="store_true", help="also time the LLM-runner layout (--with-past)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -97,7 +119,7 @@ def main() -> None:
         n_positions=args.positions,
         pad_token_id=0,
     )
-    program, eager = _models(cfg, args.rank)
+    program, eager = merged_lora_gpt2(cfg, args.rank, b_scale=0.1)
     print(
         f"model: GPT-2, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
         f"LoRA r={args.rank} on c_attn, merged"
@@ -106,8 +128,8 @@ def main() -> None:
         f"threads: {args.threads} (torch {torch.__version__}, executorch {version('executorch')}, "
         f"onnxruntime {ort.__version__})"
     )
-    if hasattr(os, "getloadavg"):  # other load on the machine skews absolute figures (ratios less so)
-        print(f"load average before timing: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    if load_line():
+        print(load_line())
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
         pte = export_program_executorch(program, Path(tmp) / "model.pte")
@@ -116,31 +138,19 @@ def main() -> None:
         export_program_onnx(program, onnx_path)
         portable_lib._unsafe_reset_threadpool(args.threads)
         method = load_executorch(pte)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(onnx_path, args.threads)
         vs_eager, vs_ort = [], []
         gen = torch.Generator().manual_seed(0)
         for batch in args.batches:
-            ids = torch.randint(1, args.vocab, (batch, args.seq), generator=gen)
-            mask = torch.ones_like(ids)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-
-            def run_eager(ids=ids, mask=mask, pos=pos):
-                with torch.no_grad():
-                    return eager(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-
+            inputs, feeds, run_eager = token_inputs(eager, batch, args.seq, args.vocab, gen, low=1)
             want = run_eager().numpy()
             fns = {
                 "eager": run_eager,
-                "executorch": lambda ids=ids, mask=mask, pos=pos: method.execute([ids, mask, pos]),
+                "executorch": lambda x=inputs: method.execute(x),
                 "ort": lambda f=feeds: session.run(["logits"], f),
             }
             medians = interleaved_medians(fns, args.warmup, args.runs)
-            diff = float(np.abs(method.execute([ids, mask, pos])[0].numpy() - want).max())
+            diff = float(np.abs(method.execute(inputs)[0].numpy() - want).max())
             print(
                 f"batch {batch} seq {args.seq}: eager {medians['eager']:.3f} ms, ExecuTorch "
                 f"{medians['executorch']:.3f} ms, ORT {medians['ort']:.3f} ms; ExecuTorch/eager "
@@ -150,9 +160,8 @@ def main() -> None:
             vs_eager.append(medians["executorch"] / medians["eager"])
             vs_ort.append(medians["executorch"] / medians["ort"])
 
-    def geomean(xs: list[float]) -> float:
-        return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
+    if args.llm:
+        _llm_runner_steps(eager, args)
     print(f"executorch_latency_ratio_vs_ort={geomean(vs_ort):.3f}")
     print(f"executorch_latency_ratio_vs_eager={geomean(vs_eager):.3f}")
 

@@ -28,56 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
-
-
-def _models(layers: int, rank: int):
-    """(peftc merged program, HF model with the same adapter merged by HF PEFT)."""
-    import peft
-    from peft import set_peft_model_state_dict
-    from peftc.passes import insertion_pipeline, merge_pipeline
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from peftc.config import LoraConfig
-    from peftc.program import capture
-
-    cfg = GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(cfg).eval()
-    state = base.state_dict()
-    program = capture(base, "causal-lm", mode="eval")
-    insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, tensor in program.adapter.tensors.items():
-            if "lora_B" in key:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
-    adapter = program.adapter.state_dict()
-    merge_pipeline()(program)
-
-    eager = GPT2LMHeadModel(cfg)
-    eager.load_state_dict(state)
-    peft_model = peft.get_peft_model(
-        eager, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn"], fan_in_fan_out=True)
-    )
-    set_peft_model_state_dict(peft_model, adapter)
-    return program, peft_model.merge_and_unload().eval()
-
-
-def _session(path: Path, threads: int, level: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    }[level]
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+from _common import geomean, load_line, merged_lora_gpt2, ort_session, token_inputs  # bench/ is on sys.path
+from timing import interleaved_medians
 
 
 def main() -> None:
@@ -96,30 +48,24 @@ def main() -> None:
 
     import onnxruntime as ort
     from peftc.exporters.onnx import export_program_onnx
+    from transformers import GPT2Config
 
     tick = time.perf_counter()
-    program, eager = _models(args.layers, args.rank)
+    cfg = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+    program, eager = merged_lora_gpt2(cfg, args.rank, b_scale=0.02)
     print(f"model: GPT-2 shape, {args.layers} layers, hidden 768, vocab 50257, LoRA r={args.rank} on c_attn, merged")
     print(f"threads: {args.threads} (torch {torch.__version__}, onnxruntime {ort.__version__})")
-    if hasattr(os, "getloadavg"):  # other load on the machine skews absolute figures (ratios less so)
-        print(f"load average before timing: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    if load_line():
+        print(load_line())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_program_onnx(program, path)
         print(f"build + capture + merge + export: {time.perf_counter() - tick:.1f} s")
-        sessions = {level: _session(path, args.threads, level) for level in args.levels}
+        sessions = {level: ort_session(path, args.threads, level) for level in args.levels}
         ratios = []
         gen = torch.Generator().manual_seed(0)
         for batch in args.batches:
-            ids = torch.randint(0, 50257, (batch, args.seq), generator=gen)
-            mask = torch.ones_like(ids)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-
-            def run_eager(ids=ids, mask=mask, pos=pos):
-                with torch.no_grad():
-                    return eager(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-
+            _, feeds, run_eager = token_inputs(eager, batch, args.seq, 50257, gen)
             want = run_eager().numpy()
             fns = {"eager": run_eager}
             for level, session in sessions.items():
@@ -136,8 +82,7 @@ def main() -> None:
                 )
                 best = min(best, ort_ms)
             ratios.append(best / eager_ms)
-    ratio = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    print(f"ort_latency_ratio_vs_eager={ratio:.3f}")
+    print(f"ort_latency_ratio_vs_eager={geomean(ratios):.3f}")
 
 
 if __name__ == "__main__":

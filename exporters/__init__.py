@@ -6,7 +6,9 @@ inputs and outputs.
 ``verify`` holds the one verification step (held-out cases, :func:`~.verify.verify_artifact`),
 ``onnx_quantize`` rewrites a verified ``model.onnx`` with ONNX Runtime's int4/int8 quantizers
 (``--quantize``), ``manifest`` describes an artifact directory, ``swappable`` the ONNX Runtime adapter files, ``genai``
-onnxruntime-genai's ``genai_config.json`` for KV-cache ONNX files.
+onnxruntime-genai's ``genai_config.json`` for KV-cache ONNX files, ``executorch_data`` ExecuTorch's
+``.ptd`` data files (base weights, one file per adapter). Formats whose file has no graph peftc reads
+back (TorchScript, AOTInductor, ExecuTorch) share :class:`~.registry.GraphlessFileExporter`.
 :func:`peftc.exporting.export` runs the whole stage and asks the registry for the format.
 
 Adding a format is one module that calls :func:`register_exporter` plus its name in
@@ -20,6 +22,7 @@ from .registry import (
     AdapterFiles,
     Exporter,
     ExportRequest,
+    GraphlessFileExporter,
     RuntimeConfig,
     WriteOptions,
     exporters,
@@ -43,6 +46,7 @@ __all__ = [
     "AdapterFiles",
     "ExportRequest",
     "Exporter",
+    "GraphlessFileExporter",
     "RuntimeConfig",
     "VerificationReport",
     "WriteOptions",

@@ -42,8 +42,7 @@ import torch
 from peftc.errors import CaptureError, ConfigError
 from peftc.program import Program
 
-from .manifest import program_io
-from .registry import ExportRequest, WriteOptions, register_exporter
+from .registry import ExportRequest, GraphlessFileExporter, WriteOptions, register_exporter
 from .torchscript import check_one_float32_graph
 from .verify import VerifyCase, numpy_outputs
 
@@ -183,18 +182,14 @@ def run_aoti(path: str | Path, cases: Sequence[VerifyCase], input_names: Sequenc
     return outs
 
 
-class AotiExporter:
+class AotiExporter(GraphlessFileExporter):
     """``--format aoti``: ``model.pt2``, AOTInductor kernels for LibTorch's ``AOTIModelPackageLoader`` (C++)."""
 
     name = "aoti"
     runtime = "AOTInductor"
     summary = "model.pt2 (AOTInductor: compiled kernels, needs a C++ compiler) for LibTorch/C++"
     cache_by_default = False  # and a KV-cache graph is refused (see the module docstring)
-    adapter_files = None
-    runtime_config = None
-
-    def model_file(self, role: str | None = None) -> str:
-        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"
+    model_file_name = MODEL_FILE
 
     def check(self, request: ExportRequest) -> None:
         check_one_float32_graph(request, self.runtime, self.name)
@@ -212,18 +207,8 @@ class AotiExporter:
     def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
         export_program_aoti(program, path, metadata=metadata)
 
-    def run(
-        self,
-        path: Path,
-        cases: Sequence[VerifyCase],
-        input_names: Sequence[str],
-        output_names: Sequence[str],
-        adapter: Path | None = None,
-    ) -> list[Any]:
+    def run_file(self, path: Path, cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list[Any]:
         return run_aoti(path, cases, input_names)
-
-    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return program_io(program)
 
     def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
         # the package runs only where its kernels were compiled for: AOTI_PLATFORM, AOTI_CPU_ISA…

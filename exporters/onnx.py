@@ -294,6 +294,7 @@ class OnnxExporter:
     runtime = "ONNX Runtime"
     summary = "model.onnx (ONNX Runtime, optimum)"
     cache_by_default = True  # optimum's causal-lm exports are KV-cache graphs
+    cache_in_program = False  # past_key_values.* in, present.* out
     adapter_files = OnnxAdapterFiles()
     runtime_config = GenaiConfig()  # onnxruntime-genai: og.Model(artifact_dir)
     quantizer = OnnxQuantizer()  # --quantize int4|int8: ONNX Runtime's quantizers on the verified file

@@ -33,6 +33,7 @@ __all__ = [
     "AdapterFiles",
     "ExportRequest",
     "Exporter",
+    "GraphlessFileExporter",
     "RuntimeConfig",
     "WriteOptions",
     "exporters",
@@ -66,10 +67,13 @@ class WriteOptions:
     Attributes:
         opset: ONNX opset.
         external_data: ONNX weights in ``<file>.data`` (``True``), inline (``False``) or by size (``None``).
+        adapter_rank: swappable export: the largest rank of the sources, for formats whose adapter
+            tensors have one fixed shape (ExecuTorch's ``.ptd`` files: every adapter zero-padded to it).
     """
 
     opset: int = 18
     external_data: bool | None = None
+    adapter_rank: int | None = None
 
 
 @runtime_checkable
@@ -117,6 +121,8 @@ class Exporter(Protocol):
             adapters as inputs (:meth:`check` then refuses ``adapters_as_inputs``).
         runtime_config: the generation runtime's config that a causal LM's KV-cache file gets beside it
             (ONNX: onnxruntime-genai's ``genai_config.json``), or ``None`` when the format has none.
+        cache_in_program: whether a KV-cache export keeps the cache inside the program (ExecuTorch's
+            LLM-runner layout, :mod:`peftc.exporting.llm`) instead of taking and returning it.
     """
 
     name: str
@@ -125,6 +131,7 @@ class Exporter(Protocol):
     cache_by_default: bool
     adapter_files: AdapterFiles | None
     runtime_config: RuntimeConfig | None
+    cache_in_program: bool
 
     def model_file(self, role: str | None = None) -> str:
         """The model file's name: ``model.onnx``, or for one of several graphs ``<role>_model.onnx``."""
@@ -164,6 +171,44 @@ class Exporter(Protocol):
     def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
         """The format's own top-level ``manifest.json`` keys: ``opset`` (``None`` without one) and any others."""
         ...
+
+
+class GraphlessFileExporter:
+    """Base of the formats whose file has no graph peftc reads back (TorchScript, AOTInductor, ExecuTorch).
+
+    Such a format takes no swappable adapters and no runtime config, describes its inputs and outputs
+    from the program (:func:`~peftc.exporters.manifest.program_io`), and runs its file with one
+    function: a subclass sets :attr:`model_file_name` and defines :meth:`run_file`, ``check``,
+    ``write`` and ``manifest_entries``.
+    """
+
+    adapter_files: AdapterFiles | None = None
+    runtime_config: RuntimeConfig | None = None
+    cache_in_program = False
+    #: The model file's name (``model.pt``); one of several graphs gets ``<role>_`` in front.
+    model_file_name = ""
+
+    def model_file(self, role: str | None = None) -> str:
+        return self.model_file_name if role is None else f"{role}_{self.model_file_name}"
+
+    def run_file(self, path: Path, cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list[Any]:
+        """Outputs of the file on every case, inputs in ``input_names`` order (see :meth:`Exporter.run`)."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        path: Path,
+        cases: Sequence[VerifyCase],
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        adapter: Path | None = None,
+    ) -> list[Any]:
+        return self.run_file(path, cases, input_names)
+
+    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from .manifest import program_io
+
+        return program_io(program)
 
 
 _REGISTRY: dict[str, Exporter] = {}

@@ -51,8 +51,7 @@ from torch import fx, nn
 from peftc.errors import CaptureError, ConfigError
 from peftc.program import Program, get_tensor
 
-from .manifest import program_io
-from .registry import ExportRequest, WriteOptions, register_exporter
+from .registry import ExportRequest, GraphlessFileExporter, WriteOptions, register_exporter
 from .verify import VerifyCase, numpy_outputs
 
 __all__ = [
@@ -336,18 +335,14 @@ def check_one_float32_graph(request: ExportRequest, what: str, format: str) -> N
         )
 
 
-class TorchScriptExporter:
+class TorchScriptExporter(GraphlessFileExporter):
     """``--format torchscript``: ``model.pt`` for LibTorch's ``torch::jit::load`` (C++, see examples/cpp)."""
 
     name = "torchscript"
     runtime = "TorchScript"
     summary = "model.pt (TorchScript) for LibTorch/C++ (see examples/cpp)"
     cache_by_default = False  # the C++ example feeds no cache: a KV-cache graph only when asked
-    adapter_files = None
-    runtime_config = None
-
-    def model_file(self, role: str | None = None) -> str:
-        return MODEL_FILE if role is None else f"{role}_{MODEL_FILE}"
+    model_file_name = MODEL_FILE
 
     def check(self, request: ExportRequest) -> None:
         check_one_float32_graph(request, self.runtime, self.name)
@@ -355,18 +350,8 @@ class TorchScriptExporter:
     def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
         export_program_torchscript(program, path, metadata=metadata)
 
-    def run(
-        self,
-        path: Path,
-        cases: Sequence[VerifyCase],
-        input_names: Sequence[str],
-        output_names: Sequence[str],
-        adapter: Path | None = None,
-    ) -> list[Any]:
+    def run_file(self, path: Path, cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list[Any]:
         return run_torchscript(path, cases, input_names)
-
-    def describe_io(self, path: Path, program: Program) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return program_io(program)
 
     def manifest_entries(self, path: Path, program: Program, options: WriteOptions) -> dict[str, Any]:
         # forward() argument names: the input names as identifiers

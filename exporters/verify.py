@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from peftc.errors import ExportVerificationError
-from peftc.program import Program, is_with_past
+from peftc.program import Program, is_llm_runner, is_with_past
 
 if TYPE_CHECKING:  # pragma: no cover
     from .registry import Exporter
@@ -192,6 +192,8 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
             raise ValueError(f"no verification input for graph input(s) {missing}")
         return {n: tensors[n] for n in names}
 
+    if is_llm_runner(program):  # the cache is in the program: the cases are one generation's calls, in order
+        return llm_runner_cases(vocab, pad_id, max_seq, gen)
     if is_with_past(program):
         return _with_past_cases(program, batch)
     return [
@@ -295,6 +297,31 @@ def _with_past_cases(program: Program, batch: Callable[..., dict[str, torch.Tens
     ]
 
 
+def llm_runner_cases(
+    vocab: int, pad_id: int, max_seq: int, gen: torch.Generator, prefill: int = 5, steps: int = 3
+) -> list[VerifyCase]:
+    """Cases of the LLM-runner layout, to run **in order** on one program (its KV cache is its state).
+
+    A prefill of ``prefill`` tokens at positions ``0..prefill-1``, ``steps`` decode steps of one token,
+    then a second generation from position 0 (a shorter prefill over the stale cache, and one step):
+    every call reads what the calls before it wrote, and only that.
+    """
+    prefill = max(2, min(prefill, max_seq - steps))
+
+    def call(name: str, start: int, n: int, what: str) -> VerifyCase:
+        ids = torch.randint(0, vocab - 1, (1, n), generator=gen)
+        ids = ids + (ids >= pad_id).long()
+        return VerifyCase(name, {"tokens": ids, "input_pos": torch.arange(start, start + n)}, what)
+
+    cases = [call("prefill", 0, prefill, f"a prompt of {prefill} tokens into the empty cache")]
+    cases += [call(f"decode{i}", prefill + i, 1, "one token after the cache") for i in range(steps)]
+    cases += [
+        call("reprefill", 0, 2, "a new generation: a prompt over the previous one's cache"),
+        call("redecode", 2, 1, "its first decode step"),
+    ]
+    return cases
+
+
 def run_torch(fn: Callable[..., Any], cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list:
     """Outputs of a torch callable (a program, or a wrapper of an HF model) on every case.
 
@@ -382,13 +409,13 @@ def compare_outputs(
                 )
             )
             continue
-        if task in _PER_POSITION:
+        if task in _PER_POSITION and "attention_mask" in case.inputs:
             rows = case.inputs["attention_mask"].bool().numpy()
             if a.ndim >= 2 and a.shape[1] < rows.shape[1]:  # KV-cache step: the mask covers past + new tokens
                 rows = rows[:, rows.shape[1] - a.shape[1] :]
             elif a.ndim >= 2 and a.shape[1] > rows.shape[1]:  # virtual tokens prepended (prompt methods): always real
                 rows = np.concatenate([np.ones((rows.shape[0], a.shape[1] - rows.shape[1]), dtype=bool), rows], axis=1)
-        else:
+        else:  # no mask (the LLM-runner layout takes no padding): every row and position
             rows = np.ones(a.shape[0], dtype=bool)
         diff = np.abs(a[rows] - e[rows])
         worst = float(diff.max()) if diff.size else math.nan

@@ -348,7 +348,8 @@ class _FormatOption(click.Option):
     "--adapters-as-inputs",
     is_flag=True,
     help="Swappable: LoRA tensors become graph inputs (default: the base); each SRC is written as "
-    "adapters/<name>.onnx_adapter for RunOptions.add_active_adapter. SRCs share the base and targets.",
+    "adapters/<name>.onnx_adapter for RunOptions.add_active_adapter (executorch: one model.pte, the base "
+    "weights in model.ptd, adapters/<name>.ptd each). SRCs share the base and targets.",
 )
 @click.option(
     "--mixed-batch",
@@ -392,7 +393,8 @@ class _FormatOption(click.Option):
     default=None,
     help="Causal LMs: a KV-cache graph (past_key_values.* in, present.* out; optimum's layout); seq2seq LMs: "
     "KV-cache decoders (decoder_with_past_model.onnx beside decoder_model.onnx) — the default for both with "
-    "ONNX — or plain graphs.",
+    "ONNX — or plain graphs. executorch: the LLM-runner layout (tokens + input_pos in, the cache inside the "
+    "program), only when asked.",
 )
 @click.option(
     "--quantize",

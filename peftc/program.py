@@ -27,6 +27,7 @@ from peftc.errors import CaptureError
 from peftc.tasks import TaskModule, TaskSpec, get_task, graph_input_names
 
 __all__ = [
+    "LLM_RUNNER_INPUTS",
     "MAX_DIM",
     "MODEL_PREFIX",
     "PAST_DIM",
@@ -39,6 +40,7 @@ __all__ = [
     "example_inputs",
     "get_tensor",
     "image_shape",
+    "is_llm_runner",
     "is_with_past",
     "past_names",
     "present_names",
@@ -68,6 +70,15 @@ def present_names(layers: int) -> list[str]:
 def is_with_past(program: Program) -> bool:
     """Whether ``program`` takes a KV cache (its inputs include ``past_key_values.0.key``)."""
     return "past_key_values.0.key" in program.input_names
+
+
+#: Inputs of the LLM-runner layout (the KV cache inside the program; :mod:`peftc.exporting.llm`).
+LLM_RUNNER_INPUTS = ("tokens", "input_pos")
+
+
+def is_llm_runner(program: Program) -> bool:
+    """Whether ``program`` has the LLM-runner layout: ``tokens``, ``input_pos`` in, the cache in its buffers."""
+    return tuple(program.input_names) == LLM_RUNNER_INPUTS
 
 
 @dataclass

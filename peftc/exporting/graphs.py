@@ -5,7 +5,8 @@ A plan is the *capture* stage of the pipeline, in four kinds:
 - :class:`SingleGraph` without a cache: one program of the task (``model.onnx``);
 - :class:`SingleGraph` with ``with_past``: one KV-cache program (:mod:`peftc.exporting.kv`); the
   adapter of a prompt method enters it as a constant cache prefix at capture instead of being
-  bound afterwards, since a decode step carries no prompt;
+  bound afterwards, since a decode step carries no prompt. For a format that keeps the cache in the
+  program (ExecuTorch), the LLM-runner layout instead (:mod:`peftc.exporting.llm`);
 - :class:`EncoderDecoder`: an encoder and a decoder program (:mod:`peftc.exporting.seq2seq`), each
   to bind its own part of the adapter;
 - :class:`~peftc.exporting.multimodal.ImageToText`: BLIP-2's whole forward plus an image graph, an embedding
@@ -100,11 +101,12 @@ def bind(graphs: list[Graph]) -> list[Graph]:
 
 @dataclass
 class SingleGraph:
-    """One program of ``task``: plain, or a KV-cache graph (``with_past``)."""
+    """One program of ``task``: plain, or a KV-cache graph (``with_past``; in the program with ``cache_in_program``)."""
 
     roles: ClassVar[tuple[str | None, ...]] = (None,)
     task: str
     with_past: bool = False
+    cache_in_program: bool = False
 
     def capture(self, model: nn.Module, state: AdapterState) -> list[Graph]:
         from peftc.methods import get_method
@@ -114,6 +116,8 @@ class SingleGraph:
 
         if not self.with_past:
             return [Graph(None, capture(model, self.task, mode="eval"), state)]
+        if self.cache_in_program:
+            return [Graph(None, _llm_runner_program(model, self.task, state), state)]
         if get_method(state).transforms_inputs:  # the adapter is the cache's constant prefix: bound by capture
             transform = with_past(cache_prefix(model, state), state.config.cache_positions)
             program = capture(model, self.task, mode="eval", transform=transform)
@@ -133,8 +137,33 @@ class SingleGraph:
 
         from .kv import WithPastModule
 
+        if self.with_past and self.cache_in_program:
+            raise NotImplementedError("an in-program cache takes no swappable adapters (the format refuses them)")
         names = graph_input_names(model, get_task(self.task))
         return (WithPastModule(model, names) if self.with_past else TaskModule(model, names)).eval()
+
+
+def _llm_runner_program(model: nn.Module, task: str, state: AdapterState) -> Program:
+    """The LLM-runner program of ``model`` (:mod:`peftc.exporting.llm`), its sequence bounded by the cache.
+
+    Raises:
+        ConfigError: a prompt method (its virtual tokens or prefix are not in this layout yet).
+    """
+    from peftc.methods import get_method
+    from peftc.program import capture
+
+    from .llm import default_max_seq_len, llm_runner
+
+    method = get_method(state)
+    if method.transforms_inputs:
+        raise ConfigError(
+            f"{method.label} adapters are not supported in the in-program KV-cache layout yet (their virtual tokens "
+            "would have to enter the static cache); export without --with-past, or with --format onnx --with-past"
+        )
+    max_seq_len = default_max_seq_len(model.config)
+    program = capture(model, task, mode="eval", transform=llm_runner(max_seq_len))
+    program.max_sequence = max_seq_len  # inputs longer than the cache cannot be written into it
+    return program
 
 
 @dataclass
@@ -262,7 +291,9 @@ def plan_kind(task: str) -> type[SingleGraph] | type[EncoderDecoder] | type[Any]
     return EncoderDecoder if task == SEQ2SEQ_TASK else SingleGraph
 
 
-def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = False) -> GraphPlan:
+def graph_plan(
+    task: str, with_past: bool | None, adapters_as_inputs: bool = False, cache_in_program: bool = False
+) -> GraphPlan:
     """The graph plan of an export, refusing what the plan cannot hold.
 
     Args:
@@ -270,6 +301,7 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
         with_past: ``None``: a KV-cache graph for causal LMs and KV-cache decoders for seq2seq LMs (optimum's
             default), none otherwise.
         adapters_as_inputs: a swappable export (one graph whose adapter tensors are inputs).
+        cache_in_program: the format keeps a KV cache inside the program (the LLM-runner layout).
 
     Raises:
         ConfigError: ``with_past`` for a task without a cache; a seq2seq export with adapters as
@@ -288,10 +320,10 @@ def graph_plan(task: str, with_past: bool | None, adapters_as_inputs: bool = Fal
     if plan_kind(task) is UNetGraph and not with_past:
         return UNetGraph(task)
     if with_past is None:
-        return SingleGraph(task, task == "causal-lm")
+        return SingleGraph(task, task == "causal-lm", cache_in_program)
     if with_past and task != "causal-lm":
         raise ConfigError(f"--with-past is for causal-lm models (a KV cache for generation), not {task}; drop it")
-    return SingleGraph(task, bool(with_past))
+    return SingleGraph(task, bool(with_past), cache_in_program)
 
 
 def adapted_program(model: nn.Module, task: str, state: AdapterState, with_past: bool = False) -> Program:

@@ -178,7 +178,9 @@ def export(
         )
     if mixed_batch and len(graphs_kind.roles) > 1:
         raise ConfigError("--mixed-batch is not supported for seq2seq models yet; export each adapter alone")
-    plan = graph_plan(plan_task, requested_with_past(with_past, exporter.cache_by_default), several)
+    plan = graph_plan(
+        plan_task, requested_with_past(with_past, exporter.cache_by_default), several, exporter.cache_in_program
+    )
     mode = select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
     out = Path(out) if out is not None else default_out(srcs[0], format)
     check_output_dir(out, force)  # fail before minutes of work, not after
@@ -213,7 +215,9 @@ def export(
     _memory("mode passes")
 
     recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
-    options = WriteOptions(opset=opset, external_data=external_data)
+    # the largest rank of the sources: formats whose adapter files have one fixed shape pad every adapter to it
+    rank = max((s.rank or 0 for gs in bound for g in gs for s in g.program.sites.values()), default=0)
+    options = WriteOptions(opset=opset, external_data=external_data, adapter_rank=rank or None)
     with atomic_dir(out, force) as tmp:
         # -- exporter
         for g in graphs:

@@ -140,6 +140,7 @@ class _FakeExporter:
     cache_by_default = False
     adapter_files = None
     runtime_config = None
+    cache_in_program = False
 
     def __init__(self, offset: float = 0.0):
         self.offset = offset

@@ -1,0 +1,93 @@
+"""Model building, inputs and helpers shared by the latency benchmarks (export_latency, executorch_latency).
+
+Each benchmark times a merged LoRA GPT-2 export against eager torch: the program is built with
+peftc (capture, LoRA r on ``c_attn`` with B perturbed so it is not the identity, merge) and the
+eager reference is the HF model with the same adapter merged by HF PEFT (``merge_and_unload``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["geomean", "load_line", "merged_lora_gpt2", "ort_session", "token_inputs"]
+
+
+def merged_lora_gpt2(cfg: Any, rank: int, b_scale: float) -> tuple[Any, torch.nn.Module]:
+    """(peftc merged program, HF model with the same adapter merged by HF PEFT) for GPT-2 config ``cfg``."""
+    import peft
+    from peft import set_peft_model_state_dict
+    from peftc.passes import insertion_pipeline, merge_pipeline
+    from transformers import GPT2LMHeadModel
+
+    from peftc.config import LoraConfig
+    from peftc.program import capture
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(cfg).eval()
+    state = base.state_dict()
+    program = capture(base, "causal-lm", mode="eval")
+    insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, tensor in program.adapter.tensors.items():
+            if "lora_B" in key:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * b_scale)
+    adapter = program.adapter.state_dict()
+    merge_pipeline()(program)
+
+    eager = GPT2LMHeadModel(cfg)
+    eager.load_state_dict(state)
+    peft_model = peft.get_peft_model(
+        eager, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    set_peft_model_state_dict(peft_model, adapter)
+    return program, peft_model.merge_and_unload().eval()
+
+
+def token_inputs(
+    eager: torch.nn.Module, batch: int, seq: int, vocab: int, gen: torch.Generator, low: int = 0
+) -> tuple[list[torch.Tensor], dict[str, Any], Callable[[], torch.Tensor]]:
+    """``[input_ids, attention_mask, position_ids]``, the same as ONNX Runtime feeds, and the eager run on them."""
+    ids = torch.randint(low, vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+
+    def run_eager() -> torch.Tensor:
+        with torch.no_grad():
+            return eager(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    return [ids, mask, pos], feeds, run_eager
+
+
+def ort_session(path: Any, threads: int, level: str = "all") -> Any:
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads, sequential, graph optimisation ``level``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    }[level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_line() -> str | None:
+    """``load average before timing: …``: other load on the machine skews absolute figures (ratios less so)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    return f"load average before timing: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+
+
+def geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
