@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from peftc import __version__
+from peftc.config import TASK_NAMES
 from peftc.errors import PeftcError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -360,18 +361,7 @@ class _FormatOption(click.Option):
 @click.option("--model", help="Base model directory (default: from the run, or the adapter's base_model_name_or_path).")
 @click.option(
     "--task",
-    type=click.Choice(
-        [
-            "causal-lm",
-            "seq-cls",
-            "token-cls",
-            "seq2seq",
-            "image-cls",
-            "semantic-segmentation",
-            "image-to-text",
-            "text-to-image",
-        ]
-    ),
+    type=click.Choice(TASK_NAMES),
     help="Task, when neither the adapter config's task_type nor the base's architecture says it.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory (default: SRC/export-FORMAT).")

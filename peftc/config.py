@@ -49,6 +49,10 @@ TASK_TYPES = {
     "text-to-image": None,  # HF PEFT's Stable Diffusion recipe leaves it unset too
 }
 
+#: peftc's task names (``peftc.tasks.TASKS``' keys, here for the command line, which imports no torch): every
+#: task trains and exports.
+TASK_NAMES = tuple(t for t in TASK_TYPES if t != "feature-extraction")
+
 
 def help_field(text: str, **kwargs: Any) -> Any:
     """A dataclass field with its ``help`` text (the CLI's ``--help`` and the README read it)."""

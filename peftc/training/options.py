@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftc.config import TASK_TYPES, MethodConfig, config_from_dict, load_config
+from peftc.config import TASK_NAMES, TASK_TYPES, MethodConfig, config_from_dict, load_config
 from peftc.dataset import DEFAULT_DATA, default_data
 from peftc.errors import ConfigError, DataError
 from peftc.models import PRESETS
@@ -53,16 +53,7 @@ __all__ = [
     "resolve_data",
 ]
 
-TRAINABLE_TASKS = (
-    "causal-lm",
-    "seq-cls",
-    "token-cls",
-    "seq2seq",
-    "image-cls",
-    "semantic-segmentation",
-    "image-to-text",
-    "text-to-image",
-)
+TRAINABLE_TASKS = TASK_NAMES
 
 #: Method-config fields with a ``peftc train`` flag of their own (``--lora-alpha``); a flag given to a
 #: method whose config lacks the field is an error. Every other field: ``--set FIELD=VALUE``.

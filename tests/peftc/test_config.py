@@ -207,3 +207,11 @@ def test_rank_and_alpha_patterns_follow_hf_peft(use_rslora):
         assert cfg.alpha_for(name) == alpha, name
         assert cfg.scale_for(name) == pytest.approx(alpha / math.sqrt(r) if use_rslora else alpha / r)
     assert cfg.rank_for("transformer.h.1.mlp.c_proj") == 2 and cfg.rank_for("transformer.h.0.attn.c_proj") == 4
+
+
+def test_task_names_are_the_task_registry_s():
+    """The command line's --task choices (peftc.config, no torch import) are exactly peftc.tasks.TASKS."""
+    from peftc.config import TASK_NAMES
+    from peftc.tasks import TASKS
+
+    assert set(TASK_NAMES) == set(TASKS) and len(TASK_NAMES) == len(TASKS)
