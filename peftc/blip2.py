@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from peftc.errors import DataError, ModelLoadError
+from peftc.files import json_lines
 from peftc.tasks import TaskModule
 
 __all__ = [
@@ -174,19 +175,7 @@ def read_captions(path: str | Path) -> CaptionData:
     except OSError as e:
         raise DataError(f"cannot read data file {path}: {e.strerror or e}; pass a JSON-lines file") from e
     data = CaptionData(path, [], [])
-    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(obj, dict):
-            raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    for lineno, obj in json_lines(path, raw, lambda n, what: _fail(path, n, what)):
         image, text = obj.get("image"), obj.get("text")
         if not isinstance(image, str) or not image.strip():
             raise _fail(path, lineno, "missing field 'image'" if "image" not in obj else f"bad 'image' {image!r}")

@@ -31,7 +31,6 @@ This module is ``peftc.dataset`` because ``peftc.data`` is the package of shippe
 from __future__ import annotations
 
 import importlib.resources
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from peftc.errors import DataError
+from peftc.files import json_lines
 
 __all__ = [
     "Dataset",
@@ -174,19 +174,7 @@ def read_jsonl(
     words: list[list[str]] = []
     word_lines: list[int] = []  # token-cls: the line of each word label (flattened), for messages
     targets: list[str] = []  # seq2seq
-    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
-        if not line.strip():
-            continue  # blank lines (a trailing newline, a separator) carry no example
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})", task) from e
-        if not isinstance(obj, dict):
-            raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}", task)
+    for lineno, obj in json_lines(path, raw, lambda n, what: _fail(path, n, what, task)):
         if task == "token-cls":
             tokens, labels = _token_example(path, lineno, obj, raw_labels)
             words.append(tokens)

@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from peftc.errors import OutputExistsError, PeftcError
 
-__all__ = ["atomic_dir", "check_output_dir", "current_umask", "read_json", "sha256_file", "write_atomic"]
+__all__ = ["atomic_dir", "check_output_dir", "current_umask", "json_lines", "read_json", "sha256_file", "write_atomic"]
 
 
 def check_output_dir(path: str | Path, force: bool) -> Path:
@@ -100,3 +100,28 @@ def read_json(path: str | Path, what: str = "file", error: type[PeftcError] = Pe
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+
+
+def json_lines(path: Path, raw: bytes, fail: Callable[[int, str], Exception]) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file's bytes ``raw``.
+
+    A line that is not UTF-8 is a :class:`~peftc.errors.DataError` naming its line; a line that is not JSON,
+    or not a JSON object, raises ``fail(lineno, what)`` (the reader's one-line message with its example).
+    Blank lines (a trailing newline, a separator) carry no example and are skipped.
+    """
+    from peftc.errors import DataError
+
+    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise fail(lineno, f"not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise fail(lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj

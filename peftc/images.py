@@ -25,7 +25,6 @@ Images need Pillow (``pip install 'peftc[vision]'``); without it, reading says s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from peftc.errors import DataError
+from peftc.files import json_lines
 from peftc.tasks import IGNORE_INDEX
 
 __all__ = ["IMAGE_SUFFIXES", "ImageData", "ImageEncoded", "encode_images", "mean_iou", "read_images"]
@@ -134,19 +134,7 @@ def read_images(
     masks: list[Path] = []
     raw_labels: list[Any] = []
     lines: list[int] = []
-    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})", task) from e
-        if not isinstance(obj, dict):
-            raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}", task)
+    for lineno, obj in json_lines(path, raw, lambda n, what: _fail(path, n, what, task)):
         image = _image_path(path, lineno, obj, "image", task)
         size = _check_image(path, lineno, image, Image)
         if task == "image-cls":
