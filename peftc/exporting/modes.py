@@ -270,13 +270,13 @@ class SwappableAdapters:
                 )
             if state.config.peft_type != method:
                 raise ConfigError(
-                    f"{s} is a {state.config.peft_type} adapter but {srcs[0]} is {method}; one swappable model "
-                    "takes adapters of one method"
+                    f"{s} is a {state.config.peft_type} adapter but {srcs[0]} is {method}; one model serving "
+                    "several adapters takes adapters of one method"
                 )
             if same_base(source.base) != same_base(first.base):
                 raise ConfigError(
-                    f"{s} was made for base {source.base!r} but {srcs[0]} for {first.base!r}; swappable adapters "
-                    "share one base model (export them separately, or pass --model if both bases are the same)"
+                    f"{s} was made for base {source.base!r} but {srcs[0]} for {first.base!r}; the adapters of one "
+                    "model share one base model (export them separately, or pass --model if both bases are the same)"
                 )
             if source.task != first.task:
                 raise ConfigError(
