@@ -203,9 +203,9 @@ def test_quality_gate_fails_the_cli_export_in_one_line_and_writes_nothing(traine
     assert not out.exists()
 
 
-@pytest.mark.slow  # ~25 s: two graphs
+@pytest.mark.slow  # ~25 s: three graphs
 def test_seq2seq_int8_quantizes_encoder_and_decoder(tmp_path):
-    """T5: both files quantized; the encoder's hidden states get a max abs diff, the decoder's logits all figures."""
+    """T5: the three files quantized; the encoder's hidden states get a max abs diff, the decoders get every figure."""
     from conftest import tiny_t5
     from peft import LoraConfig, get_peft_model
     from transformers import T5ForConditionalGeneration
@@ -226,13 +226,15 @@ def test_seq2seq_int8_quantizes_encoder_and_decoder(tmp_path):
         tmp_path / "adapter", model=tmp_path / "base", out=tmp_path / "art", quantize="int8", quantize_min_top1=0.5,
         quantize_max_kl=1.0,
     )  # fmt: skip
-    for f in ("encoder_model.onnx", "decoder_model.onnx"):
+    files = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")  # the KV-cache default
+    for f in files:
         assert _float_weight_ops(out / f) == [] and "MatMulInteger" in _ops(out / f)
     q = json.loads((out / "report.json").read_text())["quantization"]
-    encoder, decoder = q["comparisons"]
-    assert encoder["candidate"] == "encoder_model.onnx" and encoder["top1_agreement"] is None
-    assert 0 < encoder["max_abs_diff"] < 1
-    assert decoder["candidate"] == "decoder_model.onnx" and decoder["rows"] > 0 and decoder["top1_agreement"] > 0.5
+    encoder, *decoders = q["comparisons"]
+    assert [c["candidate"] for c in q["comparisons"]] == list(files)
+    assert encoder["top1_agreement"] is None and 0 < encoder["max_abs_diff"] < 1
+    for decoder in decoders:  # the first step and the steps on the cache: next-token figures
+        assert decoder["rows"] > 0 and decoder["top1_agreement"] > 0.5, decoder
 
 
 @pytest.mark.slow  # ~12 s: a two-adapter export
