@@ -1,4 +1,5 @@
-"""Model building, inputs and helpers shared by the latency benchmarks (export_latency, executorch_latency).
+"""Model building, inputs and helpers shared by the latency benchmarks (export_latency, executorch_latency,
+swap_latency, mixed_batch).
 
 Each benchmark times a merged LoRA GPT-2 export against eager torch: the program is built with
 peftc (capture, LoRA r on ``c_attn`` with B perturbed so it is not the identity, merge) and the
@@ -91,3 +92,24 @@ def load_line() -> str | None:
 
 def geomean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def lora_program(model: torch.nn.Module, rank: int, seed: int, past: bool = False) -> Any:
+    """An eval program of a GPT-2 ``model`` (a KV-cache graph with ``past``) with a non-identity LoRA on c_attn.
+
+    LoRA r=``rank``, alpha 2·rank; every B drawn from N(0, 0.02²) with ``seed`` so the adapter is not the identity.
+    """
+    from peftc.passes import insertion_pipeline
+
+    from peftc.config import LoraConfig
+    from peftc.exporting.kv import with_past
+    from peftc.program import capture
+
+    program = capture(model, "causal-lm", mode="eval", transform=with_past() if past else None)
+    insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in program.adapter.tensors.items():
+            if "lora_B" in key:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
+    return program

@@ -35,25 +35,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from _common import lora_program  # bench/ is on sys.path (the script's folder)
 from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
-
-
-def _program(model, rank: int, seed: int, past: bool = False):
-    """An eval program of ``model`` (a KV-cache graph with ``past``) with a non-identity LoRA adapter on c_attn."""
-    from peftc.passes import insertion_pipeline
-
-    from peftc.config import LoraConfig
-    from peftc.exporting.kv import with_past
-    from peftc.program import capture
-
-    program = capture(model, "causal-lm", mode="eval", transform=with_past() if past else None)
-    insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in program.adapter.tensors.items():
-            if "lora_B" in key:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
-    return program
 
 
 def main() -> None:
@@ -98,7 +81,7 @@ def main() -> None:
     kv = args.past > 0
     tmp = Path(tempfile.mkdtemp(prefix="peftc-mixed-bench-"))
     tick = time.perf_counter()
-    program = _program(model, args.rank, 1, kv)
+    program = lora_program(model, args.rank, 1, kv)
     states = [program.adapter]
     for i in range(1, n):  # the other adapters: the same targets, other tensors
         gen = torch.Generator().manual_seed(100 + i)
@@ -106,12 +89,12 @@ def main() -> None:
         states.append(SimpleNamespace(tensors=tensors, config=states[0].config))
     files = [{k: v.float().numpy() for k, v in lifted_tensors(program, st).items()} for st in states]
 
-    mixed_program = _program(model, args.rank, 1, kv)
+    mixed_program = lora_program(model, args.rank, 1, kv)
     MixedBatchPass(states)(mixed_program)
     mixed_path = tmp / "mixed.onnx"
     export_program_onnx(mixed_program, mixed_path, external_data=True)
 
-    swap_program = _program(model, args.rank, 1, kv)
+    swap_program = lora_program(model, args.rank, 1, kv)
     LiftAdaptersToInputsPass()(swap_program)
     defaults = {
         k: np.zeros((0, v.shape[1]) if k.endswith("lora_A") else (v.shape[0], 0), np.float32)

@@ -33,24 +33,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from _common import lora_program  # bench/ is on sys.path (the script's folder)
 from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
-
-
-def _program(model, rank: int, seed: int):
-    """An eval program of ``model`` with a non-identity LoRA adapter (r=rank on c_attn)."""
-    from peftc.passes import insertion_pipeline
-
-    from peftc.config import LoraConfig
-    from peftc.program import capture
-
-    program = capture(model, "causal-lm", mode="eval")
-    insertion_pipeline(LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM"))(program)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in program.adapter.tensors.items():
-            if "lora_B" in key:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
-    return program
 
 
 def main() -> None:
@@ -85,13 +69,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="peftc-swap-bench-"))
     tick = time.perf_counter()
-    program = _program(model, args.rank, 1)
+    program = lora_program(model, args.rank, 1)
     gen = torch.Generator().manual_seed(2)  # a second adapter for the same targets: other tensors
     second = SimpleNamespace(
         tensors={k: v.detach() + torch.randn(v.shape, generator=gen) * 0.02 for k, v in program.adapter.tensors.items()}
     )
     adapters = [{k: v.float().numpy() for k, v in lifted_tensors(program, st).items()} for st in (None, second)]
-    swap_program = _program(model, args.rank, 1)
+    swap_program = lora_program(model, args.rank, 1)
     LiftAdaptersToInputsPass()(swap_program)
     merge_pipeline()(program)
     merged_path = tmp / "merged.onnx"
