@@ -16,6 +16,8 @@ Configurations (each peftc one beside its HF PEFT counterpart, measured in the s
 * ``--gradient-checkpointing``: peftc's per-block recompute, and HF's ``gradient_checkpointing_enable()``;
 * ``--precision bf16``: the base stored in bfloat16 and run under bf16 autocast, the adapter float32,
   for both (HF PEFT: ``autocast_adapter_dtype=True``, its default);
+* ``--unfused-head``: peftc with the LM head outside the loss (the logits held whole, as HF PEFT holds
+  them): what :mod:`peftc.training.head_loss` saves;
 * ``--nproc N``: peftc under ``torch.distributed.run`` with N processes (gloo on CPU, NCCL on CUDA),
   the same global batch split N ways, ``--threads / N`` threads each: the data-parallel scaling.
 
@@ -119,7 +121,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
         from peftc.config import LoraConfig
         from peftc.program import capture
-        from peftc.training.loop import compile_module
+        from peftc.training.loop import training_loss
         from peftc.training.precision import adapter_to_float32
 
         prog = capture(model, "causal-lm", mode="train")
@@ -128,17 +130,8 @@ def _worker(args: argparse.Namespace) -> dict:
         prog.graph_module.to(device)
         params = prog.parameters(trainable=True)
         adapter_to_float32(params)
-        module = prog.graph_module
-        if args.gradient_checkpointing:
-            from peftc.training.checkpointing import checkpoint_blocks
-
-            module, _ = checkpoint_blocks(module)
-        if args.compile:
-            module = compile_module(module, device)
-        names = prog.input_names
-
-        def forward():
-            return module(*(batch[n] for n in names))
+        loss_of = training_loss(prog, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                                fuse_head=not args.unfused_head)  # fmt: skip
     else:
         import peft
 
@@ -154,15 +147,15 @@ def _worker(args: argparse.Namespace) -> dict:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
         call = torch.compile(pm) if args.compile else pm
 
-        def forward():
-            return call(**inputs, use_cache=False).logits
+        def loss_of(batch):
+            return task.loss(call(**inputs, use_cache=False).logits, batch)
 
     setup_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> float:
         with amp.autocast():
-            loss = task.loss(forward(), batch)
+            loss = loss_of(batch)
         loss.backward()
         dist.all_reduce_grads(params)
         opt.step()
@@ -231,6 +224,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of both")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="also measure activation recompute")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: also measure bf16")
+    parser.add_argument(
+        "--unfused-head",
+        action="store_true",
+        help="also measure peftc with its LM head outside the loss (what the fused head saves)",
+    )
     parser.add_argument("--nproc", type=int, default=1, help="N > 1: also measure peftc data parallel on N processes")
     parser.add_argument("--worker", choices=["peftc", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,6 +248,8 @@ def main() -> None:
             variants.append(("compiled bf16", ["--precision", "bf16", "--compile"]))
     for label, extra in variants:
         plan += [("peft", label, extra, 1), ("peftc", label, extra, 1)]
+    if args.unfused_head:
+        plan.append(("peftc", "unfused-head fp32", ["--unfused-head"], 1))
     if args.nproc > 1:
         plan.append(("peftc", f"DDP x{args.nproc} fp32", [], args.nproc))
     best: dict[tuple[str, str], dict] = {}
@@ -267,7 +267,7 @@ def main() -> None:
     print(f"{'configuration':18} {'impl':6} {'setup s':>8} {'warmup s':>9} {'tokens/s':>9} {'vs peft':>8} "
           f"{'train peak MiB':>15} {'vs peft':>8} {'loss first->last':>18}")  # fmt: skip
     for (impl, label), r in best.items():
-        ref = best.get(("peft", label), best[("peft", "eager fp32")])
+        ref = best.get(("peft", label), best[("peft", "eager fp32")])  # unfused head, DDP: vs HF PEFT eager
         speed = r["tokens_per_s"] / ref["tokens_per_s"]
         mem = r["train_peak_mb"] / ref["train_peak_mb"] if r["train_peak_mb"] and ref["train_peak_mb"] else math.nan
         peak = f"{r['train_peak_mb']:.0f}" if r["train_peak_mb"] is not None else "n/a"

@@ -48,18 +48,24 @@ class TaskSpec:
         """Logits ``[batch, sequence, classes]``: the head reads every position's hidden state, not a pooled one."""
         return self.name in _PER_TOKEN
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def scored(self, values: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position tasks: the rows of ``values`` ``[batch, sequence, …]`` that a label scores, and those labels.
+
+        Next-token tasks score position t against label t+1; per-token tasks position t against label t;
+        labels -100 (padding, prompts, ignored sub-words) score nothing. Returns ``([n, …], [n])``.
+        """
+        labels = batch["labels"]
         if self.name in _NEXT_TOKEN:
-            labels = batch["labels"]
-            if logits.size(1) > labels.size(1):  # virtual tokens prepended (prompt methods): HF PEFT labels them -100
-                labels = F.pad(labels, (logits.size(1) - labels.size(1), 0), value=-100)
-            return F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        if self.name in _PER_TOKEN:  # one label per position, -100 on padding and ignored sub-words
-            return F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), batch["labels"].reshape(-1), ignore_index=-100
-            )
+            if values.size(1) > labels.size(1):  # virtual tokens prepended (prompt methods): HF PEFT labels them -100
+                labels = F.pad(labels, (values.size(1) - labels.size(1), 0), value=-100)
+            values, labels = values[:, :-1], labels[:, 1:]
+        keep = labels != -100
+        return values[keep], labels[keep]
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.name in _NEXT_TOKEN or self.name in _PER_TOKEN:
+            scored, labels = self.scored(logits, batch)
+            return F.cross_entropy(scored.float(), labels)
         if self.name == "semantic-segmentation":  # as transformers computes it: logits upsampled to the mask
             labels = batch["labels"]
             upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)

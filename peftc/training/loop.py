@@ -300,7 +300,7 @@ def _optimizer(cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -
 
 
 def _step_loss(
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     task_spec: TaskSpec,
     micro: list[dict[str, torch.Tensor]],
     regularization: Callable[[], torch.Tensor | float],
@@ -323,7 +323,7 @@ def _step_loss(
         if count == 0:
             continue
         with amp.autocast() if amp is not None else contextlib.nullcontext():
-            loss = task_spec.loss(forward(batch), batch) + regularization()
+            loss = loss_of(batch) + regularization()
         weight = count / total
         scaled = loss * weight
         (amp.scale(scaled) if amp is not None else scaled).backward()
@@ -378,18 +378,47 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device | None) -> dict[str
 
 
 def _step_module(cfg: TrainConfig, program: Program) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """What a training step calls on a batch: the train program, block-checkpointed and/or compiled as asked."""
+    """What a training step calls on a batch for its loss (:func:`training_loss` with the run's options)."""
+    return training_loss(program, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile,
+                         model_name=cfg.model)  # fmt: skip
+
+
+def training_loss(
+    program: Program,
+    *,
+    gradient_checkpointing: bool = False,
+    compile: bool = False,
+    fuse_head: bool = True,
+    model_name: str = "the model",
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``batch -> loss`` of a train-mode program: what a training step differentiates.
+
+    Args:
+        program: the captured training program, adapter inserted.
+        gradient_checkpointing: recompute each transformer block in the backward
+            (:mod:`peftc.training.checkpointing`).
+        compile: ``torch.compile`` the program (Inductor, whole graph: :func:`compile_module`).
+        fuse_head: a language model's head computed inside its cross-entropy, chunk by chunk, so that the
+            logits are never held whole (:mod:`peftc.training.head_loss`); the loss is the same. Off only
+            to measure what it saves.
+        model_name: named in the notice when checkpointing finds no blocks.
+    """
+    from peftc.training.head_loss import split_head
+
     module: Any = program.graph_module
-    if cfg.gradient_checkpointing:
+    loss: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = program.task.loss
+    if fuse_head and (fused := split_head(module, program.task)) is not None:
+        module, loss = fused
+    if gradient_checkpointing:
         from peftc.training.checkpointing import checkpoint_blocks
 
         module, blocks = checkpoint_blocks(module)
         if not blocks:
-            _notice("--gradient-checkpointing: no transformer blocks (modules named like layers.N) in %s", cfg.model)
-    if cfg.compile:
+            _notice("--gradient-checkpointing: no transformer blocks (modules named like layers.N) in %s", model_name)
+    if compile:
         module = compile_module(module, next(iter(program.graph_module.parameters())).device)
     names = program.input_names
-    return lambda batch: module(*(batch[name] for name in names))
+    return lambda batch: loss(module(*(batch[name] for name in names)), batch)
 
 
 def compile_module(module: torch.nn.Module, device: torch.device) -> Any:
@@ -597,7 +626,7 @@ def _train(
 
     s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt, device)
     amp = precision(cfg.precision, device)
-    forward = _step_module(cfg, s.train_prog)
+    loss_of = _step_module(cfg, s.train_prog)
     opt = _optimizer(cfg, s.params)
     global_batch = cfg.batch_size * dist.world_size  # one micro-batch of every rank
     n_batches = math.ceil(len(s.train_enc) / global_batch)
@@ -680,7 +709,7 @@ def _train(
                 group = batches[batch_pos : batch_pos + cfg.grad_accum]
                 shards = [dist.shard(idx, cfg.batch_size) for idx in group]
                 micro = [_to(collate(s.train_enc, idx, s.train_prog.input_names), device) for idx in shards if idx]
-                loss = _step_loss(forward, task_spec, micro, hooks.regularization, amp, dist, device)
+                loss = _step_loss(loss_of, task_spec, micro, hooks.regularization, amp, dist, device)
                 dist.all_reduce_grads(params)
                 tokens = count_tokens(micro)
                 if dist.enabled:  # the step's loss and tokens over all ranks; every rank stops at the same step

@@ -348,7 +348,7 @@ def test_rank_shards_sum_to_the_one_process_gradient(gpt2_dir, lm_data):
     enc = encode(read_jsonl(lm_data, "causal-lm"), loaded.tokenizer, "causal-lm", 64, None)
     params = prog.parameters(trainable=True)
     names = prog.input_names
-    forward = prog.forward_batch
+    loss_of = lambda batch: prog.task.loss(prog.forward_batch(batch), batch)  # noqa: E731
 
     class _Rank(Distributed):
         total = 0
@@ -360,7 +360,7 @@ def test_rank_shards_sum_to_the_one_process_gradient(gpt2_dir, lm_data):
         micro = [collate(enc, idx, names) for idx in group]
         for p in params:
             p.grad = None
-        one = _step_loss(forward, prog.task, micro, lambda: 0.0)
+        one = _step_loss(loss_of, prog.task, micro, lambda: 0.0)
         want = [p.grad.clone() for p in params]
         _Rank.total = sum(count_targets(b, "causal-lm") for b in micro)
 
@@ -370,7 +370,7 @@ def test_rank_shards_sum_to_the_one_process_gradient(gpt2_dir, lm_data):
             shards = [dist.shard(idx, 3) for idx in group]
             for p in params:
                 p.grad = None
-            value += _step_loss(forward, prog.task, [collate(enc, s, names) for s in shards if s], lambda: 0.0,
+            value += _step_loss(loss_of, prog.task, [collate(enc, s, names) for s in shards if s], lambda: 0.0,
                                 dist=dist)  # fmt: skip
             for g, p in zip(got, params, strict=True):
                 g += p.grad if p.grad is not None else 0
