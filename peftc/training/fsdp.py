@@ -134,12 +134,15 @@ class Sharded(nn.Module):
     Attributes:
         blocks: how many transformer blocks are FSDP units of their own.
         moved: how many frozen parameters the blocks own.
+        summary: what ``run.json`` records: ``world_size``, ``blocks``, ``frozen_elements`` (the whole base),
+            ``frozen_elements_this_rank`` (this process's shards), ``adapter_tensors`` (replicated).
     """
 
     def __init__(self, train: fx.GraphModule, eval: fx.GraphModule, mode: _Mode) -> None:  # noqa: A002
         super().__init__()
         self.train_root, self.eval_root, self._mode = train, eval, mode
         self.blocks, self.moved = 0, 0
+        self.summary: dict[str, int] = {}
 
     def forward(self, *args: Any) -> Any:
         return (self.eval_root if self._mode.name == "eval" else self.train_root)(*args)
@@ -205,16 +208,18 @@ def shard_programs(
     fully_shard(sharded, ignored_params=set(trainable.values()))
     sharded.blocks = len(train_blocks)
     sharded.moved = moved
+    from torch.distributed.tensor import DTensor
+
+    local = {id(p): p.to_local().numel() for p in sharded.parameters() if isinstance(p, DTensor)}
+    sharded.summary = {
+        "world_size": torch.distributed.get_world_size(),
+        "blocks": len(train_blocks),
+        "frozen_elements": sum(n for _, n in full.values()),
+        "frozen_elements_this_rank": sum(local.values()),
+        "adapter_tensors": len(trainable),
+    }
     if release:
         for p in frozen.values():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    logger.info(
-        "fsdp: %d blocks and the root sharded over %d processes (%d frozen tensors, %d elements); %d adapter "
-        "tensors replicated",
-        len(train_blocks),
-        torch.distributed.get_world_size(),
-        len(full),
-        sum(n for _, n in full.values()),
-        len(trainable),
-    )
+    logger.info("fsdp: %s", sharded.summary)
     return sharded

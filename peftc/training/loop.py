@@ -379,11 +379,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device | None) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _step_module(
-    cfg: TrainConfig, s: _Setup, dist: Distributed
-) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], Callable[[dict[str, torch.Tensor]], torch.Tensor] | None]:
-    """What a training step calls on a batch (the train program, block-checkpointed and/or compiled as asked),
-    and what evaluation calls instead of the eval program (``--fsdp``: both programs over the sharded base)."""
+def _step_module(cfg: TrainConfig, s: _Setup, dist: Distributed) -> tuple[Any, Any, dict[str, int] | None]:
+    """What a training step calls on a batch (the train program, block-checkpointed and/or compiled as asked);
+    under ``--fsdp`` also what evaluation calls instead of the eval program (both programs over the sharded base)
+    and the sharding's summary for ``run.json``."""
     program = s.train_prog
     names = program.input_names
     if cfg.fsdp:
@@ -399,7 +398,7 @@ def _step_module(
             with sharded.evaluating():
                 return sharded(*(batch[name] for name in names))
 
-        return lambda batch: sharded(*(batch[name] for name in names)), evaluate_sharded
+        return lambda batch: sharded(*(batch[name] for name in names)), evaluate_sharded, sharded.summary
     module: Any = program.graph_module
     if cfg.gradient_checkpointing:
         from peftc.training.checkpointing import checkpoint_blocks
@@ -409,7 +408,7 @@ def _step_module(
             _notice("--gradient-checkpointing: no transformer blocks (modules named like layers.N) in %s", cfg.model)
     if cfg.compile:
         module = compile_module(module, next(iter(program.graph_module.parameters())).device)
-    return lambda batch: module(*(batch[name] for name in names)), None
+    return lambda batch: module(*(batch[name] for name in names)), None, None
 
 
 def compile_module(module: torch.nn.Module, device: torch.device) -> Any:
@@ -623,7 +622,7 @@ def _train(
     s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt, device)
     amp = precision(cfg.precision, device)
     counts = s.train_prog.parameter_counts()  # before --fsdp shards the base
-    forward, eval_forward = _step_module(cfg, s, dist)
+    forward, eval_forward, sharding = _step_module(cfg, s, dist)
     opt = _optimizer(cfg, s.params)
     global_batch = cfg.batch_size * dist.world_size  # one micro-batch of every rank
     n_batches = math.ceil(len(s.train_enc) / global_batch)
@@ -799,6 +798,8 @@ def _train(
         "seconds": round(seconds, 2),
         "resumed_from": resumed_from,
     }
+    if sharding is not None:
+        run["fsdp"] = sharding  # rank 0's shard: the others hold the same share, give or take padding
     if s.id2label:
         run["id2label"] = {str(k): v for k, v in s.id2label.items()}
     writer.write_run(run)
