@@ -10,9 +10,15 @@ with ``--fsdp``. Each rank reports from its own ``/proc/self/status``:
 * ``after_setup``: RSS once the step module is ready (``--fsdp``: the full tensors already released);
 * ``train_peak``: peak RSS over the training steps and evaluations (``VmHWM`` reset after setup through
   ``/proc/self/clear_refs``);
-* ``weights_mib``: the float32 base's size, for scale.
+* ``end``: RSS after the last step (every weight has been read by then: a plain run's mapped weight
+  files count in full, an ``--fsdp`` run's shards in half).
 
-The last line is ``fsdp_train_peak_rss_ratio_vs_ddp=<mean fsdp train_peak / mean ddp train_peak>``.
+Plain runs read the weights through transformers' memory-mapped safetensors (file-backed pages, touched as
+the steps read them); ``--fsdp`` copies each process's shards into its own memory and releases the mapped
+tensors. Without ``--eval`` there is no evaluation (with it, every ``--fsdp`` process evaluates, while a
+plain run's rank 0 alone does).
+
+The last lines are ``fsdp_end_rss_ratio_vs_ddp=`` and ``fsdp_train_peak_rss_ratio_vs_ddp=`` (means over the ranks).
 
     python bench/fsdp_memory.py                          # 8 layers x 512 (about 160 MiB of weights)
     python bench/fsdp_memory.py --layers 12 --hidden 768  # GPT-2-124M's shape
@@ -62,6 +68,7 @@ def _child(out: str, argv: list[str]) -> None:
         main(argv)
     finally:
         figures["train_peak"] = _status("VmHWM")
+        figures["end"] = _status("VmRSS")
         rank = os.environ.get("RANK", "0")
         Path(out, f"rank{rank}.json").write_text(json.dumps(figures))
 
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4, help="per process")
+    parser.add_argument("--eval", action="store_true", help="evaluate too (the training data, after each epoch)")
     parser.add_argument("--dir", help="where to write the base and the runs (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -106,10 +114,11 @@ def main() -> None:
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         out = root / f"mem-{name}"
         out.mkdir(exist_ok=True)
-        train = ["train", "--model", str(root / "base"), "--data", str(root / "train.jsonl"), "--eval-data",
-                 str(root / "train.jsonl"), "--max-steps", str(args.steps), "--batch-size", str(args.batch),
-                 "--target-modules", "c_attn", "--no-progress", "--force", "--out", str(root / f"run-{name}"),
-                 *extra]  # fmt: skip
+        train = ["train", "--model", str(root / "base"), "--data", str(root / "train.jsonl"), "--max-steps",
+                 str(args.steps), "--batch-size", str(args.batch), "--target-modules", "c_attn", "--no-progress",
+                 "--force", "--out", str(root / f"run-{name}"), *extra]  # fmt: skip
+        if args.eval:
+            train += ["--eval-data", str(root / "train.jsonl")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
                "--child", str(out), "--", *train]  # fmt: skip
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -118,8 +127,9 @@ def main() -> None:
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         for r, fig in enumerate(ranks):
             print(f"{name} rank {r}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in fig.items()))
-        peaks[name] = sum(f["train_peak"] for f in ranks) / 2
-    print(f"fsdp_train_peak_rss_ratio_vs_ddp={peaks['fsdp'] / peaks['ddp']:.3f}")
+        peaks[name] = sum(f["train_peak"] for f in ranks) / 2, sum(f["end"] for f in ranks) / 2
+    print(f"fsdp_end_rss_ratio_vs_ddp={peaks['fsdp'][1] / peaks['ddp'][1]:.3f}")
+    print(f"fsdp_train_peak_rss_ratio_vs_ddp={peaks['fsdp'][0] / peaks['ddp'][0]:.3f}")
 
 
 if __name__ == "__main__":
