@@ -441,17 +441,21 @@ def gloo_world_of_one():
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_sharded_programs_give_the_unsharded_outputs_and_gradients(gloo_world_of_one, checkpointing):
+@pytest.mark.parametrize(
+    ("family", "task", "checkpointing"),
+    [("gpt2", "causal-lm", False), ("llama", "causal-lm", True), ("bert", "seq-cls", True)],
+    ids=["gpt2", "llama-checkpointed", "bert-checkpointed"],
+)
+def test_sharded_programs_give_the_unsharded_outputs_and_gradients(gloo_world_of_one, family, task, checkpointing):
     from peftc.passes import insertion_pipeline
     from torch.distributed.tensor import DTensor
 
     from peftc.program import capture
     from peftc.training.fsdp import shard_programs
 
-    model = _root_conftest().tiny_gpt2().train()
-    prog = _lora_program(model, "causal-lm")
-    ev = capture(model, "causal-lm", mode="eval")
+    model = getattr(_root_conftest(), f"tiny_{family}")().train()  # dropout in the base: same masks, same seed
+    prog = _lora_program(model, task)
+    ev = capture(model, task, mode="eval")
     insertion_pipeline(prog.adapter.config, prog.adapter)(ev)
     params = prog.parameters(trainable=True)
     frozen = prog.parameters(trainable=False)
