@@ -120,9 +120,9 @@ class _Mode:
 class _Block(nn.Module):
     """One transformer block of both captures (sharing its parameters): one FSDP unit for training and eval."""
 
-    def __init__(self, train: nn.Module, eval: nn.Module, mode: _Mode) -> None:  # noqa: A002
+    def __init__(self, train: nn.Module, evaluation: nn.Module, mode: _Mode) -> None:
         super().__init__()
-        self.train_block, self.eval_block, self._mode = train, eval, mode
+        self.train_block, self.eval_block, self._mode = train, evaluation, mode
 
     def forward(self, *args: Any) -> Any:
         return (self.eval_block if self._mode.name == "eval" else self.train_block)(*args)
@@ -138,9 +138,9 @@ class Sharded(nn.Module):
             ``frozen_elements_this_rank`` (this process's shards), ``adapter_tensors`` (replicated).
     """
 
-    def __init__(self, train: fx.GraphModule, eval: fx.GraphModule, mode: _Mode) -> None:  # noqa: A002
+    def __init__(self, train: fx.GraphModule, evaluation: fx.GraphModule, mode: _Mode) -> None:
         super().__init__()
-        self.train_root, self.eval_root, self._mode = train, eval, mode
+        self.train_root, self.eval_root, self._mode = train, evaluation, mode
         self.blocks, self.moved = 0, 0
         self.summary: dict[str, int] = {}
 
@@ -158,13 +158,13 @@ class Sharded(nn.Module):
 
 
 def shard_programs(
-    train: fx.GraphModule, eval: fx.GraphModule, gradient_checkpointing: bool = False, release: bool = True
-) -> Sharded:  # noqa: A002
+    train: fx.GraphModule, evaluation: fx.GraphModule, gradient_checkpointing: bool = False, release: bool = True
+) -> Sharded:
     """The train and eval captures (same base, same adapter tensors) split per block and sharded with FSDP2.
 
     Args:
         train: the train-mode capture with the adapter inserted.
-        eval: the eval-mode capture bound to the same adapter (its tensors are the same objects).
+        evaluation: the eval-mode capture bound to the same adapter (its tensors are the same objects).
         gradient_checkpointing: run the train program's blocks under ``torch.utils.checkpoint``.
         release: empty the storage of the full frozen tensors once sharded (anything else holding them,
             the eager model included, can no longer run).
@@ -176,12 +176,12 @@ def shard_programs(
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ConfigError("--fsdp shards over the processes of a launcher: run under torchrun or accelerate launch")
-    trainable = {id(p): p for p in [*train.parameters(), *eval.parameters()] if p.requires_grad}
-    frozen = {id(p): p for p in [*train.parameters(), *eval.parameters()] if not p.requires_grad}
+    trainable = {id(p): p for p in [*train.parameters(), *evaluation.parameters()] if p.requires_grad}
+    frozen = {id(p): p for p in [*train.parameters(), *evaluation.parameters()] if not p.requires_grad}
     full = {k: (p.shape, p.numel()) for k, p in frozen.items()}
     mode = _Mode()
     splits, moved = [], 0
-    for gm in (train, eval):
+    for gm in (train, evaluation):
         split, blocks = split_blocks(gm)
         if not blocks:
             raise ConfigError(
@@ -191,17 +191,16 @@ def shard_programs(
         moved += own_frozen_params(split, blocks)
         splits.append((split, blocks))
     (train_split, train_blocks), (eval_split, eval_blocks) = splits
-    by_name = {name: target for target, name in eval_blocks.items()}
-    if sorted(train_blocks.values()) != sorted(by_name):
+    if list(train_blocks.values()) != list(eval_blocks.values()):  # segments in graph order, paired by position
         raise ConfigError(
-            f"--fsdp: the train and eval captures split into different blocks ({sorted(train_blocks.values())} "
-            f"vs {sorted(by_name)})"
+            f"--fsdp: the train and eval captures split into different blocks ({list(train_blocks.values())} "
+            f"vs {list(eval_blocks.values())})"
         )
     sharded = Sharded(train_split, eval_split, mode)
-    for target, name in train_blocks.items():
-        block = _Block(train_split.get_submodule(target), eval_split.get_submodule(by_name[name]), mode)
+    for target, eval_target in zip(train_blocks, eval_blocks, strict=True):
+        block = _Block(train_split.get_submodule(target), eval_split.get_submodule(eval_target), mode)
         setattr(train_split, target, block)  # both roots call the same unit
-        setattr(eval_split, by_name[name], block)
+        setattr(eval_split, eval_target, block)
         fully_shard(block, ignored_params=set(trainable.values()))
     if gradient_checkpointing:
         checkpoint_calls(train_split, train_blocks)
