@@ -16,7 +16,8 @@ Scale lives in modules of its own: the device and data parallelism in
 :mod:`~peftc.training.distributed` (the loop asks it for this rank's slice of each global micro-batch and
 to sum the gradients), mixed precision in :mod:`~peftc.training.precision` (the forward runs under its
 autocast, the backward on its scaled loss), gradient checkpointing in
-:mod:`~peftc.training.checkpointing`; ``--compile`` wraps whichever module the step calls in
+:mod:`~peftc.training.checkpointing`, ``--fsdp`` (the frozen base sharded per block; evaluation then runs on
+every rank) in :mod:`~peftc.training.fsdp`; ``--compile`` wraps whichever module the step calls in
 ``torch.compile``.
 """
 
