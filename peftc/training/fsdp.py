@@ -133,7 +133,7 @@ class Sharded(nn.Module):
 
     Attributes:
         blocks: how many transformer blocks are FSDP units of their own.
-        moved: how many frozen parameters the blocks own.
+        moved: how many frozen-parameter reads moved into the blocks, over both captures (each weight twice).
         summary: what ``run.json`` records: ``world_size``, ``blocks``, ``frozen_elements`` (the whole base),
             ``frozen_elements_this_rank`` (this process's shards), ``adapter_tensors`` (replicated).
     """
