@@ -22,7 +22,9 @@ The package's modules, each with one job:
 * :mod:`~peftc.training.precision`: ``--precision`` / ``--base-dtype`` (autocast for the frozen base,
   float32 adapter and optimizer state, a loss scaler for fp16);
 * :mod:`~peftc.training.checkpointing`: ``--gradient-checkpointing``, per transformer block of the captured
-  graph.
+  graph;
+* :mod:`~peftc.training.fsdp`: ``--fsdp``, the frozen base sharded per transformer block with FSDP2 (the
+  blocks of that split own their weights; the adapter stays replicated).
 
 SIGTERM stops a run at the next step boundary after a checkpoint (:class:`~peftc.errors.TrainingStopped`).
 """

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 
 import torch
 from torch import fx
 
-__all__ = ["block_of", "checkpoint_blocks"]
+__all__ = ["block_of", "checkpoint_blocks", "checkpoint_calls", "split_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +39,22 @@ def block_of(node: fx.Node) -> str | None:
     return None
 
 
-def checkpoint_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A module computing what ``gm`` computes, each transformer block under activation checkpointing.
+def split_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``gm`` cut into consecutive segments by the transformer block that owns each node.
 
     Args:
-        gm: a captured (train-mode) graph module; its parameters are shared, not copied.
+        gm: a captured graph module; its parameters are shared, not copied.
 
     Returns:
-        ``(module, blocks)``: the split module and how many block segments it checkpoints (0: ``gm``
-        itself, unchanged, when no node belongs to an indexed block).
+        ``(split, blocks)``: the split module (a root calling ``submod_N`` in order) and, for each submodule
+        that is a transformer block, its name in ``split`` -> the block's module name
+        (``submod_1`` -> ``model.transformer.h.0``). ``(gm, {})``, unchanged, when no node belongs
+        to an indexed block.
     """
     from torch.fx.passes.split_module import split_module
 
     partition: dict[str, int] = {}
-    blocks: set[int] = set()
+    names: dict[int, str] = {}
     current: tuple[str | None] | None = None
     index = -1
     for node in gm.graph.nodes:
@@ -61,16 +64,21 @@ def checkpoint_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         if key != current:
             index, current = index + 1, key
             if key[0] is not None:
-                blocks.add(index)
+                names[index] = key[0]
         partition[node.name] = index
-    if not blocks:
-        return gm, 0
+    if not names:
+        return gm, {}
     split = split_module(gm, None, lambda node: partition.get(node.name, index), keep_original_order=True)
+    split.graph._codegen = gm.graph._codegen  # torch.export's pytree calling convention (a tensor, not a tuple)
+    split.recompile()
+    return split, {f"submod_{i}": name for i, name in names.items()}
+
+
+def checkpoint_calls(split: fx.GraphModule, targets: Collection[str]) -> int:
+    """Replace each call of a submodule in ``targets`` by ``checkpoint(submodule, *args)``, in place; how many."""
     n = 0
     for node in list(split.graph.nodes):
-        if node.op != "call_module" or not node.target.startswith("submod_"):
-            continue
-        if int(node.target.removeprefix("submod_")) not in blocks:
+        if node.op != "call_module" or node.target not in targets:
             continue
         with split.graph.inserting_before(node):
             sub = split.graph.get_attr(node.target)
@@ -81,8 +89,24 @@ def checkpoint_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         node.replace_all_uses_with(call)
         split.graph.erase_node(node)
         n += 1
-    split.graph._codegen = gm.graph._codegen  # torch.export's pytree calling convention (a tensor, not a tuple)
     split.graph.lint()
     split.recompile()
+    return n
+
+
+def checkpoint_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A module computing what ``gm`` computes, each transformer block under activation checkpointing.
+
+    Args:
+        gm: a captured (train-mode) graph module; its parameters are shared, not copied.
+
+    Returns:
+        ``(module, blocks)``: the split module and how many block segments it checkpoints (0: ``gm``
+        itself, unchanged, when no node belongs to an indexed block).
+    """
+    split, blocks = split_blocks(gm)
+    if not blocks:
+        return gm, 0
+    n = checkpoint_calls(split, blocks)
     logger.info("gradient checkpointing: %d block segments recomputed in the backward pass", n)
     return split, n

@@ -16,7 +16,8 @@ Scale lives in modules of its own: the device and data parallelism in
 :mod:`~peftc.training.distributed` (the loop asks it for this rank's slice of each global micro-batch and
 to sum the gradients), mixed precision in :mod:`~peftc.training.precision` (the forward runs under its
 autocast, the backward on its scaled loss), gradient checkpointing in
-:mod:`~peftc.training.checkpointing`; ``--compile`` wraps whichever module the step calls in
+:mod:`~peftc.training.checkpointing`, ``--fsdp`` (the frozen base sharded per block; evaluation then runs on
+every rank) in :mod:`~peftc.training.fsdp`; ``--compile`` wraps whichever module the step calls in
 ``torch.compile``.
 """
 
@@ -338,6 +339,7 @@ def evaluate(
     batch_size: int = 32,
     device: torch.device | None = None,
     amp: Precision | None = None,
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Loss (mean over examples / targets) plus the task's metrics (:meth:`~peftc.tasks.TaskSpec.metric`):
     accuracy (classifiers), perplexity (causal-lm), mean IoU and pixel accuracy (semantic-segmentation).
@@ -348,6 +350,7 @@ def evaluate(
         batch_size: examples per forward.
         device: where the program's tensors are (the batches go there); default the CPU.
         amp: the run's precision (the forward runs under its autocast).
+        forward: what runs a batch instead of ``program.forward_batch`` (``--fsdp``: the sharded eval program).
     """
     task = program.task
     lengths = getattr(enc, "input_ids", None)
@@ -359,7 +362,7 @@ def evaluate(
         if n == 0:
             continue
         with amp.autocast() if amp is not None else contextlib.nullcontext():
-            logits = program.forward_batch(batch)
+            logits = (forward or program.forward_batch)(batch)
             loss_sum += float(task.loss(logits, batch)) * n
         count += n
         metric.update(logits, batch)
@@ -377,10 +380,32 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device | None) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _step_module(cfg: TrainConfig, program: Program) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """What a training step calls on a batch for its loss (:func:`training_loss` with the run's options)."""
-    return training_loss(program, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile,
-                         model_name=cfg.model)  # fmt: skip
+def _step_module(cfg: TrainConfig, s: _Setup, dist: Distributed) -> tuple[Any, Any, dict[str, int] | None]:
+    """What a training step calls on a batch for its loss (:func:`training_loss` with the run's options);
+    under ``--fsdp`` also what evaluation calls instead of the eval program (both programs over the sharded
+    base) and the sharding's summary for ``run.json``."""
+    program = s.train_prog
+    names = program.input_names
+    if cfg.fsdp:
+        from peftc.training.fsdp import shard_programs
+
+        # rank 0 saves a generated preset's base (base_model/) after the first step: it keeps the full tensors
+        keep = dist.is_main and s.loaded.preset == "tiny-gpt2"
+        sharded = shard_programs(
+            program.graph_module, s.eval_prog.graph_module, cfg.gradient_checkpointing, release=not keep
+        )
+
+        def evaluate_sharded(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with sharded.evaluating():
+                return sharded(*(batch[name] for name in names))
+
+        # the head stays in the sharded root unit (its weight is gathered inside the module's forward only):
+        # not fused into the loss
+        loss = program.task.loss
+        return lambda batch: loss(sharded(*(batch[name] for name in names)), batch), evaluate_sharded, sharded.summary
+    step_loss = training_loss(program, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile,
+                              model_name=cfg.model)  # fmt: skip
+    return step_loss, None, None
 
 
 def training_loss(
@@ -587,6 +612,11 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     data_path, eval_path = resolve_data(cfg, task)
     config = method_config(cfg, task)  # flag errors before the slow model load
     dist, device = setup(cfg.device)
+    if cfg.fsdp and not dist.enabled:
+        raise ConfigError(
+            "--fsdp shards the frozen base over the processes of a launcher and this is one process: run under "
+            "torchrun --nproc-per-node N (N >= 2) or accelerate launch, or without --fsdp"
+        )
     precision(cfg.precision, device)  # fp16 without CUDA: refused before the model loads
     options = {
         **cfg.to_dict(),
@@ -626,7 +656,8 @@ def _train(
 
     s = _build(cfg, task, config, data_path, eval_path, run_dir, ckpt, device)
     amp = precision(cfg.precision, device)
-    loss_of = _step_module(cfg, s.train_prog)
+    counts = s.train_prog.parameter_counts()  # before --fsdp shards the base
+    loss_of, eval_forward, sharding = _step_module(cfg, s, dist)
     opt = _optimizer(cfg, s.params)
     global_batch = cfg.batch_size * dist.world_size  # one micro-batch of every rank
     n_batches = math.ceil(len(s.train_enc) / global_batch)
@@ -657,7 +688,6 @@ def _train(
     )
     meter = StepMeter(device=params[0].device)
 
-    counts = s.train_prog.parameter_counts()
     logger.info(
         "training %s (%s, %s) on %d examples: %d steps, %d trainable of %d parameters",
         cfg.model,
@@ -745,16 +775,20 @@ def _train(
                     reporters.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if s.eval_enc is not None and dist.is_main and (batch_pos >= n_batches or step == total_steps):
+                # rank 0 evaluates; under --fsdp every rank takes part (the blocks are gathered collectively)
+                evaluating = dist.is_main or eval_forward is not None
+                if s.eval_enc is not None and evaluating and (batch_pos >= n_batches or step == total_steps):
                     with meter.paused():
-                        last_eval = evaluate(s.eval_prog, s.eval_enc, max(cfg.batch_size, 32), device, amp)
+                        last_eval = evaluate(
+                            s.eval_prog, s.eval_enc, max(cfg.batch_size, 32), device, amp, forward=eval_forward
+                        )
                     eval_record = {"type": "eval", "step": step, "epoch": round(ep, 4), **last_eval}
                     writer.log(eval_record)
                     reporters.log(eval_record)
                     line = f"epoch {ep:.2f} step {step}: eval {_fmt(last_eval)}"
-                    if cfg.progress:
+                    if dist.is_main and cfg.progress:
                         bar.write(line)
-                    else:  # no bar, but the eval lines still
+                    elif dist.is_main:  # no bar, but the eval lines still
                         print(line, file=sys.stderr, flush=True)  # where the bar would have written it
                 if cfg.save_every and step % cfg.save_every == 0:
                     with meter.paused():
@@ -799,6 +833,8 @@ def _train(
         "seconds": round(seconds, 2),
         "resumed_from": resumed_from,
     }
+    if sharding is not None:
+        run["fsdp"] = sharding  # rank 0's shard: the others hold the same share, give or take padding
     if s.id2label:
         run["id2label"] = {str(k): v for k, v in s.id2label.items()}
     writer.write_run(run)

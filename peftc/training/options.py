@@ -212,6 +212,13 @@ class TrainConfig:
         "The first steps are slow while it compiles; each new sequence-length pattern may recompile once.",
         default=False,
     )
+    fsdp: bool = _help(
+        "Shard the frozen base over the launcher's processes with FSDP2 (fully_shard per transformer block, then "
+        "the rest): each process keeps 1/N of the base weights and gathers one block at a time. The adapter stays "
+        "replicated and gets the same gradients and steps as without --fsdp. Needs torchrun/accelerate launch "
+        "with 2 or more processes; not with --compile.",
+        default=False,
+    )
     report_to: str = _help(
         "Also send every metrics record to experiment trackers: a comma list of tensorboard, mlflow, wandb, "
         "or none (each tool's extra: pip install 'peftc[tensorboard]').",
@@ -262,7 +269,7 @@ class TrainConfig:
             check_installed(spec)
 
     def _validate_scale(self) -> None:
-        """``--device``, ``--precision``, ``--base-dtype``: known values and combinations that can run."""
+        """``--device``, ``--precision``, ``--base-dtype``, ``--fsdp``: known values and combinations that can run."""
         import re
 
         if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", str(self.device))):
@@ -271,6 +278,11 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.base_dtype not in BASE_DTYPES:
             raise ConfigError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+        if self.fsdp and self.compile:
+            raise ConfigError(
+                "--fsdp does not combine with --compile (FSDP2's per-block gathers are hooks outside the compiled "
+                "graph): drop one of them"
+            )
         needs = {"bfloat16": "bf16", "float16": "fp16"}.get(self.base_dtype)
         if needs is not None and self.precision != needs:
             raise ConfigError(

@@ -66,6 +66,7 @@ def lm_data(tmp_path_factory):
         ({"base_dtype": "int8"}, "base_dtype must be one of"),
         ({"base_dtype": "bfloat16"}, "--base-dtype bfloat16 needs --precision bf16"),
         ({"base_dtype": "float16", "precision": "bf16"}, "--base-dtype float16 needs --precision fp16"),
+        ({"fsdp": True, "compile": True}, "--fsdp does not combine with --compile"),
     ],
 )
 def test_bad_scale_options_are_refused_before_any_work(tmp_path, options, message):
@@ -182,13 +183,9 @@ def _grads(module, prog, params):
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(family):
-    import importlib.util
-
     from peftc.training.checkpointing import checkpoint_blocks
 
-    spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = _root_conftest()
     model, task = (conftest.tiny_gpt2(), "causal-lm") if family == "gpt2" else (conftest.tiny_bert(), "seq-cls")
     model.train()  # dropout 0.1 in the base too: the recompute must replay the same masks
     prog = _lora_program(model, task)
@@ -283,17 +280,28 @@ def _records(run_dir):
     return [{k: v for k, v in r.items() if k not in measured} for r in records]
 
 
+def _parallel_args(gpt2_dir, lm_data):
+    return ["--model", gpt2_dir, "--data", lm_data, "--eval-data", lm_data, "--max-steps", "4", "--save-every", "2",
+            "--lr", "1e-2", "--lora-dropout", "0", "--log-every", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, gpt2_dir, lm_data):
+    """The reference of the 2-process runs: 1 process x batch 4, the options of :func:`_parallel_args`."""
+    one = tmp_path_factory.mktemp("one") / "run"
+    return train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
+                             lora_dropout=0.0, log_every=1, progress=False, batch_size=4, out=str(one)))  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gpt2_dir, lm_data):
+def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gpt2_dir, lm_data, one_process_run):
     """torchrun, 2 CPU processes x batch 2 == 1 process x batch 4 (lora_dropout 0: dropout masks are per rank).
 
     12 texts of different lengths: each rank pads its own slice, so padding differs from the one-process batch.
     """
-    common = ["--model", gpt2_dir, "--data", lm_data, "--eval-data", lm_data, "--max-steps", "4", "--save-every", "2",
-              "--lr", "1e-2", "--lora-dropout", "0", "--log-every", "1", "--no-progress"]  # fmt: skip
-    one = tmp_path / "one"
-    res = train(TrainConfig(model=gpt2_dir, data=lm_data, eval_data=lm_data, max_steps=4, save_every=2, lr=1e-2,
-                            lora_dropout=0.0, log_every=1, progress=False, batch_size=4, out=str(one)))  # fmt: skip
+    common = _parallel_args(gpt2_dir, lm_data)
+    res = one_process_run
+    one = res.run_dir
     two = tmp_path / "two"
     done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -377,3 +385,141 @@ def test_rank_shards_sum_to_the_one_process_gradient(gpt2_dir, lm_data):
         assert value == pytest.approx(one, rel=1e-6)
         for a, b in zip(want, got, strict=True):
             assert torch.allclose(a, b, atol=1e-7, rtol=1e-5), (a - b).abs().max()
+
+
+# -- FSDP -----------------------------------------------------------------------------------------
+
+
+def test_blocks_own_their_frozen_params_and_compute_the_same():
+    """The split --fsdp shards: each block submodule owns (get_attr) the frozen weights of its block only."""
+    from peftc.training.checkpointing import split_blocks
+    from peftc.training.fsdp import own_frozen_params
+
+    model = _root_conftest().tiny_gpt2().train()  # dropout 0.1: same masks under the same seed
+    prog = _lora_program(model, "causal-lm")
+    params = prog.parameters(trainable=True)
+    split, blocks = split_blocks(prog.graph_module)
+    assert sorted(blocks.values()) == ["model.transformer.h.0", "model.transformer.h.1"]
+    moved = own_frozen_params(split, blocks)
+    assert moved == 2 * 12  # ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj: weight and bias each
+    full = dict(prog.graph_module.named_parameters())
+    for target, block in blocks.items():
+        sub = split.get_submodule(target)
+        owned = {id(p) for p in sub.parameters()}
+        want = {id(p) for name, p in full.items() if name.startswith(block + ".") and not p.requires_grad}
+        assert owned == want and owned
+        assert all(not p.requires_grad for p in sub.parameters())  # the adapter stays at the root
+        args = next(n for n in split.graph.nodes if n.op == "call_module" and n.target == target).args
+        assert not any(a.op == "get_attr" and id(split.get_parameter(a.target)) in owned for a in args)
+    root_own = {id(p) for name, p in split.named_parameters() if not name.startswith("submod_")}
+    assert not root_own & {id(p) for t in blocks for p in split.get_submodule(t).parameters()}
+    assert {id(p) for p in split.parameters() if p.requires_grad} == {id(p) for p in params}
+    out0, g0 = _grads(prog.graph_module, prog, params)
+    out1, g1 = _grads(split, prog, params)
+    assert torch.equal(out0, out1)
+    assert max(g.abs().max().item() for g in g0) > 1e-6
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-6), (a - b).abs().max()
+
+
+def _root_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).parents[1] / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    """A one-process gloo group in this process: FSDP2 runs (each shard is the whole tensor); left after."""
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("family", "task", "checkpointing"),
+    [("gpt2", "causal-lm", False), ("llama", "causal-lm", True), ("bert", "seq-cls", True)],
+    ids=["gpt2", "llama-checkpointed", "bert-checkpointed"],
+)
+def test_sharded_programs_give_the_unsharded_outputs_and_gradients(gloo_world_of_one, family, task, checkpointing):
+    from peftc.passes import insertion_pipeline
+    from torch.distributed.tensor import DTensor
+
+    from peftc.program import capture
+    from peftc.training.fsdp import shard_programs
+
+    model = getattr(_root_conftest(), f"tiny_{family}")().train()  # dropout in the base: same masks, same seed
+    prog = _lora_program(model, task)
+    ev = capture(model, task, mode="eval")
+    insertion_pipeline(prog.adapter.config, prog.adapter)(ev)
+    params = prog.parameters(trainable=True)
+    frozen = prog.parameters(trainable=False)
+    elements = sum(p.numel() for p in frozen)
+    with torch.no_grad():
+        want_eval = ev.graph_module(*prog.example_inputs)
+    out0, g0 = _grads(prog.graph_module, prog, params)
+    sharded = shard_programs(prog.graph_module, ev.graph_module, gradient_checkpointing=checkpointing)
+    assert sharded.blocks == 2 and sharded.summary["frozen_elements"] == elements
+    assert all(p.numel() == 0 for p in frozen)  # the full tensors are released
+    base = [p for p in sharded.parameters() if not p.requires_grad]
+    assert base and all(isinstance(p, DTensor) for p in base)
+    assert {id(p) for p in sharded.parameters() if p.requires_grad} == {id(p) for p in params}  # replicated
+    calls = [n for n in sharded.train_root.graph.nodes if n.target is torch.utils.checkpoint.checkpoint]
+    assert len(calls) == (2 if checkpointing else 0)
+    out1, g1 = _grads(sharded, prog, params)
+    assert torch.equal(out0, out1)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-6), (a - b).abs().max()
+    assert all(p.grad is None for p in base)  # no gradient of the frozen base
+    with torch.no_grad(), sharded.evaluating():
+        got_eval = sharded(*prog.example_inputs)
+    assert torch.equal(want_eval, got_eval)
+
+
+def test_fsdp_without_a_launcher_is_refused_in_one_line(tmp_path, gpt2_dir, lm_data):
+    env = {k: "" for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = _run("-m", "peftc", "train", "--model", gpt2_dir, "--data", lm_data, "--fsdp", "--out", str(tmp_path / "r"),
+                env=env)  # fmt: skip
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--fsdp shards the frozen base over the processes of a launcher" in lines[0], lines
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_give_the_one_process_adapter(tmp_path, gpt2_dir, lm_data, one_process_run):
+    """torchrun, 2 CPU processes x batch 2 with --fsdp == 1 process x batch 4; evaluation sharded too."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+
+    two = tmp_path / "fsdp"
+    done = _torchrun(2, *_parallel_args(gpt2_dir, lm_data), "--batch-size", "2", "--fsdp", "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = one_process_run.run_dir
+    a, b = adapter_tensors(one), adapter_tensors(two)
+    assert a.keys() == b.keys()
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    r1, r2 = _records(one), _records(two)
+    assert [(r["type"], r["step"]) for r in r2] == [(r["type"], r["step"]) for r in r1]
+    for x, y in zip(r1, r2, strict=True):
+        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-5, abs=1e-5
+        )
+    run = json.loads((two / "run.json").read_text())
+    assert run["train_config"]["fsdp"] is True and run["train_config"]["world_size"] == 2
+    shard = run["fsdp"]
+    assert shard["world_size"] == 2 and shard["blocks"] == 2
+    assert shard["frozen_elements"] / 2 <= shard["frozen_elements_this_rank"] < 0.51 * shard["frozen_elements"]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    # rank 0 wrote the whole adapter, in HF PEFT's format
+    model = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir), str(two / "adapter"))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(b)
+    key = next(k for k in b if "lora_B" in k)
+    assert torch.equal(loaded[key.replace(".weight", ".default.weight")], b[key])
