@@ -1,5 +1,5 @@
 """Model building, inputs and helpers shared by the latency benchmarks (export_latency, executorch_latency,
-swap_latency, mixed_batch).
+swap_latency, mixed_batch, generate_with_past, seq2seq_cache).
 
 Each benchmark times a merged LoRA GPT-2 export against eager torch: the program is built with
 peftc (capture, LoRA r on ``c_attn`` with B perturbed so it is not the identity, merge) and the
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["geomean", "load_line", "merged_lora_gpt2", "ort_session", "token_inputs"]
+__all__ = ["geomean", "greedy_medians", "load_line", "lora_program", "merged_lora_gpt2", "ort_session", "token_inputs"]
 
 
 def merged_lora_gpt2(cfg: Any, rank: int, b_scale: float) -> tuple[Any, torch.nn.Module]:
@@ -113,3 +115,33 @@ def lora_program(model: torch.nn.Module, rank: int, seed: int, past: bool = Fals
             if "lora_B" in key:
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
     return program
+
+
+def greedy_medians(
+    generators: dict[str, Any], inputs: dict[str, torch.Tensor], new_tokens: int, runs: int, agree_line: str
+) -> dict[str, float]:
+    """Median seconds of ``generate()`` per generator: exactly ``new_tokens`` greedy tokens from ``inputs``.
+
+    One warm-up call each gives the new tokens, which must be the same for every generator: prints
+    ``<agree_line>: <True|False>`` and exits when they differ. Then ``runs`` timed calls each, round-robin
+    so machine load hits all alike.
+    """
+    # pad id 0: GPT-2 has none (generate() would warn), and the benches' T5 configs say 0
+    settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    tokens = []
+    for model in generators.values():  # warm-up, and the tokens every generator must agree on
+        with torch.no_grad():
+            tokens.append(model.generate(**inputs, **settings)[:, -new_tokens:])
+    agree = all(torch.equal(t, tokens[0]) for t in tokens)
+    print(f"{agree_line}: {agree}")
+    if not agree:
+        raise SystemExit(f"{', '.join(generators)} generated different tokens")
+
+    times: dict[str, list[float]] = {name: [] for name in generators}
+    for _ in range(runs):
+        for name, model in generators.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(**inputs, **settings)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

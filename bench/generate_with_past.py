@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import greedy_medians  # bench/ is on sys.path (the script's folder)
 
 
 def main() -> None:
@@ -79,30 +79,9 @@ def main() -> None:
 
     ids = torch.randint(1, 50257, (args.batch, args.seq), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    settings = {
-        "max_new_tokens": args.new_tokens,
-        "min_new_tokens": args.new_tokens,
-        "do_sample": False,
-        "pad_token_id": 0,
-    }
     generators = {"ort": ort_model, "torch_merged": merged, "torch_peft": peft_model}
-    tokens = {}
-    for name, model in generators.items():  # warm-up, and the tokens every runtime must agree on
-        with torch.no_grad():
-            tokens[name] = model.generate(**inputs, **settings)[:, -args.new_tokens :]
-    agree = all(torch.equal(t, tokens["torch_peft"]) for t in tokens.values())
-    print(f"greedy tokens identical across runtimes: {agree}")
-    if not agree:
-        raise SystemExit("the runtimes generated different tokens")
-
-    times: dict[str, list[float]] = {name: [] for name in generators}
-    for _ in range(args.runs):
-        for name, model in generators.items():
-            start = time.perf_counter()
-            with torch.no_grad():
-                model.generate(**inputs, **settings)
-            times[name].append(time.perf_counter() - start)
-    rate = {name: args.batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+    median = greedy_medians(generators, inputs, args.new_tokens, args.runs, "greedy tokens identical across runtimes")
+    rate = {name: args.batch * args.new_tokens / seconds for name, seconds in median.items()}
     print(
         f"GPT-2-small-shaped, {args.layers} layers, LoRA r={args.rank} merged, prompt {args.seq}, "
         f"{args.new_tokens} new tokens, batch {args.batch}, {args.threads} threads, median of {args.runs}:"

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import greedy_medians  # bench/ is on sys.path (the script's folder)
 
 SHAPES = {
     "tiny": {"vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
@@ -78,20 +78,9 @@ def main() -> None:
     }
     ids = torch.randint(2, config.vocab_size, (args.batch, args.seq), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
-    tokens = {name: model.generate(**inputs, **settings) for name, model in models.items()}  # warm-up
-    agree = torch.equal(*tokens.values())
-    print(f"greedy tokens identical with and without the cache: {agree}")
-    if not agree:
-        raise SystemExit("use_cache=True and use_cache=False generated different tokens")
-
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.runs):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.generate(**inputs, **settings)
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = greedy_medians(
+        models, inputs, args.new_tokens, args.runs, "greedy tokens identical with and without the cache"
+    )
     print(
         f"T5 {args.shape}, LoRA r=8 merged, source {args.seq}, {args.new_tokens} new tokens, batch {args.batch}, "
         f"{args.threads} threads, median of {args.runs}:"

@@ -42,7 +42,7 @@ from peftc.program import Program, is_with_past
 
 from .genai import GenaiConfig
 from .onnx_quantize import OnnxQuantizer
-from .registry import ExportRequest, WriteOptions, register_exporter
+from .registry import ExportRequest, WriteOptions, register_exporter, role_file
 from .swappable import OnnxAdapterFiles
 from .verify import VerifyCase
 
@@ -51,8 +51,6 @@ __all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "MODEL_FILE", "ONNX", "ex
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-#: Roles whose graph optimum keeps in a folder of its own (its diffusion pipelines: ``unet/model.onnx``, …).
-FOLDER_ROLES = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
 DEFAULT_OPSET = 18
 #: Initializer bytes above which weights are written to ``<model>.data``: an inline file costs about three
 #: copies of its weights in memory while it is written and checked (module docstring); protobuf's limit is 2 GiB.
@@ -300,11 +298,7 @@ class OnnxExporter:
     quantizer = OnnxQuantizer()  # --quantize int4|int8: ONNX Runtime's quantizers on the verified file
 
     def model_file(self, role: str | None = None) -> str:
-        if role in FOLDER_ROLES:  # a diffusion pipeline's component: unet/model.onnx, …
-            return f"{role}/{MODEL_FILE}"
-        if role in (None, "model"):  # the only graph, or the whole forward beside others (image-to-text)
-            return MODEL_FILE
-        return f"{role}_{MODEL_FILE}"  # optimum: encoder_model.onnx, …
+        return role_file(role, MODEL_FILE)  # model.onnx, encoder_model.onnx, unet/model.onnx, …
 
     def check(self, request: ExportRequest) -> None:
         return None

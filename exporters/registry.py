@@ -40,7 +40,25 @@ __all__ = [
     "formats",
     "get_exporter",
     "register_exporter",
+    "role_file",
 ]
+
+#: Roles whose graph optimum keeps in a folder of its own (its diffusion pipelines: ``unet/model.onnx``, …).
+FOLDER_ROLES = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
+
+
+def role_file(role: str | None, file_name: str) -> str:
+    """The file of the graph ``role`` in an artifact whose model file is ``file_name`` (``model.onnx``).
+
+    optimum's layout, for every format: the only graph, or the whole forward beside others (image-to-text),
+    is ``file_name``; a diffusion pipeline's component is ``<role>/file_name``; any other graph of several
+    (encoder, decoder, …) is ``<role>_file_name``.
+    """
+    if role in FOLDER_ROLES:
+        return f"{role}/{file_name}"
+    if role in (None, "model"):
+        return file_name
+    return f"{role}_{file_name}"
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,7 @@ class Exporter(Protocol):
     cache_in_program: bool
 
     def model_file(self, role: str | None = None) -> str:
-        """The model file's name: ``model.onnx``, or for one of several graphs ``<role>_model.onnx``."""
+        """The model file's name: ``model.onnx``, or for one of several graphs :func:`role_file` of it."""
         ...
 
     def check(self, request: ExportRequest) -> None:
@@ -185,11 +203,11 @@ class GraphlessFileExporter:
     adapter_files: AdapterFiles | None = None
     runtime_config: RuntimeConfig | None = None
     cache_in_program = False
-    #: The model file's name (``model.pt``); one of several graphs gets ``<role>_`` in front.
+    #: The model file's name (``model.pt``); other graphs' files are named from it by :func:`role_file`.
     model_file_name = ""
 
     def model_file(self, role: str | None = None) -> str:
-        return self.model_file_name if role is None else f"{role}_{self.model_file_name}"
+        return role_file(role, self.model_file_name)
 
     def run_file(self, path: Path, cases: Sequence[VerifyCase], input_names: Sequence[str]) -> list[Any]:
         """Outputs of the file on every case, inputs in ``input_names`` order (see :meth:`Exporter.run`)."""

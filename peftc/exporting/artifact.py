@@ -45,7 +45,7 @@ def write_artifact(
             ``quantize`` holds the scheme and the headline figures).
     """
     comparisons, reports, merged = checks
-    components = write_model_files(directory, loaded, plan.with_past, exporter, options, atol)
+    components = write_model_files(directory, loaded, plan.with_past, exporter, options, atol, task=plan.task)
     runtime = write_runtime_config(directory, exporter, plan, graphs)
     mode.copy_adapters(directory, adapters, names)
     write_report(
@@ -112,15 +112,25 @@ def _quantize_entry(quantization: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_model_files(
-    directory: Path, loaded: Any, with_past: bool = False, exporter: Any = None, options: Any = None, atol: float = 1e-4
+    directory: Path,
+    loaded: Any,
+    with_past: bool = False,
+    exporter: Any = None,
+    options: Any = None,
+    atol: float = 1e-4,
+    *,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """config.json (architecture, label map, ``use_cache``), generation config, tokenizer.
 
-    A diffusers UNet's artifact gets its config, and from a pipeline directory the rest of the pipeline
-    (:func:`peftc.diffusion.write_pipeline_files`); the returned ``report.json`` entries say how its parts verified.
+    A ``text-to-image`` artifact (a diffusers UNet) gets the UNet's config, and from a pipeline directory the
+    rest of the pipeline (:func:`peftc.diffusion.write_pipeline_files`); the returned ``report.json`` entries
+    say how its parts verified. ``task`` is the export's task (``GraphPlan.task``).
     """
+    from peftc.diffusion import TASK as TEXT_TO_IMAGE
+
     model = loaded.model
-    if type(model).__module__.startswith("diffusers."):  # a diffusers UNet (peftc.diffusion)
+    if task == TEXT_TO_IMAGE:
         from peftc.diffusion import write_pipeline_files
 
         return write_pipeline_files(directory, loaded, exporter, options, atol)

@@ -358,6 +358,26 @@ class SwappableAdapters:
             "base_vs_torch": next(r.to_dict() for c, r in pairs if c.adapter_name is None),
         }
 
+    def adapter_entries(
+        self, adapters: Adapters, names: list[str], extra: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The manifest's ``adapters`` list: per source ``adapter_info``, the ``extra`` keys, HF PEFT copy, rank(s)."""
+        from peftc.exporters.manifest import adapter_info
+
+        method = adapters.states[0].config.peft_type
+        entries = []
+        for name, source, state, ranks, keys in zip(
+            names, adapters.sources, adapters.states, self.ranks, extra, strict=True
+        ):
+            info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
+            info.update(
+                keys,
+                hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",
+                rank=(ranks[0] if len(ranks) == 1 else ranks) if ranks else None,
+            )
+            entries.append(info)
+        return entries
+
     def manifest_entries(
         self,
         exporter: Exporter,
@@ -367,21 +387,15 @@ class SwappableAdapters:
         comparisons: list[Comparison],
         reports: list[Any],
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        from peftc.exporters.manifest import adapter_info
         from peftc.passes.lift import RANK_DIM
 
         method = adapters.states[0].config.peft_type
         figures = {c.adapter_name: r.max_abs_diff for c, r in zip(comparisons, reports, strict=True)}
-        entries = []
-        for name, source, state, ranks in zip(names, adapters.sources, adapters.states, self.ranks, strict=True):
-            info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
-            info.update(
-                file=f"{ADAPTERS_SUBDIR}/{name}{self.files.suffix}",
-                hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",
-                rank=(ranks[0] if len(ranks) == 1 else ranks) if ranks else None,
-                max_abs_diff=figures[name],
-            )
-            entries.append(info)
+        entries = self.adapter_entries(
+            adapters,
+            names,
+            [{"file": f"{ADAPTERS_SUBDIR}/{name}{self.files.suffix}", "max_abs_diff": figures[name]} for name in names],
+        )
         swappable = self.files.inputs(directory / exporter.model_file(comparisons[0].graph.role))
         return None, {
             "method": method,
@@ -496,21 +510,10 @@ class MixedAdapters(SwappableAdapters):
         comparisons: list[Comparison],
         reports: list[Any],
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        from peftc.exporters.manifest import adapter_info
         from peftc.passes.mixed_batch import ADAPTER_INDEX
 
         method = adapters.states[0].config.peft_type
-        entries = []
-        for i, (name, source, state, ranks) in enumerate(
-            zip(names, adapters.sources, adapters.states, self.ranks, strict=True)
-        ):
-            info = adapter_info(source.adapter_dir, name, method, state.config.to_dict())
-            info.update(
-                index=i,
-                hf_peft_copy=f"{ADAPTERS_SUBDIR}/{name}",
-                rank=(ranks[0] if len(ranks) == 1 else ranks) if ranks else None,
-            )
-            entries.append(info)
+        entries = self.adapter_entries(adapters, names, [{"index": i} for i in range(len(names))])
         return None, {
             "method": method,
             "mixed_batch": True,

@@ -2,9 +2,9 @@
 
 The reference is HF PEFT: a tiny GPT-2 with a LoRA adapter made and saved by HF PEFT itself (B
 perturbed, so it is not the identity), bound into peftc programs with ``AdapterState.load``. The
-AOTInductor package (1–2 min of g++) and the C++ example binary (about a minute) are built at most
-once per session by :class:`CppCases` (a session-scoped fixture in ``conftest.py``) and shared by
-test_torchscript.py, test_aoti.py and test_cpp.py.
+AOTInductor package (``peftc export --format aoti --merge`` of that adapter; 1–2 min of g++) and the
+C++ example binary (about a minute) are built at most once per session by :class:`CppCases` (a
+session-scoped fixture in ``conftest.py``) and shared by test_torchscript.py, test_aoti.py and test_cpp.py.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class CppCases:
         return self.cases.memo("cpp-gpt2-lora", self._gpt2_lora)
 
     def aoti_package(self) -> Path:
-        """The merged GPT-2 LoRA program compiled with AOTInductor (skips without a C++ compiler)."""
+        """``model.pt2`` of ``peftc export --format aoti --merge`` on the HF PEFT adapter: the merged GPT-2 LoRA
+        program compiled with AOTInductor, in a verified artifact (skips without a C++ compiler)."""
         return self.cases.memo("cpp-aoti-package", self._aoti_package)
 
     def peftc_run_binary(self) -> Path:
@@ -93,11 +94,17 @@ class CppCases:
         return Gpt2Lora(adapter_dir, peft_model, tiny_gpt2())
 
     def _aoti_package(self) -> Path:
-        from peftc.exporters.aoti import compiler_available, export_program_aoti
+        from peftc.exporters.aoti import compiler_available
+
+        from peftc.exporting import export
 
         if compiler_available() is None:
             pytest.skip("AOTInductor needs a C++ compiler (g++, c++, clang++ or $CXX) and none is on PATH")
-        return export_program_aoti(self.gpt2_lora().program(merge=True), self.scratch("aoti") / "model.pt2")
+        base = self.scratch("aoti") / "base"
+        tiny_gpt2().save_pretrained(base, safe_serialization=True)  # the base the adapter was made on
+        onnx_export_cases.save_tokenizer(base)
+        out = export(self.gpt2_lora().adapter_dir, model=str(base), format="aoti", merge=True, out=base.parent / "art")
+        return out / "model.pt2"
 
     def _peftc_run_binary(self) -> Path:
         if not (_torch_dir() / "include" / "torch" / "script.h").exists():

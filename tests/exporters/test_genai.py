@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 from peftc.exporters import GENAI_CONFIG_FILE, genai_config, get_exporter
-from test_with_past import FACTORIES, _export, _hf_peft
+from test_with_past import FACTORIES, _export, _hf_peft, plain_export
 
 from peftc.exporting.kv import cache_geometry, with_past
 from peftc.program import capture, past_names
@@ -77,13 +77,10 @@ def test_genai_config_takes_search_defaults_and_drops_ids_outside_the_vocabulary
     assert default["model"]["pad_token_id"] == 0 and default["search"]["max_length"] == 20
 
 
-def test_no_genai_config_without_a_cache(export_cases, tmp_path):
-    from peftc.exporting import export
-
+def test_no_genai_config_without_a_cache(export_cases):
     with pytest.raises(ValueError, match="takes no past"):
         genai_config(capture(tiny_gpt2(), "causal-lm", mode="eval"), "model.onnx")
-    root, _ = _hf_peft(export_cases, "gpt2", "lora")
-    out = export(root / "adapter", model=str(root / "base"), with_past=False, out=tmp_path / "plain")
+    out = plain_export(export_cases)  # test_with_past's
     assert not (out / GENAI_CONFIG_FILE).exists() and "runtime_config" not in json.loads(
         (out / "manifest.json").read_text()
     )

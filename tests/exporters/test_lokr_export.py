@@ -186,8 +186,9 @@ def test_swappable_adapters_with_another_layout_are_refused():
     """One model serves one factor layout per site: a full-w2 adapter does not fit a decomposed-w2 graph."""
     from peftc.exporting import export
 
-    runs = [_run("llama", "lay-a", seed=5, kind="w2_decomposed"), _run("llama", "lay-b", seed=6, kind="w2_decomposed",
-                                                                          r=8)]  # fmt: skip
+    decomposed = _run("llama", "rank-2", seed=9, kind="w2_decomposed", r=2)  # the runs of the tests above and below
+    full = _run("llama", "full-1", seed=4, kind="w2_decomposed", r=8, alpha=3.0)
+    runs = [decomposed, full]
     with pytest.raises(AdapterMismatchError, match="q_proj"):
         export(runs, adapters_as_inputs=True, out=scratch("lokr-layouts") / "art", with_past=False)
 

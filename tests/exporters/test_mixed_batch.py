@@ -146,6 +146,62 @@ def test_gpt2_kv_generation_rows_keep_their_adapters_like_hf_peft_generate(gpt2_
     assert (first[0] - first[1]).abs().max() > 1e-2 and (first[2] - first[1]).abs().max() > 1e-2
 
 
+def test_gpt2_kv_left_padded_rows_match_hf_peft_adapter_names_per_row(gpt2_kv):
+    """Every row left-padded by its own amount, every adapter and the base on padded rows: ONNX Runtime's
+    prefill logits (real positions) and three greedy decode steps against HF PEFT's ``adapter_names``.
+
+    Positions as HF computes them for left padding (``generate``'s ``cumsum - 1``, 1 on the pads).
+    """
+    out, adapters = gpt2_kv
+    session = _session(out / "model.onnx")
+    names = [i.name for i in session.get_inputs()]
+    index = [0, 1, -1, 1, 0]
+    pads = [3, 1, 2, 5, 0]
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 128, (len(index), 8), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    hf = _hf_mixed(tiny_gpt2, adapters)
+    steps = 3
+    with torch.no_grad():
+        prefill = hf(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=_names(index)).logits
+        want = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=_names(index),
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    layers = sum(1 for n in names if n.endswith(".key"))
+    empty = np.zeros((len(index), 4, 0, 16), np.float32)
+    feeds = {f"past_key_values.{i}.{kv}": empty for i in range(layers) for kv in ("key", "value")}
+    cur, m, p, tokens = ids.numpy(), mask.numpy(), pos.numpy(), []
+    for step in range(steps):
+        run = session.run(
+            None, {"input_ids": cur, "attention_mask": m, "position_ids": p, "adapter_index": np.array(index), **feeds}
+        )
+        if step == 0:
+            first = run[0]
+            for row, pad in enumerate(pads):  # per row, its real positions only
+                np.testing.assert_allclose(run[0][row, pad:], prefill[row, pad:].numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(run[0][:, -1], want.logits[step].numpy(), atol=ATOL, rtol=0)
+        nxt = run[0][:, -1].argmax(-1)[:, None]
+        tokens.append(nxt)
+        feeds = dict(zip(feeds, run[1:], strict=True))
+        cur, p, m = nxt, p[:, -1:] + 1, np.concatenate([m, np.ones_like(nxt)], axis=1)
+    np.testing.assert_array_equal(np.concatenate(tokens, 1), want.sequences[:, ids.shape[1] :].numpy())
+    with torch.no_grad():  # a padded row is its prompt alone: row 3 (5 pads, adapter 1) unpadded
+        alone = hf(input_ids=ids[3:4, 5:], adapter_names=_names(index[3:4])).logits[0].numpy()
+        swapped = hf(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=_names([1, 0, 0, 0, 0])).logits
+    np.testing.assert_allclose(first[3, 5:], alone, atol=ATOL, rtol=0)
+    assert (swapped[0, 3:] - prefill[0, 3:]).abs().max() > 1e-2  # the rows' adapters differ: row 0 with 1, not 0
+
+
 def test_gpt2_kv_manifest_report_and_out_of_range_indices(gpt2_kv):
     from peftc.passes.mixed_batch import check_adapter_index
 

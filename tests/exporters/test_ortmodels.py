@@ -205,11 +205,12 @@ def test_token_cls_trains_exports_and_loads_in_optimum(tmp_path):
 
 # -- seq2seq --------------------------------------------------------------------------------------
 
+#: The no-cache layout on the (family, merge) pairs that test_seq2seq_kv's KV-cache layout does not take (it
+#: exports the same HF PEFT LoRA unmerged on T5 and merged on BART): every family x merge pair is exported
+#: once, each family and each merge choice in both layouts (~20 s an export on two shared cores).
 SEQ2SEQ_PARAMS = [
-    pytest.param("t5", False, id="t5"),
-    pytest.param("bart", False, id="bart", marks=pytest.mark.slow),
-    pytest.param("t5", True, id="t5-merged", marks=pytest.mark.slow),
-    pytest.param("bart", True, id="bart-merged", marks=pytest.mark.slow),
+    pytest.param("t5", True, id="t5-merged"),
+    pytest.param("bart", False, id="bart"),
 ]
 
 

@@ -237,21 +237,22 @@ def test_seq2seq_int8_quantizes_encoder_and_decoder(tmp_path):
         assert decoder["rows"] > 0 and decoder["top1_agreement"] > 0.5, decoder
 
 
-@pytest.mark.slow  # ~12 s: a two-adapter export
-def test_swappable_int4_base_switches_float_adapters_like_hf_peft(trained, tmp_path):
-    """One int4 base, two float adapters: each activated in one session equals HF PEFT in float."""
-    from peftc.exporters.swappable import read_adapter
-
+@pytest.fixture(scope="module")
+def swappable_int4(trained, tmp_path_factory) -> Path:
+    """+2 and +3 as float adapter files over one int4 KV-cache base (~30 s: a two-adapter KV-cache export)."""
     from peftc.exporting import export
 
-    out = export(
-        [trained["plus2"], trained["plus3"]],
-        model=trained["base"],
-        adapters_as_inputs=True,
-        with_past=False,
-        out=tmp_path / "art",
-        quantize="int4",
-    )
+    names = ("plus2", "plus3")
+    out = tmp_path_factory.mktemp("swappable") / "art"
+    return export([trained[n] for n in names], model=trained["base"], adapters_as_inputs=True, out=out, quantize="int4")
+
+
+@pytest.mark.slow
+def test_swappable_int4_base_switches_float_adapters_like_hf_peft(trained, swappable_int4):
+    """One int4 base, two float adapters: each activated in one session equals HF PEFT in float (prefill)."""
+    from peftc.exporters.swappable import read_adapter
+
+    out = swappable_int4
     model_file = out / "model.onnx"
     model = onnx.load(str(model_file), load_external_data=False)
     lifted = {i.name for i in model.graph.input if i.name.endswith((".lora_A", ".lora_B"))}
@@ -396,15 +397,11 @@ def test_gemm_to_matmul_keeps_the_arithmetic_and_leaves_input_weights_alone():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow  # ~30 s: a two-adapter KV-cache export, generation
-def test_genai_generates_with_an_int4_base_and_switched_float_adapters_as_hf_peft_does(trained, tmp_path):
+@pytest.mark.slow
+def test_genai_generates_with_an_int4_base_and_switched_float_adapters_as_hf_peft_does(trained, swappable_int4):
     """onnxruntime-genai on one int4 KV-cache base: each adapter's greedy tokens are HF PEFT's (float32)."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    from peftc.exporting import export
-
-    names = ("plus2", "plus3")
-    out = export([trained[n] for n in names], model=trained["base"], adapters_as_inputs=True, out=tmp_path / "art",
-                 quantize="int4")  # fmt: skip
+    out, names = swappable_int4, ("plus2", "plus3")
     assert "MatMulNBits" in _ops(out / "model.onnx")
     model = og.Model(str(out))
     adapters = og.Adapters(model)

@@ -51,6 +51,11 @@ def test_every_registered_exporter_satisfies_the_protocol():
         single, encoder = exporter.model_file(), exporter.model_file("encoder")
         assert "." in single and encoder != single and encoder.endswith(single), (single, encoder)
     assert [e.model_file() for e in exporters()] == ["model.onnx", "model.pt", "model.pt2", "model.pte"]
+    for exporter in exporters():  # one role -> file rule (registry.role_file) for every format
+        single = exporter.model_file()
+        assert exporter.model_file("model") == single
+        assert exporter.model_file("decoder_with_past") == f"decoder_with_past_{single}"
+        assert exporter.model_file("unet") == f"unet/{single}"
 
 
 def test_unknown_format_lists_the_registry():

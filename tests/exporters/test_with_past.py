@@ -7,6 +7,7 @@ batch), never peftc; the artifact is loaded by optimum with no peftc code in the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,13 +100,25 @@ def _export(export_cases, family: str, method: str, merge: bool = False):
     return export_cases.memo(("past-export", family, method, merge), make)
 
 
+def plain_export(export_cases) -> Path:
+    """The GPT-2 LoRA adapter exported with ``with_past=False`` (the plain graph), once per session."""
+
+    def make():
+        from peftc.exporting import export
+
+        root, _ = _hf_peft(export_cases, "gpt2", "lora")
+        return export(root / "adapter", model=str(root / "base"), with_past=False, out=root / "plain")
+
+    return export_cases.memo(("past-export-plain", "gpt2", "lora"), make)
+
+
+#: LLaMA-Adapter's KV-cache export generates under optimum in tests/parity/test_adaption_prompt_parity.py.
 CASES = [
     pytest.param("gpt2", "lora", True, id="gpt2-lora-merged"),
     pytest.param("llama", "lora", False, id="llama-gqa-lora"),
     pytest.param("gpt2", "prompt-tuning", False, id="gpt2-prompt-tuning"),
     pytest.param("llama", "ia3", True, id="llama-gqa-ia3-merged", marks=pytest.mark.slow),
     pytest.param("llama", "p-tuning", False, id="llama-gqa-p-tuning", marks=pytest.mark.slow),
-    pytest.param("llama", "adaption-prompt", False, id="llama-gqa-adaption-prompt", marks=pytest.mark.slow),
     pytest.param("llama", "prefix-tuning", False, id="llama-gqa-prefix-tuning"),
     pytest.param("gpt2", "adalora", True, id="gpt2-adalora-merged", marks=pytest.mark.slow),
     pytest.param("gpt2", "prefix-projection", False, id="gpt2-prefix-projection", marks=pytest.mark.slow),
@@ -171,7 +184,7 @@ def test_no_past_gives_the_plain_graph_and_seq_cls_refuses_past(export_cases, tm
     from peftc.exporting import export
 
     root, _ = _hf_peft(export_cases, "gpt2", "lora")
-    out = export(root / "adapter", model=str(root / "base"), with_past=False, out=tmp_path / "plain")
+    out = plain_export(export_cases)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
     assert manifest["with_past"] is False and json.loads((out / "config.json").read_text())["use_cache"] is False

@@ -257,6 +257,33 @@ def _padded_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
+def _optimum_generates_like_hf_peft(out, hf, make) -> None:
+    """optimum's ORTModelForCausalLM on the KV-cache artifact: HF PEFT's greedy tokens and every step's logits
+    (prefill and 7 cached decode steps) on a left-padded batch; the base model's differ."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left-padded rows
+    ids[2, :1], mask[2, :1] = 0, 0
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+    def generate(model) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        return result.sequences[:, ids.shape[1] :], torch.stack([x.float() for x in result.logits])
+
+    ort_model = ORTModelForCausalLM.from_pretrained(out)
+    assert ort_model.can_use_cache
+    tokens, logits = generate(hf)
+    got_tokens, got_logits = generate(ort_model)
+    assert torch.equal(got_tokens, tokens)
+    assert (got_logits - logits).abs().max() < ATOL
+    _, base_logits = generate(make())
+    assert (base_logits[0] - logits[0]).abs().max() > 1e-3  # the adapter matters
+
+
 @pytest.mark.parametrize(
     "make,layers",
     [pytest.param(tiny_llama, 2, id="llama-gqa"), pytest.param(tiny_gpt2, 1, id="gpt2", marks=pytest.mark.slow)],
@@ -276,6 +303,7 @@ def test_export_of_an_hf_peft_adapter_verifies_and_merge_is_refused(tmp_path, ma
     d_hf = _ort_vs_hf(out / "model.onnx", hf, _padded_inputs())
     print(f"adaption prompt ONNX export ({make.__name__}): ORT vs torch {report['max_abs_diff']:.2e}, vs HF {d_hf:.2e}")
     assert d_hf <= ATOL
+    _optimum_generates_like_hf_peft(out, hf, make)
     with pytest.raises(ConfigError, match="--merge cannot fold LLaMA-Adapter adapters"):
         export(adapter_dir, model=str(base_dir), out=tmp_path / "merged", merge=True)
     assert not (tmp_path / "merged").exists()

@@ -1,7 +1,8 @@
 """Model families beyond GPT-2 / LLaMA / BERT: capture, LoRA and IA3 parity with HF PEFT, merge, ONNX export.
 
-One tiny model per family and task (2 layers, hidden 64, vocab 128, built from its transformers
-config class, seeded; no downloads), captured once per module. For each: the eval capture equals
+One tiny model per family and task (2 layers, hidden 64, vocab 128: the support matrix's configs,
+``peftc.support.FAMILIES``, built from its transformers config class, seeded; no downloads), captured
+once per module. For each: the eval capture equals
 the eager model on a left-padded batch at real positions and at a second shape (dynamic batch and
 sequence); LoRA and IA3 with HF PEFT's default targets, perturbed away from identity, equal
 ``peft.get_peft_model`` loaded with the same tensors through ``set_peft_model_state_dict``; the merged
@@ -25,127 +26,41 @@ from torch.nn import ModuleDict, ParameterDict
 
 from peftc.config import IA3Config, LoraConfig
 from peftc.program import capture
+from peftc.support import FAMILIES
 
 CAPTURE_ATOL = 1e-5
 ATOL = 1e-4
-LLAMA_LIKE = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=128,
-    pad_token_id=0,
-)
-BERT_LIKE = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
-#: family -> (config class, causal-lm class or None, seq-cls class, config kwargs)
-SPECS = {
-    "opt": (
-        "OPTConfig",
-        "OPTForCausalLM",
-        "OPTForSequenceClassification",
-        dict(
-            num_hidden_layers=2,
-            hidden_size=64,
-            ffn_dim=128,
-            num_attention_heads=4,
-            vocab_size=128,
-            max_position_embeddings=64,
-            word_embed_proj_dim=64,
-            pad_token_id=0,
-        ),
-    ),
-    "gpt_neo": (  # one global and one local (sliding-window) attention layer
-        "GPTNeoConfig",
-        "GPTNeoForCausalLM",
-        "GPTNeoForSequenceClassification",
-        dict(
-            num_layers=2,
-            hidden_size=64,
-            num_heads=4,
-            vocab_size=128,
-            max_position_embeddings=64,
-            attention_types=[[["global", "local"], 1]],
-            window_size=4,
-            pad_token_id=0,
-        ),
-    ),
-    "gptj": (  # partial, interleaved rotary embedding
-        "GPTJConfig",
-        "GPTJForCausalLM",
-        "GPTJForSequenceClassification",
-        dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, vocab_size=128, n_positions=64, pad_token_id=0),
-    ),
-    "gpt_neox": (  # fused query_key_value, parallel residual
-        "GPTNeoXConfig",
-        "GPTNeoXForCausalLM",
-        "GPTNeoXForSequenceClassification",
-        dict(
-            num_hidden_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=128,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        ),
-    ),
-    "bloom": (  # ALiBi: no position_ids input at all
-        "BloomConfig",
-        "BloomForCausalLM",
-        "BloomForSequenceClassification",
-        dict(n_layer=2, hidden_size=64, n_head=4, vocab_size=128, pad_token_id=0),
-    ),
-    "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification", LLAMA_LIKE),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", LLAMA_LIKE),
-    "roberta": (  # positions from input_ids != pad_token_id, offset by it
-        "RobertaConfig",
-        None,
-        "RobertaForSequenceClassification",
-        dict(BERT_LIKE, max_position_embeddings=66, pad_token_id=1, type_vocab_size=1),
-    ),
-    "deberta-v2": (  # disentangled relative attention, no token types
-        "DebertaV2Config",
-        None,
-        "DebertaV2ForSequenceClassification",
-        dict(
-            BERT_LIKE,
-            relative_attention=True,
-            pos_att_type=["p2c", "c2p"],
-            position_buckets=16,
-            max_relative_positions=32,
-            type_vocab_size=0,
-            pad_token_id=0,
-        ),
-    ),
-    "deberta": (  # fused in_proj
-        "DebertaConfig",
-        None,
-        "DebertaForSequenceClassification",
-        dict(
-            BERT_LIKE,
-            relative_attention=True,
-            pos_att_type=["p2c", "c2p"],
-            max_relative_positions=32,
-            type_vocab_size=0,
-            pad_token_id=0,
-        ),
-    ),
-    "electra": (
-        "ElectraConfig",
-        None,
-        "ElectraForSequenceClassification",
-        dict(BERT_LIKE, embedding_size=64, pad_token_id=0),
-    ),
+#: Families the support matrix does not list, on a listed family's config: family -> (config class, kwargs).
+UNLISTED = {
+    "mistral": ("MistralConfig", FAMILIES["llama"][1]),
+    "qwen2": ("Qwen2Config", FAMILIES["llama"][1]),
+    "electra": ("ElectraConfig", dict(FAMILIES["bert"][1], embedding_size=64, pad_token_id=0)),
 }
+#: family -> (causal-lm class or None, seq-cls class); each family's config is the support matrix's
+#: (peftc.support.FAMILIES) or UNLISTED's. Notes: GPT-Neo has one global and one local (sliding-window)
+#: attention layer, GPT-J a partial interleaved rotary embedding, GPT-NeoX a fused query_key_value and a
+#: parallel residual, BLOOM ALiBi (no position_ids input at all), RoBERTa positions from input_ids !=
+#: pad_token_id offset by it, DeBERTa-v2 disentangled relative attention, DeBERTa a fused in_proj.
+SPECS = {
+    "opt": ("OPTForCausalLM", "OPTForSequenceClassification"),
+    "gpt_neo": ("GPTNeoForCausalLM", "GPTNeoForSequenceClassification"),
+    "gptj": ("GPTJForCausalLM", "GPTJForSequenceClassification"),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
+    "bloom": ("BloomForCausalLM", "BloomForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "roberta": (None, "RobertaForSequenceClassification"),
+    "deberta-v2": (None, "DebertaV2ForSequenceClassification"),
+    "deberta": (None, "DebertaForSequenceClassification"),
+    "electra": (None, "ElectraForSequenceClassification"),
+}
+
+
+def config_spec(fam: str) -> tuple[str, dict]:
+    """(transformers config class name, config kwargs) of ``fam``: the support matrix's tiny config."""
+    return UNLISTED[fam] if fam in UNLISTED else FAMILIES[fam][:2]
+
+
 #: Families whose modelling code is LLaMA's (tests/parity covers LLaMA): slow, to keep the default run short.
 LLAMA_CLONES = {"mistral"}
 #: One model per family in the default run (causal-lm for decoders, seq-cls for encoders); a decoder's
@@ -153,7 +68,7 @@ LLAMA_CLONES = {"mistral"}
 CASES = [
     pytest.param(fam, task, id=f"{fam}-{task}", marks=[pytest.mark.slow] if slow or fam in LLAMA_CLONES else [])
     for fam, spec in SPECS.items()
-    for task, slow in ((("causal-lm", False), ("seq-cls", True)) if spec[1] else (("seq-cls", False),))
+    for task, slow in ((("causal-lm", False), ("seq-cls", True)) if spec[0] else (("seq-cls", False),))
 ]
 #: HF PEFT has no IA3 default targets for these model types (peftc raises ConfigError, as HF PEFT raises).
 NO_IA3_DEFAULT = {"electra"}
@@ -173,7 +88,8 @@ def build(fam: str, task: str) -> torch.nn.Module:
     """A fresh, seeded tiny model of ``fam`` for ``task`` (same weights on every call)."""
     import transformers
 
-    cfg_cls, causal_cls, seqcls_cls, kwargs = SPECS[fam]
+    cfg_cls, kwargs = config_spec(fam)
+    causal_cls, seqcls_cls = SPECS[fam]
     torch.manual_seed(0)
     cfg = getattr(transformers, cfg_cls)(**kwargs)
     if task == "seq-cls":

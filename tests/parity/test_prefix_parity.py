@@ -152,12 +152,13 @@ def _token_cls_model(fam: str):
     """BERT or RoBERTa with a token-classification head (a ``classifier`` over every position)."""
     import transformers
     from conftest import tiny_bert_token
-    from test_families import SPECS
+
+    from peftc.support import FAMILIES
 
     if fam == "bert":
         return tiny_bert_token()
     torch.manual_seed(0)
-    cfg = transformers.RobertaConfig(**SPECS["roberta"][3], num_labels=5)
+    cfg = transformers.RobertaConfig(**FAMILIES["roberta"][1], num_labels=5)
     return transformers.RobertaForTokenClassification(cfg).eval()
 
 
