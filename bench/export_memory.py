@@ -16,10 +16,14 @@ Peak RSS is the child's ``ru_maxrss`` (``os.wait4``), wall time the child's. "we
 artifact's model files (``model.onnx`` + ``model.onnx.data``): what a deployment loads. The table
 gives peak RSS, its ratio to the weights, the excess over 2× the weights (the fixed overhead), the
 time, and the per-layer time (the slope between sizes of the same width that differ only in depth).
-The last line is ``export_peak_rss_ratio_to_weights=<x>`` for the largest size (peftc).
+"torch GB" is peftc's peak before its verification (the ``memory after <stage>`` lines that
+``peftc --debug`` logs); with two sizes or more, a least-squares line ``peak = a x weights + b``
+through peftc's peaks says what a bigger model would take. The last line is
+``export_peak_rss_ratio_to_weights=<x>`` for the largest size (peftc).
 
     python bench/export_memory.py                              # gpt2-124m-l2, gpt2-124m, llama-270m
     python bench/export_memory.py --sizes gpt2-355m llama-1b --no-optimum
+    python bench/export_memory.py --sizes llama-1b llama-3b --no-optimum --dtype float16   # ~7 GB of weights
     python bench/export_memory.py --list
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +84,8 @@ SIZES = {
     "llama-270m-l2": Size("llama", 2, 1024, 16, 4, 2816, 32000),
     "llama-270m": Size("llama", 16, 1024, 16, 4, 2816, 32000),
     "llama-1b": Size("llama", 22, 2048, 32, 4, 5632, 32000),  # TinyLlama-1.1B's shape
+    "llama-3b": Size("llama", 26, 3200, 32, 32, 8640, 32000),  # open_llama_3b's shape (3.4 B parameters)
+    "llama-7b": Size("llama", 32, 4096, 32, 32, 11008, 32000),  # LLaMA-2-7B's shape: 13.5 GB in float16
 }
 DEFAULT_SIZES = ["gpt2-124m-l2", "gpt2-124m", "llama-270m"]
 
@@ -140,6 +147,22 @@ def weight_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
 
 
+def stage_memory(log: Path) -> dict[str, tuple[float, float]]:
+    """Stage -> (RSS, peak RSS) in GB after it, from the ``memory after …`` lines ``peftc --debug`` logs."""
+    found = re.findall(r"memory after (.+?): rss (\d+) MB, peak (\d+) MB", log.read_text(errors="replace"))
+    return {stage: (int(rss) / 1e3, int(peak) / 1e3) for stage, rss, peak in found}
+
+
+def fit(rows: list[dict]) -> tuple[float, float] | None:
+    """Least-squares ``peak = a * weights + b`` (bytes) over rows of different weights; None with fewer than 2."""
+    if len({r["weights"] for r in rows}) < 2:
+        return None
+    xs, ys = [r["weights"] for r in rows], [r["peak"] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return a, my - a * mx
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=sorted(SIZES), metavar="SIZE")
@@ -178,14 +201,18 @@ def main() -> None:
                     print(f"{name} {tool}: exit code {rc}; see {work / f'{tool}.log'}", file=sys.stderr)
                     continue
                 weights = weight_bytes(out)
-                stages = {}
+                stages, memory = {}, {}
                 if tool == "peftc":
                     stages = json.loads((out / "report.json").read_text()).get("timings", {})
+                    memory = stage_memory(work / f"{tool}.log")
+                # the peak before verification: the torch stages' (the last stage logged before "verify")
+                torch_peak = max((m[1] for k, m in memory.items() if k != "verify"), default=None)
                 rows.append(dict(size=name, tool=tool, layers=size.layers, hidden=size.hidden, weights=weights,
-                                 peak=peak, wall=wall, stages=stages))  # fmt: skip
+                                 peak=peak, wall=wall, stages=stages, torch_peak=torch_peak))  # fmt: skip
                 print(
                     f"{name} {tool}: {wall:.1f} s, peak {peak / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB"
-                    + (f", stages {json.dumps({k: round(v, 1) for k, v in stages.items()})}" if stages else ""),
+                    + (f", stages {json.dumps({k: round(v, 1) for k, v in stages.items()})}" if stages else "")
+                    + (f", rss/peak GB after {json.dumps(memory)}" if memory else ""),
                     flush=True,
                 )
     finally:
@@ -194,7 +221,7 @@ def main() -> None:
 
     print()
     print(f"{'size':14s} {'tool':8s} {'layers':>6s} {'weights GB':>10s} {'peak GB':>8s} {'ratio':>6s} "
-          f"{'over 2x GB':>10s} {'time s':>7s} {'s/layer':>8s}")  # fmt: skip
+          f"{'over 2x GB':>10s} {'torch GB':>8s} {'time s':>7s} {'s/layer':>8s}")  # fmt: skip
     for r in rows:
         same_width = [q for q in rows if q["tool"] == r["tool"] and q["hidden"] == r["hidden"]
                       and q["size"].split("-")[0] == r["size"].split("-")[0] and q["layers"] < r["layers"]]  # fmt: skip
@@ -202,9 +229,11 @@ def main() -> None:
         if same_width:
             q = max(same_width, key=lambda q: q["layers"])
             slope = f"{(r['wall'] - q['wall']) / (r['layers'] - q['layers']):.2f}"
+        torch_peak = "" if r["torch_peak"] is None else f"{r['torch_peak']:.2f}"
         print(
             f"{r['size']:14s} {r['tool']:8s} {r['layers']:6d} {r['weights'] / 1e9:10.3f} {r['peak'] / 1e9:8.2f} "
-            f"{r['peak'] / r['weights']:6.2f} {(r['peak'] - 2 * r['weights']) / 1e9:10.2f} {r['wall']:7.1f} {slope:>8s}"
+            f"{r['peak'] / r['weights']:6.2f} {(r['peak'] - 2 * r['weights']) / 1e9:10.2f} "
+            f"{torch_peak:>8s} {r['wall']:7.1f} {slope:>8s}"
         )
     for size in dict.fromkeys(r["size"] for r in rows):
         pair = {r["tool"]: r for r in rows if r["size"] == size}
@@ -212,6 +241,10 @@ def main() -> None:
             print(f"{size}: peftc/optimum time {pair['peftc']['wall'] / pair['optimum']['wall']:.2f}x, "
                   f"peak {pair['peftc']['peak'] / pair['optimum']['peak']:.2f}x")  # fmt: skip
     peftc_rows = [r for r in rows if r["tool"] == "peftc"]
+    line = fit(peftc_rows)
+    if line is not None:
+        a, b = line
+        print(f"peftc fit over {len(peftc_rows)} sizes: peak = {a:.2f} x weights + {b / 1e9:.2f} GB")
     if peftc_rows:
         largest = max(peftc_rows, key=lambda r: r["weights"])
         print(f"export_peak_rss_ratio_to_weights={largest['peak'] / largest['weights']:.2f}")
