@@ -12,10 +12,12 @@ in its own subprocess, so that one's peak is not the other's:
   (what ``optimum-cli export onnx`` runs), with optimum's own validation — timed from loading the
   base, the merge included.
 
-Peak RSS is the child's ``ru_maxrss`` (``os.wait4``), wall time the child's. "weights" is the
-artifact's model files (``model.onnx`` + ``model.onnx.data``): what a deployment loads. The table
-gives peak RSS, its ratio to the weights, the excess over 2× the weights (the fixed overhead), the
-time, and the per-layer time (the slope between sizes of the same width that differ only in depth).
+Peak RSS is the child's ``ru_maxrss`` (``os.wait4``; models are built in children too, so that
+this process stays small: a child's ``ru_maxrss`` starts at its parent's peak), wall time the
+child's. "weights" is the artifact's model files (``model.onnx`` + ``model.onnx.data``): what a
+deployment loads. The table gives peak RSS, its ratio to the weights, the excess over 2× the
+weights (the fixed overhead), the time, and the per-layer time (the slope between sizes of the
+same width that differ only in depth).
 "torch GB" is peftc's peak before its verification (the ``memory after <stage>`` lines that
 ``peftc --debug`` logs); with two sizes or more, a least-squares line ``peak = a x weights + b``
 through peftc's peaks says what a bigger model would take. The last line is
@@ -90,15 +92,25 @@ SIZES = {
 DEFAULT_SIZES = ["gpt2-124m-l2", "gpt2-124m", "llama-270m"]
 
 
-def build(name: str, size: Size, dtype: str, root: Path) -> tuple[Path, Path]:
-    """Base model and HF PEFT LoRA adapter directories for ``size`` (reused when already built)."""
+def build(name: str, dtype: str, root: Path) -> tuple[Path, Path]:
+    """Base model and HF PEFT LoRA adapter directories for ``name`` (reused when already built).
+
+    Built in a process of its own: a child's ``ru_maxrss`` starts at its parent's peak (Linux carries
+    the replaced memory's high-water mark across ``exec``), so this process must never hold a model.
+    """
+    base, adapter = root / f"{name}-{dtype}" / "base", root / f"{name}-{dtype}" / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        cmd = [sys.executable, __file__, "--build", name, "--dtype", dtype, "--workdir", str(root)]
+        subprocess.run(cmd, check=True)
+    return base, adapter
+
+
+def _build(name: str, size: Size, dtype: str, root: Path) -> None:
     import peft
     import torch
     from transformers import AutoModelForCausalLM
 
     base, adapter = root / f"{name}-{dtype}" / "base", root / f"{name}-{dtype}" / "adapter"
-    if (adapter / "adapter_model.safetensors").is_file():
-        return base, adapter
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(size.config(dtype), torch_dtype=getattr(torch, dtype))
     model.save_pretrained(base, safe_serialization=True)
@@ -113,7 +125,6 @@ def build(name: str, size: Size, dtype: str, root: Path) -> tuple[Path, Path]:
     (adapter / "adapter_config.json").write_text(
         json.dumps({**json.loads((adapter / "adapter_config.json").read_text()), "base_model_name_or_path": str(base)})
     )
-    return base, adapter
 
 
 _OPTIMUM = """
@@ -170,7 +181,10 @@ def main() -> None:
     parser.add_argument("--no-optimum", action="store_true", help="measure peftc only")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and artifacts here (reused)")
     parser.add_argument("--list", action="store_true", help="list the sizes and exit")
+    parser.add_argument("--build", choices=sorted(SIZES), help=argparse.SUPPRESS)  # build() runs this in a child
     args = parser.parse_args()
+    if args.build:
+        return _build(args.build, SIZES[args.build], args.dtype, args.workdir)
     if args.list:
         for name, s in SIZES.items():
             print(f"{name:14s} {s}")
@@ -183,7 +197,7 @@ def main() -> None:
     try:
         for name in args.sizes:
             size = SIZES[name]
-            base, adapter = build(name, size, args.dtype, root)
+            base, adapter = build(name, args.dtype, root)
             work = root / f"{name}-{args.dtype}"
             tools = [("peftc", None)] + ([] if args.no_optimum else [("optimum", None)])
             for tool, _ in tools:
