@@ -12,14 +12,20 @@ in its own subprocess, so that one's peak is not the other's:
   (what ``optimum-cli export onnx`` runs), with optimum's own validation — timed from loading the
   base, the merge included.
 
-Peak RSS is the child's ``ru_maxrss`` (``os.wait4``), wall time the child's. "weights" is the
-artifact's model files (``model.onnx`` + ``model.onnx.data``): what a deployment loads. The table
-gives peak RSS, its ratio to the weights, the excess over 2× the weights (the fixed overhead), the
-time, and the per-layer time (the slope between sizes of the same width that differ only in depth).
-The last line is ``export_peak_rss_ratio_to_weights=<x>`` for the largest size (peftc).
+Peak RSS is the child's ``ru_maxrss`` (``os.wait4``; models are built in children too, so that
+this process stays small: a child's ``ru_maxrss`` starts at its parent's peak), wall time the
+child's. "weights" is the artifact's model files (``model.onnx`` + ``model.onnx.data``): what a
+deployment loads. The table gives peak RSS, its ratio to the weights, the excess over 2× the
+weights (the fixed overhead), the time, and the per-layer time (the slope between sizes of the
+same width that differ only in depth).
+"torch GB" is peftc's peak before its verification (the ``memory after <stage>`` lines that
+``peftc --debug`` logs); with two sizes or more, a least-squares line ``peak = a x weights + b``
+through peftc's peaks says what a bigger model would take. The last line is
+``export_peak_rss_ratio_to_weights=<x>`` for the largest size (peftc).
 
     python bench/export_memory.py                              # gpt2-124m-l2, gpt2-124m, llama-270m
     python bench/export_memory.py --sizes gpt2-355m llama-1b --no-optimum
+    python bench/export_memory.py --sizes llama-3b --no-optimum --dtype float16 --atol 0.05   # 6.9 GB of weights
     python bench/export_memory.py --list
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,19 +86,31 @@ SIZES = {
     "llama-270m-l2": Size("llama", 2, 1024, 16, 4, 2816, 32000),
     "llama-270m": Size("llama", 16, 1024, 16, 4, 2816, 32000),
     "llama-1b": Size("llama", 22, 2048, 32, 4, 5632, 32000),  # TinyLlama-1.1B's shape
+    "llama-3b": Size("llama", 26, 3200, 32, 32, 8640, 32000),  # open_llama_3b's shape (3.4 B parameters)
+    "llama-7b": Size("llama", 32, 4096, 32, 32, 11008, 32000),  # LLaMA-2-7B's shape: 13.5 GB in float16
 }
 DEFAULT_SIZES = ["gpt2-124m-l2", "gpt2-124m", "llama-270m"]
 
 
-def build(name: str, size: Size, dtype: str, root: Path) -> tuple[Path, Path]:
-    """Base model and HF PEFT LoRA adapter directories for ``size`` (reused when already built)."""
+def build(name: str, dtype: str, root: Path) -> tuple[Path, Path]:
+    """Base model and HF PEFT LoRA adapter directories for ``name`` (reused when already built).
+
+    Built in a process of its own: a child's ``ru_maxrss`` starts at its parent's peak (Linux carries
+    the replaced memory's high-water mark across ``exec``), so this process must never hold a model.
+    """
+    base, adapter = root / f"{name}-{dtype}" / "base", root / f"{name}-{dtype}" / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        cmd = [sys.executable, __file__, "--build", name, "--dtype", dtype, "--workdir", str(root)]
+        subprocess.run(cmd, check=True)
+    return base, adapter
+
+
+def _build(name: str, size: Size, dtype: str, root: Path) -> None:
     import peft
     import torch
     from transformers import AutoModelForCausalLM
 
     base, adapter = root / f"{name}-{dtype}" / "base", root / f"{name}-{dtype}" / "adapter"
-    if (adapter / "adapter_model.safetensors").is_file():
-        return base, adapter
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(size.config(dtype), torch_dtype=getattr(torch, dtype))
     model.save_pretrained(base, safe_serialization=True)
@@ -106,7 +125,6 @@ def build(name: str, size: Size, dtype: str, root: Path) -> tuple[Path, Path]:
     (adapter / "adapter_config.json").write_text(
         json.dumps({**json.loads((adapter / "adapter_config.json").read_text()), "base_model_name_or_path": str(base)})
     )
-    return base, adapter
 
 
 _OPTIMUM = """
@@ -140,14 +158,34 @@ def weight_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
 
 
+def stage_memory(log: Path) -> dict[str, tuple[float, float]]:
+    """Stage -> (RSS, peak RSS) in GB after it, from the ``memory after …`` lines ``peftc --debug`` logs."""
+    found = re.findall(r"memory after (.+?): rss (\d+) MB, peak (\d+) MB", log.read_text(errors="replace"))
+    return {stage: (int(rss) / 1e3, int(peak) / 1e3) for stage, rss, peak in found}
+
+
+def fit(rows: list[dict]) -> tuple[float, float] | None:
+    """Least-squares ``peak = a * weights + b`` (bytes) over rows of different weights; None with fewer than 2."""
+    if len({r["weights"] for r in rows}) < 2:
+        return None
+    xs, ys = [r["weights"] for r in rows], [r["peak"] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return a, my - a * mx
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=sorted(SIZES), metavar="SIZE")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--no-optimum", action="store_true", help="measure peftc only")
+    parser.add_argument("--atol", type=float, default=None, help="peftc's --atol (its default for the dtype)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and artifacts here (reused)")
     parser.add_argument("--list", action="store_true", help="list the sizes and exit")
+    parser.add_argument("--build", choices=sorted(SIZES), help=argparse.SUPPRESS)  # build() runs this in a child
     args = parser.parse_args()
+    if args.build:
+        return _build(args.build, SIZES[args.build], args.dtype, args.workdir)
     if args.list:
         for name, s in SIZES.items():
             print(f"{name:14s} {s}")
@@ -160,7 +198,7 @@ def main() -> None:
     try:
         for name in args.sizes:
             size = SIZES[name]
-            base, adapter = build(name, size, args.dtype, root)
+            base, adapter = build(name, args.dtype, root)
             work = root / f"{name}-{args.dtype}"
             tools = [("peftc", None)] + ([] if args.no_optimum else [("optimum", None)])
             for tool, _ in tools:
@@ -170,6 +208,7 @@ def main() -> None:
                 if tool == "peftc":
                     cmd = [*peftc, "--debug", "export", str(adapter), "--model", str(base), "--merge", "--force"]
                     cmd += ["--dtype", args.dtype, "--out", str(out)]
+                    cmd += [] if args.atol is None else ["--atol", str(args.atol)]
                 else:
                     cmd = [sys.executable, "-c", _OPTIMUM, str(base), str(adapter), str(work / "merged"), str(out)]
                     cmd += [args.dtype]
@@ -178,14 +217,18 @@ def main() -> None:
                     print(f"{name} {tool}: exit code {rc}; see {work / f'{tool}.log'}", file=sys.stderr)
                     continue
                 weights = weight_bytes(out)
-                stages = {}
+                stages, memory = {}, {}
                 if tool == "peftc":
                     stages = json.loads((out / "report.json").read_text()).get("timings", {})
+                    memory = stage_memory(work / f"{tool}.log")
+                # the peak before verification: the torch stages' (the last stage logged before "verify")
+                torch_peak = max((m[1] for k, m in memory.items() if k != "verify"), default=None)
                 rows.append(dict(size=name, tool=tool, layers=size.layers, hidden=size.hidden, weights=weights,
-                                 peak=peak, wall=wall, stages=stages))  # fmt: skip
+                                 peak=peak, wall=wall, stages=stages, torch_peak=torch_peak))  # fmt: skip
                 print(
                     f"{name} {tool}: {wall:.1f} s, peak {peak / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB"
-                    + (f", stages {json.dumps({k: round(v, 1) for k, v in stages.items()})}" if stages else ""),
+                    + (f", stages {json.dumps({k: round(v, 1) for k, v in stages.items()})}" if stages else "")
+                    + (f", rss/peak GB after {json.dumps(memory)}" if memory else ""),
                     flush=True,
                 )
     finally:
@@ -194,7 +237,7 @@ def main() -> None:
 
     print()
     print(f"{'size':14s} {'tool':8s} {'layers':>6s} {'weights GB':>10s} {'peak GB':>8s} {'ratio':>6s} "
-          f"{'over 2x GB':>10s} {'time s':>7s} {'s/layer':>8s}")  # fmt: skip
+          f"{'over 2x GB':>10s} {'torch GB':>8s} {'time s':>7s} {'s/layer':>8s}")  # fmt: skip
     for r in rows:
         same_width = [q for q in rows if q["tool"] == r["tool"] and q["hidden"] == r["hidden"]
                       and q["size"].split("-")[0] == r["size"].split("-")[0] and q["layers"] < r["layers"]]  # fmt: skip
@@ -202,9 +245,11 @@ def main() -> None:
         if same_width:
             q = max(same_width, key=lambda q: q["layers"])
             slope = f"{(r['wall'] - q['wall']) / (r['layers'] - q['layers']):.2f}"
+        torch_peak = "" if r["torch_peak"] is None else f"{r['torch_peak']:.2f}"
         print(
             f"{r['size']:14s} {r['tool']:8s} {r['layers']:6d} {r['weights'] / 1e9:10.3f} {r['peak'] / 1e9:8.2f} "
-            f"{r['peak'] / r['weights']:6.2f} {(r['peak'] - 2 * r['weights']) / 1e9:10.2f} {r['wall']:7.1f} {slope:>8s}"
+            f"{r['peak'] / r['weights']:6.2f} {(r['peak'] - 2 * r['weights']) / 1e9:10.2f} "
+            f"{torch_peak:>8s} {r['wall']:7.1f} {slope:>8s}"
         )
     for size in dict.fromkeys(r["size"] for r in rows):
         pair = {r["tool"]: r for r in rows if r["size"] == size}
@@ -212,6 +257,10 @@ def main() -> None:
             print(f"{size}: peftc/optimum time {pair['peftc']['wall'] / pair['optimum']['wall']:.2f}x, "
                   f"peak {pair['peftc']['peak'] / pair['optimum']['peak']:.2f}x")  # fmt: skip
     peftc_rows = [r for r in rows if r["tool"] == "peftc"]
+    line = fit(peftc_rows)
+    if line is not None:
+        a, b = line
+        print(f"peftc fit over {len(peftc_rows)} sizes: peak = {a:.2f} x weights + {b / 1e9:.2f} GB")
     if peftc_rows:
         largest = max(peftc_rows, key=lambda r: r["weights"])
         print(f"export_peak_rss_ratio_to_weights={largest['peak'] / largest['weights']:.2f}")
