@@ -23,13 +23,7 @@ import sys
 import tempfile
 import time
 
-
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from timing import proc_status_mb  # bench/timing.py (the script's folder is on sys.path)
 
 
 def _write(directory: str) -> None:
@@ -53,11 +47,11 @@ def _measure(directory: str, batch: int, seq: int) -> dict:
     from peftc.tasks import get_task
     from peftc.training.precision import adapter_to_float32, precision
 
-    figures: dict[str, float] = {"start_mb": _status("VmRSS")}
+    figures: dict[str, float] = {"start_mb": proc_status_mb("VmRSS")}
     t = time.perf_counter()
     loaded = load_model(directory, "causal-lm", dtype=torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    figures.update(weight_mb=weights / 2**20, load_s=time.perf_counter() - t, after_load_mb=_status("VmHWM"))
+    figures.update(weight_mb=weights / 2**20, load_s=time.perf_counter() - t, after_load_mb=proc_status_mb("VmHWM"))
     t = time.perf_counter()
     train_prog = capture(loaded.model, "causal-lm", mode="train")
     eval_prog = capture(loaded.model, "causal-lm", mode="eval")
@@ -66,7 +60,7 @@ def _measure(directory: str, batch: int, seq: int) -> dict:
     insertion_pipeline(cfg, train_prog.adapter)(eval_prog)
     params = train_prog.parameters(trainable=True)
     adapter_to_float32(params)
-    figures.update(capture_s=time.perf_counter() - t, after_capture_mb=_status("VmHWM"))
+    figures.update(capture_s=time.perf_counter() - t, after_capture_mb=proc_status_mb("VmHWM"))
     amp = precision("bf16", torch.device("cpu"))
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -77,7 +71,7 @@ def _measure(directory: str, batch: int, seq: int) -> dict:
         loss = get_task("causal-lm").loss(train_prog.forward_batch(batch_d), batch_d)
     loss.backward()
     opt.step()
-    figures.update(step_s=time.perf_counter() - t, loss=float(loss), peak_mb=_status("VmHWM"))
+    figures.update(step_s=time.perf_counter() - t, loss=float(loss), peak_mb=proc_status_mb("VmHWM"))
     figures["parameters"] = sum(p.numel() for p in loaded.model.parameters())
     return figures
 

@@ -34,14 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def _status(key: str) -> float:
-    """A ``/proc/self/status`` figure in MiB (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from timing import proc_status_mb  # bench/timing.py (the script's folder is on sys.path)
 
 
 def _child(out: str, argv: list[str]) -> None:
@@ -57,8 +50,8 @@ def _child(out: str, argv: list[str]) -> None:
         import gc
 
         gc.collect()
-        figures["setup_peak"] = _status("VmHWM")
-        figures["after_setup"] = _status("VmRSS")
+        figures["setup_peak"] = proc_status_mb("VmHWM")
+        figures["after_setup"] = proc_status_mb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the peak of the training steps from here
             f.write("5")
         return result
@@ -67,8 +60,8 @@ def _child(out: str, argv: list[str]) -> None:
     try:
         main(argv)
     finally:
-        figures["train_peak"] = _status("VmHWM")
-        figures["end"] = _status("VmRSS")
+        figures["train_peak"] = proc_status_mb("VmHWM")
+        figures["end"] = proc_status_mb("VmRSS")
         rank = os.environ.get("RANK", "0")
         Path(out, f"rank{rank}.json").write_text(json.dumps(figures))
 

@@ -1,4 +1,4 @@
-"""Timing helper shared by the benchmark scripts (run as ``python bench/<script>.py``)."""
+"""Timing and memory helpers shared by the benchmark scripts (run as ``python bench/<script>.py``); no torch import."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def proc_status_mb(key: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` in MiB (``VmRSS``, ``VmHWM``); 0 without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -46,20 +46,10 @@ import subprocess
 import sys
 import time
 
+from timing import proc_status_mb  # bench/timing.py (the script's folder is on sys.path)
+
 R, ALPHA, DROPOUT = 8, 16, 0.05
 SHAPES = ("gpt2", "gpt2-small", "llama-1b")
-
-
-def _proc_status(key: str) -> float:
-    """A memory figure from /proc/self/status in MiB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _reset_peak() -> bool:
@@ -165,7 +155,7 @@ def _worker(args: argparse.Namespace) -> dict:
         return float(loss)
 
     cuda = device.type == "cuda"
-    rss_before = _proc_status("VmRSS")
+    rss_before = proc_status_mb("VmRSS")
     peak_reset = _reset_peak()
     t_warm = time.perf_counter()
     losses = [step() for _ in range(args.warmup)]
@@ -181,13 +171,13 @@ def _worker(args: argparse.Namespace) -> dict:
     if cuda:
         train_peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        train_peak = _proc_status("VmHWM") - rss_before if peak_reset else None
+        train_peak = proc_status_mb("VmHWM") - rss_before if peak_reset else None
     out = {
         "trainable": sum(p.numel() for p in params),
         "setup_s": setup_s,
         "warmup_s": warmup_s,
         "tokens_per_s": args.batch * args.seq / statistics.median(times),
-        "peak_rss_mb": _proc_status("VmHWM"),
+        "peak_rss_mb": proc_status_mb("VmHWM"),
         "train_peak_mb": train_peak,
         "loss_first": losses[0],
         "loss_last": losses[-1],

@@ -48,6 +48,11 @@ class TaskSpec:
         """Logits ``[batch, sequence, classes]``: the head reads every position's hidden state, not a pooled one."""
         return self.name in _PER_TOKEN
 
+    @property
+    def scores_positions(self) -> bool:
+        """The loss is a cross-entropy over positions (:meth:`scored`): next-token and per-token tasks."""
+        return self.name in _NEXT_TOKEN or self.name in _PER_TOKEN
+
     def scored(self, values: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position tasks: the rows of ``values`` ``[batch, sequence, …]`` that a label scores, and those labels.
 
@@ -63,7 +68,7 @@ class TaskSpec:
         return values[keep], labels[keep]
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.name in _NEXT_TOKEN or self.name in _PER_TOKEN:
+        if self.scores_positions:
             scored, labels = self.scored(logits, batch)
             return F.cross_entropy(scored.float(), labels)
         if self.name == "semantic-segmentation":  # as transformers computes it: logits upsampled to the mask

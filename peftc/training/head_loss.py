@@ -8,7 +8,8 @@ known, and both can be computed a few hundred rows at a time.
 
 `split_head` does that on the captured training program. When the program's one output is a
 linear layer (``aten.linear(h, W[, b])``: GPT-2, LLaMA, OPT, T5, BART … heads) and the task scores
-positions with cross-entropy (causal LM and image-to-text, shifted by one; seq2seq, per position), the
+positions with cross-entropy (causal LM and image-to-text, shifted by one; seq2seq and token
+classification, per position: :attr:`~peftc.tasks.TaskSpec.scores_positions`), the
 module it returns stops before the head and returns ``h``; the loss picks the scored rows of ``h`` (the
 task's :meth:`~peftc.tasks.TaskSpec.scored` rule: labels not -100) and :class:`HeadCrossEntropy`
 computes, chunk by chunk, the logits, their log-sum-exp, the loss and — in the same pass — the gradient
@@ -40,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 #: Most logits held at once by the fused head (64 MB in float32): GPT-2's 50257-word head takes 333 rows a chunk.
 CHUNK_ELEMENTS = 1 << 24
-
-_FUSED_TASKS = ("causal-lm", "image-to-text", "seq2seq")
 
 
 class HeadCrossEntropy(torch.autograd.Function):
@@ -104,13 +103,13 @@ def split_head(gm: fx.GraphModule, task: TaskSpec) -> tuple[fx.GraphModule, Head
         gm: the captured training program. It is not modified: the body is a copy of its graph that shares
             its parameters (gradient checkpointing and ``torch.compile`` then apply to the body).
         task: the program's task; only tasks scoring positions with cross-entropy over a vocabulary
-            (causal LM, image-to-text, seq2seq) are fused.
+            (``task.scores_positions``: causal LM, image-to-text, seq2seq, token classification) are fused.
 
     Returns:
         ``(body, loss)``: ``loss(body(*inputs), batch)`` is the task's loss of ``gm(*inputs)``. ``None`` when
         the program does not end in a plain linear head (a LoRA on the head, logit soft-capping …).
     """
-    if task.name not in _FUSED_TASKS:
+    if not task.scores_positions:
         return None
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     outs = output.args[0]

@@ -95,6 +95,27 @@ def gpt2_kv(made, tmp_path_factory):
     return out, adapters
 
 
+def _hf_greedy(hf, ids, mask, index, steps):
+    """HF PEFT's greedy ``generate`` with one adapter per row (``adapter_names``), per-step logits kept."""
+    with torch.no_grad():
+        return hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=_names(index),
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+
+
+def _empty_cache(names, batch):
+    """Feeds of an empty KV cache (tiny GPT-2: 4 heads of 16) for every ``past_key_values.*`` input in ``names``."""
+    empty = np.zeros((batch, 4, 0, 16), np.float32)
+    return {n: empty for n in names if n.startswith("past_key_values.")}
+
+
 @pytest.mark.slow
 def test_gpt2_kv_generation_rows_keep_their_adapters_like_hf_peft_generate(gpt2_kv):
     out, adapters = gpt2_kv
@@ -113,20 +134,8 @@ def test_gpt2_kv_generation_rows_keep_their_adapters_like_hf_peft_generate(gpt2_
     ids[1, :2] = 0
     steps = 4
     hf = _hf_mixed(tiny_gpt2, adapters)
-    with torch.no_grad():
-        want = hf.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            adapter_names=_names(index),
-            max_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    layers = sum(1 for n in names if n.endswith(".key"))
-    empty = np.zeros((4, 4, 0, 16), np.float32)
-    feeds = {f"past_key_values.{i}.{kv}": empty for i in range(layers) for kv in ("key", "value")}
+    want = _hf_greedy(hf, ids, mask, index, steps)
+    feeds = _empty_cache(names, len(index))
     cur, m, tokens = ids.numpy(), mask.numpy(), []
     for step in range(steps):
         pos = np.clip(m.cumsum(-1) - 1, 0, None)[:, -cur.shape[1] :]
@@ -167,19 +176,8 @@ def test_gpt2_kv_left_padded_rows_match_hf_peft_adapter_names_per_row(gpt2_kv):
     steps = 3
     with torch.no_grad():
         prefill = hf(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=_names(index)).logits
-        want = hf.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            adapter_names=_names(index),
-            max_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    layers = sum(1 for n in names if n.endswith(".key"))
-    empty = np.zeros((len(index), 4, 0, 16), np.float32)
-    feeds = {f"past_key_values.{i}.{kv}": empty for i in range(layers) for kv in ("key", "value")}
+    want = _hf_greedy(hf, ids, mask, index, steps)
+    feeds = _empty_cache(names, len(index))
     cur, m, p, tokens = ids.numpy(), mask.numpy(), pos.numpy(), []
     for step in range(steps):
         run = session.run(

@@ -31,6 +31,15 @@ def _gpt2():
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # fmt: skip
 
 
+def _bert_tokens():
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=101,
+                     num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    return BertForTokenClassification(cfg)
+
+
 def _t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -52,6 +61,10 @@ def _batch(prog, left: bool):
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if "position_ids" in prog.input_names:
         batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if "token_type_ids" in prog.input_names:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    if prog.task.name == "token-cls":
+        batch["labels"] = (ids % 5).masked_fill(mask == 0, -100)
     if "decoder_input_ids" in prog.input_names:
         batch["decoder_input_ids"] = torch.randint(1, 101, (3, 7))
         batch["labels"] = torch.randint(1, 101, (3, 7)).masked_fill(torch.arange(7) >= 5, -100)
@@ -72,16 +85,17 @@ def _loss_and_grads(loss_of, batch, params):
         (_gpt2, "causal-lm", {**LORA, "target_modules": ["c_attn"], "task_type": "CAUSAL_LM"}),
         (_gpt2, "causal-lm", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "task_type": "CAUSAL_LM"}),
         (_t5, "seq2seq", {**LORA, "target_modules": ["q", "v"], "task_type": "SEQ_2_SEQ_LM"}),
+        (_bert_tokens, "token-cls", {**LORA, "target_modules": ["query", "value"], "task_type": "TOKEN_CLS"}),
     ],
-    ids=["gpt2-lora", "gpt2-prompt-tuning", "t5-lora"],
+    ids=["gpt2-lora", "gpt2-prompt-tuning", "t5-lora", "bert-token-cls-lora"],
 )
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
 def test_fused_head_loss_equals_the_unfused_loss(make, task, peft, left, monkeypatch):
-    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 101 * 4)  # at most 4 rows a chunk: several chunks
     prog = _program(make(), task, peft)
     fused = split_head(prog.graph_module, prog.task)
     assert fused is not None, "the program ends in its LM head"
     body, loss = fused
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", loss.weight.shape[0] * 4)  # at most 4 rows a chunk: several
     names = prog.input_names
     params = prog.parameters(trainable=True)
     batch = _batch(prog, left)

@@ -274,6 +274,24 @@ def _torchrun(nproc, *args):
     return _run(*launcher, "-m", "peftc", "train", *args, env=env, timeout=600)
 
 
+def _assert_same_run(one, two):
+    """Run ``two`` trained ``one``'s adapter (≤ 1e-5, a non-zero B) and logged its records (same steps, ≤ 1e-5).
+
+    Returns ``two``'s adapter tensors and records.
+    """
+    a, b = adapter_tensors(one), adapter_tensors(two)
+    assert a.keys() == b.keys()
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    r1, r2 = _records(one), _records(two)
+    assert [(r["type"], r["step"]) for r in r2] == [(r["type"], r["step"]) for r in r1]
+    for x, y in zip(r1, r2, strict=True):
+        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-5, abs=1e-5
+        )
+    return b, r2
+
+
 def _records(run_dir):
     measured = ("tokens_per_s", "peak_memory_mb")
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -306,18 +324,9 @@ def test_two_gloo_processes_give_the_one_process_adapter_and_resume(tmp_path, gp
     done = _torchrun(2, *common, "--batch-size", "2", "--out", str(two))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory:") == 1  # rank 0 speaks
-    a, b = adapter_tensors(one), adapter_tensors(two)
-    assert a.keys() == b.keys()
-    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    b, r2 = _assert_same_run(one, two)
     # rank 0 alone logs: the same records, once each; eval once per epoch (3 steps) and at the end
-    r1, r2 = _records(one), _records(two)
-    assert [(r["type"], r["step"]) for r in r2] == [(r["type"], r["step"]) for r in r1]
     assert [r["type"] for r in r2].count("eval") == 2
-    for x, y in zip(r1, r2, strict=True):
-        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
-            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-5, abs=1e-5
-        )
     run = json.loads((two / "run.json").read_text())
     assert run["train_config"]["world_size"] == 2 and run["train_config"]["batch_size"] == 2
     assert res.step == run["metrics"]["step"] == 4
@@ -501,16 +510,7 @@ def test_fsdp_two_gloo_processes_give_the_one_process_adapter(tmp_path, gpt2_dir
     done = _torchrun(2, *_parallel_args(gpt2_dir, lm_data), "--batch-size", "2", "--fsdp", "--out", str(two))
     assert done.returncode == 0, done.stderr[-3000:]
     one = one_process_run.run_dir
-    a, b = adapter_tensors(one), adapter_tensors(two)
-    assert a.keys() == b.keys()
-    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    r1, r2 = _records(one), _records(two)
-    assert [(r["type"], r["step"]) for r in r2] == [(r["type"], r["step"]) for r in r1]
-    for x, y in zip(r1, r2, strict=True):
-        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
-            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-5, abs=1e-5
-        )
+    b, _ = _assert_same_run(one, two)
     run = json.loads((two / "run.json").read_text())
     assert run["train_config"]["fsdp"] is True and run["train_config"]["world_size"] == 2
     shard = run["fsdp"]
