@@ -38,6 +38,11 @@ def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
 
+def run_records(run_dir) -> list[dict]:
+    """The records a training run logged in ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def save_tiny_bert(root: Path, tokenizer, dropout: float) -> str:
     """A 2-layer BERT sequence classifier (hidden 32) with ``tokenizer``'s vocabulary, saved at ``root``."""
     from transformers import BertConfig, BertForSequenceClassification

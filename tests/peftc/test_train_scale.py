@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_cases import SENTENCES, adapter_tensors, write_jsonl
+from train_cases import SENTENCES, adapter_tensors, run_records, write_jsonl
 
 import peftc
 from peftc.errors import ConfigError
@@ -37,8 +37,7 @@ def test_python_dash_m_peftc_is_the_cli(tmp_path):
 
 
 def _losses(run_dir):
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["type"] == "train"]
+    return [r["loss"] for r in run_records(run_dir) if r["type"] == "train"]
 
 
 #: Twelve texts: a global batch of 12 splits evenly over 1, 2, 3, 4 or 6 processes.
@@ -294,8 +293,7 @@ def _assert_same_run(one, two):
 
 def _records(run_dir):
     measured = ("tokens_per_s", "peak_memory_mb")
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in measured} for r in records]
+    return [{k: v for k, v in r.items() if k not in measured} for r in run_records(run_dir)]
 
 
 def _parallel_args(gpt2_dir, lm_data):
