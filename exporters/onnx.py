@@ -132,20 +132,33 @@ def export_program_onnx(
 
 
 def _run_exporter(program: Program, opset: int):
-    """``torch.onnx.export`` with named dims; min size 1 first, then 2 as capture does."""
+    """``torch.onnx.export`` of the capture's ``ExportedProgram`` when the graph is still the captured one
+    (a merged program: :meth:`~peftc.program.Program.exported_program`), else of the graph module, traced
+    again with named dims (min size 1 first, then 2 as capture does)."""
     names = program.input_names
     errors: list[BaseException] = []
+    exported = program.exported_program()
+    if exported is not None:  # one trace fewer: torch.onnx decomposes the capture itself
+        try:
+            with _exporter_quiet():
+                return torch.onnx.export(
+                    exported,
+                    dynamo=True,
+                    input_names=list(names),
+                    output_names=list(program.output_names),
+                    opset_version=opset,
+                    verbose=False,
+                )
+        except Exception as e:  # the graph module's own trace below is the reference path
+            logger.debug("ONNX export of the captured program failed, tracing its graph module: %s", e)
+        finally:
+            del exported
     for min_dim in (1, 2):
         # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input. Inputs
         # other than token inputs (lifted adapter tensors) name their own dims (``lora_rank``).
         shapes = program.dynamic_shapes(min_dim)
         try:
-            with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
-                # The unlifted graph module reports training=True and refuses .eval(); the graph
-                # itself is an eval capture (checked above), so the exporter's warning is noise.
-                warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            with _exporter_quiet():
                 return torch.onnx.export(
                     program.graph_module,
                     tuple(program.example_inputs),
@@ -194,6 +207,18 @@ def _set_input_defaults(model, defaults: dict) -> None:
         value = inputs[name]
         value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
         model.graph.register_initializer(value)
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """``torch.onnx.export``'s warnings that say nothing about a peftc program."""
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
+        # The unlifted graph module reports training=True and refuses .eval(); the graph
+        # itself is an eval capture (checked by the caller), so the exporter's warning is noise.
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
