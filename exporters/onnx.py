@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -236,8 +237,10 @@ def _quiet_logger(name: str) -> Iterator[None]:
 def _name_dims(model, program: Program) -> None:
     """Give the dynamic dims of inputs and outputs the program's names (``batch``, ``sequence``).
 
-    The exporter names them after the ``Dim`` objects already; this maps any other symbol it
-    chose (``s0``…) through the inputs, so a renamed exporter never changes the ONNX interface.
+    The exporter names them after the ``Dim`` objects already when it traces the graph module; a
+    program converted from its capture (or a renamed exporter) has symbols (``s0``…): this maps them
+    through the inputs, in expressions too (a present cache's ``s24 + s36`` becomes
+    ``past_sequence + sequence``), so the ONNX interface never depends on the path taken.
     """
     import onnx_ir as ir
 
@@ -252,13 +255,33 @@ def _name_dims(model, program: Program) -> None:
                 mapping.setdefault(dim.value, name)
     if not mapping:
         return
+    symbols = {k: v for k, v in mapping.items() if k.isidentifier()}
+
+    def rename(dim: str | None) -> str | None:  # a whole dim, or the symbols of an expression ("s24 + s36")
+        if dim is None or dim in mapping:
+            return mapping.get(dim, dim)
+        return _rename_symbols(dim, symbols)
+
     for value in [*model.graph.inputs, *model.graph.outputs]:
         if value.shape is None:
             continue
-        dims = [
-            ir.SymbolicDim(mapping.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
-        ]
+        dims = [ir.SymbolicDim(rename(d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
         value.shape = ir.Shape(dims)
+
+
+def _rename_symbols(expression: str, names: dict[str, str]) -> str:
+    """``expression`` (a dim such as ``s24 + s36``) with its symbols renamed, printed as sympy orders it (as
+    torch.onnx prints the dims it names itself: ``past_sequence + sequence``)."""
+    import sympy
+
+    tokens = set(re.findall(r"[A-Za-z_]\w*", expression))
+    if not tokens & names.keys():
+        return expression
+    try:
+        parsed = sympy.parse_expr(expression, local_dict={t: sympy.Symbol(t) for t in tokens}, evaluate=True)
+        return str(parsed.subs({sympy.Symbol(k): sympy.Symbol(v) for k, v in names.items() if k in tokens}))
+    except Exception:  # not an expression sympy reads: rename the tokens as they stand
+        return re.sub(r"[A-Za-z_]\w*", lambda m: names.get(m.group(0), m.group(0)), expression)
 
 
 def run_onnx(

@@ -261,8 +261,25 @@ class CapturedGraph:
 
 
 def _fingerprint(graph: fx.Graph) -> str:
-    """Every node of ``graph`` (name, op, target, arguments) as text: equal exactly when the graphs are."""
+    """Every node of ``graph`` (name, op, target, arguments) as text, less the dropouts that do nothing.
+
+    An eval capture holds ``dropout(x, p, train=False)`` (the identity), which the eval-mode pass of a
+    merge removes; any other difference between two graphs shows.
+    """
+    if not any(_idle_dropout(n) for n in graph.nodes):
+        return str(graph)
+    graph = copy.deepcopy(graph)
+    for node in list(graph.nodes):
+        if _idle_dropout(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
     return str(graph)
+
+
+def _idle_dropout(node: fx.Node) -> bool:
+    aten = torch.ops.aten
+    dropouts = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
+    return node.op == "call_function" and node.target in dropouts and len(node.args) > 2 and node.args[2] is False
 
 
 class ModelRef:
