@@ -1,10 +1,14 @@
 """ONNX exporter: a captured program to ``model.onnx`` with named dynamic batch and sequence dims.
 
-The program's graph module is re-exported with PyTorch's dynamo-based ONNX exporter
-(``torch.onnx.export(..., dynamo=True)``), which runs ``torch.export`` on the ATen graph again and
-translates it with onnxscript. Every graph input shares the same two symbolic dims, named
-``batch`` and ``sequence`` in the ONNX file, so ONNX Runtime (and optimum) see one batch size and
-one sequence length for ``input_ids``, ``attention_mask`` and the rest.
+The program goes to PyTorch's dynamo-based ONNX exporter (``torch.onnx.export(..., dynamo=True)``),
+which decomposes it to the ops onnxscript's torch library implements and translates it. A program
+whose graph is still op for op its capture (a merged one: the merge folds weights, not ops) goes as
+the capture's own ``ExportedProgram`` holding the program's weights
+(:meth:`~peftc.program.Program.exported_program`); any other (adapter ops, lifted inputs) has its
+graph module traced by ``torch.export`` once more (one more trace of the model before the
+decomposition trace). Every graph input shares the same two symbolic dims, named ``batch`` and
+``sequence`` in the ONNX file, so ONNX Runtime (and optimum) see one batch size and one sequence
+length for ``input_ids``, ``attention_mask`` and the rest, whichever way the program went.
 
 What is exported is exactly the program: an unmerged LoRA program keeps its branch as ops
 (``MatMul`` beside the base ``Gemm``/``MatMul``), a merged one is the base graph op for op with
