@@ -56,7 +56,6 @@ def _ops(path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-@pytest.mark.slow
 def test_merged_program_is_converted_from_its_capture_not_traced_again(merged, monkeypatch, tmp_path):
     program, cases, reference = merged
     traces = []
