@@ -14,10 +14,12 @@ in its own subprocess, so that one's peak is not the other's:
 
 Peak RSS is the child's ``ru_maxrss`` (``os.wait4``; models are built in children too, so that
 this process stays small: a child's ``ru_maxrss`` starts at its parent's peak), wall time the
-child's. "weights" is the artifact's model files (``model.onnx`` + ``model.onnx.data``): what a
-deployment loads. The table gives peak RSS, its ratio to the weights, the excess over 2× the
-weights (the fixed overhead), the time, and the per-layer time (the slope between sizes of the
-same width that differ only in depth).
+child's, CPU time its user + system seconds (``ru_utime + ru_stime``: the work done, which a loaded
+machine stretches less than the wall time; both tools run single-threaded BLAS alike only if
+``OMP_NUM_THREADS`` says so). "weights" is the artifact's model files (``model.onnx`` +
+``model.onnx.data``): what a deployment loads. The table gives peak RSS, its ratio to the weights,
+the excess over 2× the weights (the fixed overhead), the time, and the per-layer time (the slope
+between sizes of the same width that differ only in depth).
 "torch GB" is peftc's peak before its verification (the ``memory after <stage>`` lines that
 ``peftc --debug`` logs); with two sizes or more, a least-squares line ``peak = a x weights + b``
 through peftc's peaks says what a bigger model would take. The last line is
@@ -141,8 +143,8 @@ main_export(merged, out, task="text-generation-with-past", device="cpu",
 """
 
 
-def run(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """``(wall seconds, peak RSS bytes, exit code)`` of ``cmd`` run to completion, output to ``log``."""
+def run(cmd: list[str], log: Path) -> tuple[float, float, int, int]:
+    """``(wall seconds, CPU seconds, peak RSS bytes, exit code)`` of ``cmd`` run to completion, output to ``log``."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as out:
         start = time.perf_counter()
@@ -150,7 +152,7 @@ def run(cmd: list[str], log: Path) -> tuple[float, int, int]:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss * 1024, proc.returncode
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, proc.returncode
 
 
 def weight_bytes(directory: Path) -> int:
@@ -212,7 +214,7 @@ def main() -> None:
                 else:
                     cmd = [sys.executable, "-c", _OPTIMUM, str(base), str(adapter), str(work / "merged"), str(out)]
                     cmd += [args.dtype]
-                wall, peak, rc = run(cmd, work / f"{tool}.log")
+                wall, cpu, peak, rc = run(cmd, work / f"{tool}.log")
                 if rc != 0:
                     print(f"{name} {tool}: exit code {rc}; see {work / f'{tool}.log'}", file=sys.stderr)
                     continue
@@ -224,9 +226,10 @@ def main() -> None:
                 # the peak before verification: the torch stages' (the last stage logged before "verify")
                 torch_peak = max((m[1] for k, m in memory.items() if k != "verify"), default=None)
                 rows.append(dict(size=name, tool=tool, layers=size.layers, hidden=size.hidden, weights=weights,
-                                 peak=peak, wall=wall, stages=stages, torch_peak=torch_peak))  # fmt: skip
+                                 peak=peak, wall=wall, cpu=cpu, stages=stages, torch_peak=torch_peak))  # fmt: skip
                 print(
-                    f"{name} {tool}: {wall:.1f} s, peak {peak / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB"
+                    f"{name} {tool}: {wall:.1f} s (CPU {cpu:.1f} s), peak {peak / 1e9:.2f} GB, "
+                    f"weights {weights / 1e9:.2f} GB"
                     + (f", stages {json.dumps({k: round(v, 1) for k, v in stages.items()})}" if stages else "")
                     + (f", rss/peak GB after {json.dumps(memory)}" if memory else ""),
                     flush=True,
@@ -237,24 +240,27 @@ def main() -> None:
 
     print()
     print(f"{'size':14s} {'tool':8s} {'layers':>6s} {'weights GB':>10s} {'peak GB':>8s} {'ratio':>6s} "
-          f"{'over 2x GB':>10s} {'torch GB':>8s} {'time s':>7s} {'s/layer':>8s}")  # fmt: skip
+          f"{'over 2x GB':>10s} {'torch GB':>8s} {'time s':>7s} {'s/layer':>8s} "
+          f"{'CPU s':>7s} {'CPU s/layer':>11s}")  # fmt: skip
     for r in rows:
         same_width = [q for q in rows if q["tool"] == r["tool"] and q["hidden"] == r["hidden"]
                       and q["size"].split("-")[0] == r["size"].split("-")[0] and q["layers"] < r["layers"]]  # fmt: skip
-        slope = ""
+        slope = cpu_slope = ""
         if same_width:
             q = max(same_width, key=lambda q: q["layers"])
             slope = f"{(r['wall'] - q['wall']) / (r['layers'] - q['layers']):.2f}"
+            cpu_slope = f"{(r['cpu'] - q['cpu']) / (r['layers'] - q['layers']):.2f}"
         torch_peak = "" if r["torch_peak"] is None else f"{r['torch_peak']:.2f}"
         print(
             f"{r['size']:14s} {r['tool']:8s} {r['layers']:6d} {r['weights'] / 1e9:10.3f} {r['peak'] / 1e9:8.2f} "
             f"{r['peak'] / r['weights']:6.2f} {(r['peak'] - 2 * r['weights']) / 1e9:10.2f} "
-            f"{torch_peak:>8s} {r['wall']:7.1f} {slope:>8s}"
+            f"{torch_peak:>8s} {r['wall']:7.1f} {slope:>8s} {r['cpu']:7.1f} {cpu_slope:>11s}"
         )
     for size in dict.fromkeys(r["size"] for r in rows):
         pair = {r["tool"]: r for r in rows if r["size"] == size}
         if len(pair) == 2:
             print(f"{size}: peftc/optimum time {pair['peftc']['wall'] / pair['optimum']['wall']:.2f}x, "
+                  f"CPU {pair['peftc']['cpu'] / pair['optimum']['cpu']:.2f}x, "
                   f"peak {pair['peftc']['peak'] / pair['optimum']['peak']:.2f}x")  # fmt: skip
     peftc_rows = [r for r in rows if r["tool"] == "peftc"]
     line = fit(peftc_rows)

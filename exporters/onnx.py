@@ -1,10 +1,14 @@
 """ONNX exporter: a captured program to ``model.onnx`` with named dynamic batch and sequence dims.
 
-The program's graph module is re-exported with PyTorch's dynamo-based ONNX exporter
-(``torch.onnx.export(..., dynamo=True)``), which runs ``torch.export`` on the ATen graph again and
-translates it with onnxscript. Every graph input shares the same two symbolic dims, named
-``batch`` and ``sequence`` in the ONNX file, so ONNX Runtime (and optimum) see one batch size and
-one sequence length for ``input_ids``, ``attention_mask`` and the rest.
+The program goes to PyTorch's dynamo-based ONNX exporter (``torch.onnx.export(..., dynamo=True)``),
+which decomposes it to the ops onnxscript's torch library implements and translates it. A program
+whose graph is still op for op its capture (a merged one: the merge folds weights, not ops) goes as
+the capture's own ``ExportedProgram`` holding the program's weights
+(:meth:`~peftc.program.Program.exported_program`); any other (adapter ops, lifted inputs) has its
+graph module traced by ``torch.export`` once more (one more trace of the model before the
+decomposition trace). Every graph input shares the same two symbolic dims, named ``batch`` and
+``sequence`` in the ONNX file, so ONNX Runtime (and optimum) see one batch size and one sequence
+length for ``input_ids``, ``attention_mask`` and the rest, whichever way the program went.
 
 What is exported is exactly the program: an unmerged LoRA program keeps its branch as ops
 (``MatMul`` beside the base ``Gemm``/``MatMul``), a merged one is the base graph op for op with
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -139,20 +144,33 @@ def export_program_onnx(
 
 
 def _run_exporter(program: Program, opset: int):
-    """``torch.onnx.export`` with named dims; min size 1 first, then 2 as capture does."""
+    """``torch.onnx.export`` of the capture's ``ExportedProgram`` when the graph is still the captured one
+    (a merged program: :meth:`~peftc.program.Program.exported_program`), else of the graph module, traced
+    again with named dims (min size 1 first, then 2 as capture does)."""
     names = program.input_names
     errors: list[BaseException] = []
+    exported = program.exported_program()
+    if exported is not None:  # one trace fewer: torch.onnx decomposes the capture itself
+        try:
+            with _exporter_quiet():
+                return torch.onnx.export(
+                    exported,
+                    dynamo=True,
+                    input_names=list(names),
+                    output_names=list(program.output_names),
+                    opset_version=opset,
+                    verbose=False,
+                )
+        except Exception as e:  # the graph module's own trace below is the reference path
+            logger.debug("ONNX export of the captured program failed, tracing its graph module: %s", e)
+        finally:
+            del exported
     for min_dim in (1, 2):
         # GraphModule.forward(*inputs) takes flat positional tensors: one spec per input. Inputs
         # other than token inputs (lifted adapter tensors) name their own dims (``lora_rank``).
         shapes = program.dynamic_shapes(min_dim)
         try:
-            with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
-                # The unlifted graph module reports training=True and refuses .eval(); the graph
-                # itself is an eval capture (checked above), so the exporter's warning is noise.
-                warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            with _exporter_quiet():
                 return torch.onnx.export(
                     program.graph_module,
                     tuple(program.example_inputs),
@@ -204,6 +222,18 @@ def _set_input_defaults(model, defaults: dict) -> None:
 
 
 @contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """``torch.onnx.export``'s warnings that say nothing about a peftc program."""
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
+        # The unlifted graph module reports training=True and refuses .eval(); the graph
+        # itself is an eval capture (checked by the caller), so the exporter's warning is noise.
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _quiet_logger(name: str) -> Iterator[None]:
     """Silence a chatty logger (the exporter warns that torchvision's ops are not registered)."""
     log = logging.getLogger(name)
@@ -218,8 +248,10 @@ def _quiet_logger(name: str) -> Iterator[None]:
 def _name_dims(model, program: Program) -> None:
     """Give the dynamic dims of inputs and outputs the program's names (``batch``, ``sequence``).
 
-    The exporter names them after the ``Dim`` objects already; this maps any other symbol it
-    chose (``s0``…) through the inputs, so a renamed exporter never changes the ONNX interface.
+    The exporter names them after the ``Dim`` objects already when it traces the graph module; a
+    program converted from its capture (or a renamed exporter) has symbols (``s0``…): this maps them
+    through the inputs, in expressions too (a present cache's ``s24 + s36`` becomes
+    ``past_sequence + sequence``), so the ONNX interface never depends on the path taken.
     """
     import onnx_ir as ir
 
@@ -234,13 +266,33 @@ def _name_dims(model, program: Program) -> None:
                 mapping.setdefault(dim.value, name)
     if not mapping:
         return
+    symbols = {k: v for k, v in mapping.items() if k.isidentifier()}
+
+    def rename(dim: str | None) -> str | None:  # a whole dim, or the symbols of an expression ("s24 + s36")
+        if dim is None or dim in mapping:
+            return mapping.get(dim, dim)
+        return _rename_symbols(dim, symbols)
+
     for value in [*model.graph.inputs, *model.graph.outputs]:
         if value.shape is None:
             continue
-        dims = [
-            ir.SymbolicDim(mapping.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
-        ]
+        dims = [ir.SymbolicDim(rename(d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
         value.shape = ir.Shape(dims)
+
+
+def _rename_symbols(expression: str, names: dict[str, str]) -> str:
+    """``expression`` (a dim such as ``s24 + s36``) with its symbols renamed, printed as sympy orders it (as
+    torch.onnx prints the dims it names itself: ``past_sequence + sequence``)."""
+    import sympy
+
+    tokens = set(re.findall(r"[A-Za-z_]\w*", expression))
+    if not tokens & names.keys():
+        return expression
+    try:
+        parsed = sympy.parse_expr(expression, local_dict={t: sympy.Symbol(t) for t in tokens}, evaluate=True)
+        return str(parsed.subs({sympy.Symbol(k): sympy.Symbol(v) for k, v in names.items() if k in tokens}))
+    except Exception:  # not an expression sympy reads: rename the tokens as they stand
+        return re.sub(r"[A-Za-z_]\w*", lambda m: names.get(m.group(0), m.group(0)), expression)
 
 
 def run_onnx(

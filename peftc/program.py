@@ -9,6 +9,7 @@ export always starts from a separate eval-mode capture of the same model.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -128,6 +129,9 @@ class Program:
     wrapper: type[nn.Module] | None = field(default=None, repr=False)
     #: Largest batch the graph takes when the model guards an upper bound (diffusers' upsampler: batch < 64).
     max_batch: int | None = None
+    #: The ``torch.export`` program this one was captured as (without weights): what an exporter re-uses
+    #: instead of tracing the graph again while the graph is still the captured one (:meth:`exported_program`).
+    captured: CapturedGraph | None = field(default=None, repr=False)
 
     @property
     def graph(self) -> fx.Graph:
@@ -167,11 +171,115 @@ class Program:
         """``torch.export`` dynamic shapes of the graph's inputs, to re-export its graph module."""
         return dynamic_shapes(self.input_names, self.dynamic_dims, min_size, self.max_positions(), self.max_batch)
 
+    def exported_program(self) -> torch.export.ExportedProgram | None:
+        """The capture's ``ExportedProgram`` holding this program's current weights, without tracing again.
+
+        Only while the graph is op for op the one captured: a merge folds weights into new tensors bound
+        at the same names and leaves the base graph (so a merged export is converted from its capture);
+        any pass that changed an op, or a weight of another shape or dtype, gives ``None`` and the caller
+        traces the graph module instead (``torch.export`` of :attr:`graph_module`).
+        """
+        if self.captured is None or _fingerprint(self.graph) != self.captured.fingerprint:
+            return None
+        return self.captured.with_weights(self.graph_module)
+
 
 def get_tensor(module: nn.Module, path: str) -> Any:
     """The attribute at dotted ``path`` under ``module`` (a parameter, buffer or constant of a graph module)."""
     owner, _, attr = path.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+@dataclass(frozen=True)
+class CapturedGraph:
+    """What ``torch.export`` returned for a program, less its weights (they stay the graph module's).
+
+    ``copy.deepcopy`` shares it (it is never changed); :meth:`with_weights` rebuilds the
+    ``ExportedProgram`` around the tensors a graph module binds at the captured names.
+    """
+
+    graph_module: fx.GraphModule  # the lifted graph: weights are its inputs
+    signature: Any  # ExportGraphSignature
+    range_constraints: dict[Any, Any]
+    module_call_graph: list[Any]
+    example_inputs: Any
+    verifiers: list[Any]
+    #: :func:`_fingerprint` of the unlifted graph at capture.
+    fingerprint: str
+
+    @classmethod
+    def of(cls, ep: torch.export.ExportedProgram, unlifted: fx.GraphModule) -> CapturedGraph:
+        return cls(
+            ep.graph_module, ep.graph_signature, dict(ep.range_constraints), list(ep.module_call_graph),
+            ep.example_inputs, list(ep.verifiers), _fingerprint(unlifted.graph),
+        )  # fmt: skip
+
+    def with_weights(self, module: nn.Module) -> torch.export.ExportedProgram | None:
+        """The ``ExportedProgram`` with the parameters, buffers and constants ``module`` binds at the
+        captured names; ``None`` when one is missing or differs in shape or dtype from the captured one."""
+        from torch.export.graph_signature import InputKind
+
+        vals = {n.name: n.meta.get("val") for n in self.graph_module.graph.nodes if n.op == "placeholder"}
+        state: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for spec in self.signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                continue
+            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                return None  # script objects, tokens: not re-bound here
+            try:
+                tensor = get_tensor(module, spec.target)
+            except AttributeError:
+                return None
+            val = vals.get(spec.arg.name)
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or val is None
+                or (tensor.shape, tensor.dtype) != (val.shape, val.dtype)
+            ):
+                return None
+            if spec.kind == InputKind.PARAMETER:
+                state[spec.target] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+            elif spec.kind == InputKind.BUFFER and spec.persistent:
+                state[spec.target] = tensor
+            else:
+                constants[spec.target] = tensor
+        return torch.export.ExportedProgram(
+            root=self.graph_module,
+            graph=copy.deepcopy(self.graph_module.graph),  # nodes copied, meta shared: the program owns its graph
+            graph_signature=self.signature,
+            state_dict=state,
+            range_constraints=self.range_constraints,
+            module_call_graph=self.module_call_graph,
+            example_inputs=self.example_inputs,
+            constants=constants,
+            verifiers=self.verifiers,
+        )
+
+    def __deepcopy__(self, memo: dict) -> CapturedGraph:
+        return self
+
+
+def _fingerprint(graph: fx.Graph) -> str:
+    """Every node of ``graph`` (name, op, target, arguments) as text, less the dropouts that do nothing.
+
+    An eval capture holds ``dropout(x, p, train=False)`` (the identity), which the eval-mode pass of a
+    merge removes; any other difference between two graphs shows.
+    """
+    if not any(_idle_dropout(n) for n in graph.nodes):
+        return str(graph)
+    graph = copy.deepcopy(graph)
+    for node in list(graph.nodes):
+        if _idle_dropout(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return str(graph)
+
+
+def _idle_dropout(node: fx.Node) -> bool:
+    aten = torch.ops.aten
+    dropouts = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
+    return node.op == "call_function" and node.target in dropouts and len(node.args) > 2 and node.args[2] is False
 
 
 class ModelRef:
@@ -384,6 +492,7 @@ def capture(
         max_sequence=max_dim if max_dim != _max_positions(model.config) else None,
         wrapper=getattr(wrapper, "base_wrapper", type(wrapper)),
         max_batch=max_batch,
+        captured=CapturedGraph.of(ep, gm),
     )
     logger.debug("captured %s for %s (%s): %d nodes", type(model).__name__, spec.name, mode, len(gm.graph.nodes))
     return program
