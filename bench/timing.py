@@ -6,6 +6,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from peftc.reporting import meter
+
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
     """Median ms of each callable, run round-robin so that load on a shared machine hits all alike."""
@@ -23,11 +25,4 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs:
 
 def proc_status_mb(key: str) -> float:
     """A memory figure of this process from ``/proc/self/status`` in MiB (``VmRSS``, ``VmHWM``); 0 without /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return meter.proc_status_mb(key) or 0.0

@@ -335,15 +335,11 @@ def _memory(stage: str) -> None:
     """Log (debug) the process's resident memory now and its peak so far, after ``stage``: where an export's peak is."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
-    import resource
+    from peftc.reporting.meter import peak_memory_mb, proc_status_mb
 
-    try:
-        with open("/proc/self/statm") as f:
-            now = int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:  # not Linux: the peak alone
-        now = 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    logger.debug("memory after %s: rss %.0f MB, peak %.0f MB", stage, now / 1e6, peak / 1e6)
+    mb = 2**20 / 1e6  # MiB -> MB
+    now, peak = proc_status_mb("VmRSS") or 0.0, peak_memory_mb() or 0.0  # not Linux: the peak alone
+    logger.debug("memory after %s: rss %.0f MB, peak %.0f MB", stage, now * mb, peak * mb)
 
 
 def _timing(stage: str, graph: Graph) -> str:

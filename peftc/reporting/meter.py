@@ -7,9 +7,10 @@ batch has no mask. ``peak_memory_mb`` (MiB):
 
 - CUDA: ``torch.cuda.max_memory_allocated`` since the last read (the peak is reset at each read), the
   memory tensors held, as PyTorch's allocator counts it.
-- CPU: the process's peak resident set size, ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on
-  Linux, bytes on macOS). The kernel keeps one peak for the life of the process, so this one only
-  grows; absent where ``resource`` is (Windows).
+- CPU: the process's peak resident set size: ``VmHWM`` of ``/proc/self/status`` on Linux (the peak
+  of this program's own address space; ``ru_maxrss`` would start at the peak of the process that
+  spawned it), else ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (bytes on macOS). The kernel keeps
+  one peak for the life of the process, so this one only grows; absent where neither is (Windows).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["StepMeter", "count_tokens", "peak_memory_mb"]
+__all__ = ["StepMeter", "count_tokens", "peak_memory_mb", "proc_status_mb"]
 
 _MIB = 1024 * 1024
 
@@ -52,12 +53,30 @@ def peak_memory_mb(device: Any = None, reset: bool = False) -> float | None:
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return peak
+    peak = proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows
         return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / _MIB if sys.platform == "darwin" else rss / 1024
+
+
+def proc_status_mb(key: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` in MiB (``VmRSS`` now, ``VmHWM`` its peak).
+
+    ``None`` without ``/proc`` (not Linux) or where the kernel does not report ``key``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 class StepMeter:
