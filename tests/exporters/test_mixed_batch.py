@@ -243,13 +243,16 @@ def test_gpt2_kv_manifest_report_and_out_of_range_indices(gpt2_kv):
 
 
 # -- LLaMA LoRA and GPT-2 IA3, no cache ------------------------------------------------------------
-def _tokens(batch: int, seq: int, seed: int, pad_row: int | None = 1) -> dict[str, torch.Tensor]:
+def _tokens(batch: int, seq: int, seed: int, pad_row: int | None = 1, side: str = "left") -> dict[str, torch.Tensor]:
+    """Random ids; ``pad_row`` padded by 3 on ``side`` and row 0 by 1 (two pad lengths), positions as HF's."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 128, (batch, seq), generator=gen)
     mask = torch.ones_like(ids)
     if pad_row is not None:
-        mask[pad_row, :3] = 0
-        ids[pad_row, :3] = 0
+        for row, n in ((pad_row, 3), (0, 1)):
+            pads = slice(None, n) if side == "left" else slice(seq - n, None)
+            mask[row, pads] = 0
+            ids[row, pads] = 0
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
@@ -259,14 +262,16 @@ def test_llama_lora_three_ranks_mixed_rows_match_hf_peft_adapter_names(made, tmp
     base, adapters = made("llama", tiny_llama, configs)
     out = _export(base, adapters, tmp_path / "art", "causal-lm")
     session = _session(out / "model.onnx")
+    hf = _hf_mixed(tiny_llama, adapters)
     index = [2, -1, 0, 1, 0]
-    x = _tokens(5, 7, seed=3)
-    got = session.run(["logits"], {**{k: v.numpy() for k, v in x.items()}, "adapter_index": np.array(index)})[0]
-    with torch.no_grad():
-        want = _hf_mixed(tiny_llama, adapters)(**x, adapter_names=_names(index)).logits.numpy()
-    real = x["attention_mask"].bool().numpy()
-    np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
-    assert np.abs(want[0] - want[2]).max() > 1e-2  # two adapters on different rows differ
+    for side in ("left", "right"):
+        x = _tokens(5, 7, seed=3, side=side)
+        got = session.run(["logits"], {**{k: v.numpy() for k, v in x.items()}, "adapter_index": np.array(index)})[0]
+        with torch.no_grad():
+            want = hf(**x, adapter_names=_names(index)).logits.numpy()
+        real = x["attention_mask"].bool().numpy()
+        np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0, err_msg=f"{side}-padded")
+        assert np.abs(want[3] - want[2]).max() > 1e-2  # two adapters on different rows differ
 
 
 @pytest.mark.slow
@@ -311,19 +316,21 @@ def test_bert_seq_cls_stacks_lora_and_heads_like_hf_peft(made, tmp_path):
     out = _export(base, adapters, tmp_path / "art", "seq-cls")
     session = _session(out / "model.onnx")
     assert [i.name for i in session.get_inputs()][-1] == ADAPTER_INDEX
+    hf = _hf_mixed(tiny_bert, adapters)
     index = [1, -1, 0, 1]
-    x = _tokens(4, 8, seed=6, pad_row=None)
-    x = {
-        "input_ids": x["input_ids"],
-        "attention_mask": x["attention_mask"],
-        "token_type_ids": torch.zeros_like(x["input_ids"]),
-    }
-    feeds = {i.name: x[i.name].numpy() for i in session.get_inputs() if i.name in x}
-    got = session.run(["logits"], {**feeds, ADAPTER_INDEX: np.array(index)})[0]
-    with torch.no_grad():
-        want = _hf_mixed(tiny_bert, adapters)(**x, adapter_names=_names(index)).logits.numpy()
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    assert np.abs(want[0] - want[2]).max() > 1e-2
+    for pad_row, side in ((None, "none"), (2, "right"), (2, "left")):  # every row is pooled, padded or not
+        x = _tokens(4, 8, seed=6, pad_row=pad_row, side=side)
+        x = {
+            "input_ids": x["input_ids"],
+            "attention_mask": x["attention_mask"],
+            "token_type_ids": torch.zeros_like(x["input_ids"]),
+        }
+        feeds = {i.name: x[i.name].numpy() for i in session.get_inputs() if i.name in x}
+        got = session.run(["logits"], {**feeds, ADAPTER_INDEX: np.array(index)})[0]
+        with torch.no_grad():
+            want = hf(**x, adapter_names=_names(index)).logits.numpy()
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f"padding: {side}")
+        assert np.abs(want[0] - want[2]).max() > 1e-2
 
 
 # -- the pass, cheaply; refusals ----------------------------------------------------------------
