@@ -17,7 +17,9 @@ the torch reference (:func:`compare_outputs`):
 - KV-cache (with-past) graphs: prefills from an empty cache and decode steps on the cache the
   torch program returned; the ``present.*`` outputs are compared whole, beside the logits.
 
-Tolerance: ``max |artifact − torch| <= atol`` per case, :data:`DEFAULT_ATOL` = 1e-4 for fp32. Measured
+Tolerance: ``max |artifact − torch| <= atol + rtol × max |torch|`` per case and output (the reference's
+largest magnitude scales the relative part: a half-precision runtime's rounding grows with the values it
+rounds), :data:`DEFAULT_ATOL` = 1e-4 and ``rtol`` 0 for fp32 (float16's defaults: ``peftc.exporting.options``). Measured
 ONNX Runtime vs torch differences on fp32 models are ~1e-7…1e-6 (reordered float sums, fused
 kernels); 1e-4 leaves room for larger hidden sizes while catching any real divergence (a wrong
 mask, a dropped adapter branch or a stale weight moves logits by 1e-2 or more). A case that fails
@@ -47,8 +49,10 @@ __all__ = [
     "DEFAULT_ATOL",
     "CaseResult",
     "VerificationReport",
+    "Tolerance",
     "VerifyCase",
     "compare_outputs",
+    "describe_tolerance",
     "make_cases",
     "numpy_outputs",
     "run_torch",
@@ -92,12 +96,16 @@ class CaseResult:
     max_abs_diff: float
     passed: bool
     note: str = ""
+    #: the bound of the output that came closest to its own (``atol + rtol × its max |reference|``);
+    #: ``None`` when ``rtol`` is 0 (the bound is ``atol``)
+    limit: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["max_abs_diff"] = _json_float(self.max_abs_diff)
-        if not self.note:
-            out.pop("note")
+        for key, empty in (("note", ""), ("limit", None)):
+            if out[key] == empty:
+                out.pop(key)
         return out
 
 
@@ -110,6 +118,7 @@ class VerificationReport:
     atol: float
     compared_at: str
     cases: list[CaseResult] = field(default_factory=list)
+    rtol: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -124,6 +133,7 @@ class VerificationReport:
             "candidate": self.candidate,
             "reference": self.reference,
             "atol": self.atol,
+            **({"rtol": self.rtol} if self.rtol else {}),
             "compared_at": self.compared_at,
             "max_abs_diff": _json_float(self.max_abs_diff),
             "passed": self.passed,
@@ -132,7 +142,12 @@ class VerificationReport:
 
     def summary(self) -> str:
         figures = ", ".join(f"{c.name} {c.shape}: {c.max_abs_diff:.2e}" for c in self.cases)
-        return f"{self.candidate} vs {self.reference}: {figures} (atol {self.atol:g})"
+        return f"{self.candidate} vs {self.reference}: {figures} ({self.tolerance})"
+
+    @property
+    def tolerance(self) -> str:
+        """``atol 0.0001``, or ``atol 0.02 + rtol 0.01 × max |reference|``."""
+        return describe_tolerance(self.atol, self.rtol)
 
     def raise_if_failed(self, hint: str = "") -> VerificationReport:
         """Raise :class:`ExportVerificationError` (with ``.report``) when a case is off; ``hint`` ends the message."""
@@ -140,7 +155,8 @@ class VerificationReport:
             return self
         bad = [c for c in self.cases if not c.passed]
         worst = bad[0]
-        reason = worst.note or f"max abs diff {worst.max_abs_diff:.3e} > atol {self.atol:g}"
+        bound = f"{worst.limit:.3e} ({self.tolerance})" if worst.limit is not None else f"atol {self.atol:g}"
+        reason = worst.note or f"max abs diff {worst.max_abs_diff:.3e} > {bound}"
         err = ExportVerificationError(
             f"{self.candidate} does not reproduce {self.reference}: case {worst.name!r} {worst.shape} {reason}; "
             f"all cases: {', '.join(f'{c.name}={c.max_abs_diff:.2e}' for c in self.cases)}"
@@ -148,6 +164,32 @@ class VerificationReport:
         )
         err.report = self  # type: ignore[attr-defined]
         raise err
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A verification's bound: ``max |artifact − reference| <= atol + rtol × max |reference|`` per output."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = 0.0
+
+    def __str__(self) -> str:
+        return describe_tolerance(self.atol, self.rtol)
+
+    def to_dict(self) -> dict[str, float]:
+        """``report.json``'s fields: ``atol``, and ``rtol`` when it is not 0."""
+        return {"atol": float(self.atol), **({"rtol": float(self.rtol)} if self.rtol else {})}
+
+
+def _share_of_bound(figure: tuple[float, float]) -> float:
+    """``diff / bound`` of a ``(max abs diff, bound)`` pair: how close an output came to failing."""
+    diff, bound = figure
+    return diff / bound if bound > 0 else (math.inf if diff > 0 else 0.0)
+
+
+def describe_tolerance(atol: float, rtol: float = 0.0) -> str:
+    """How a tolerance reads in messages: ``atol 0.0001``, or ``atol 0.02 + rtol 0.01 × max |reference|``."""
+    return f"atol {atol:g}" + (f" + rtol {rtol:g} × max |reference|" if rtol else "")
 
 
 def _json_float(x: float) -> float | str:
@@ -387,12 +429,18 @@ def compare_outputs(
     atol: float = DEFAULT_ATOL,
     candidate: str = "candidate",
     reference: str = "reference",
+    rtol: float = 0.0,
 ) -> VerificationReport:
-    """Compare per case: real positions for ``causal-lm`` and ``token-cls``, every row otherwise (``seq-cls``)."""
+    """Compare per case: real positions for ``causal-lm`` and ``token-cls``, every row otherwise (``seq-cls``).
+
+    A case passes when every output's max abs diff is within ``atol + rtol × max |that output's reference|``
+    (over the positions compared).
+    """
     report = VerificationReport(
         candidate=candidate,
         reference=reference,
         atol=float(atol),
+        rtol=float(rtol),
         compared_at="real (unpadded) positions" if task in _PER_POSITION else "every row",
     )
     for case, a, e in zip(cases, actual, expected, strict=True):
@@ -419,18 +467,22 @@ def compare_outputs(
             rows = np.ones(a.shape[0], dtype=bool)
         diff = np.abs(a[rows] - e[rows])
         worst = float(diff.max()) if diff.size else math.nan
+        # (max abs diff, bound) per output: the logits first, then each extra output
+        figures = [(worst, atol + rtol * float(np.abs(e[rows]).max()))] if diff.size else []
         for x, y in extra:  # presents [batch, heads, past + sequence, head_dim]: real positions (the mask's ones)
             mask = case.inputs.get("attention_mask")  # graphs without a mask (a text encoder's pooled output): whole
             keep = mask.bool().numpy() if mask is not None else None
             if keep is not None and x.ndim == 4 and keep.shape == (x.shape[0], x.shape[2]):
                 x, y = x.transpose(0, 2, 1, 3)[keep], y.transpose(0, 2, 1, 3)[keep]
             if x.size:
-                worst = max(worst, float(np.abs(x - y).max()))
+                figures.append((float(np.abs(x - y).max()), atol + rtol * float(np.abs(y).max())))
+                worst = max(worst, figures[-1][0])
         if np.isnan(diff).any() or any(np.isnan(x).any() for x, _ in extra):
             worst = math.nan
-        passed = diff.size > 0 and math.isfinite(worst) and worst <= atol
+        passed = diff.size > 0 and math.isfinite(worst) and all(d <= bound for d, bound in figures)
         note = "" if diff.size else "nothing to compare"
-        report.cases.append(CaseResult(case.name, case.shape, case.padded, int(rows.sum()), worst, passed, note))
+        limit = max(figures, key=_share_of_bound)[1] if rtol and figures else None
+        report.cases.append(CaseResult(case.name, case.shape, case.padded, int(rows.sum()), worst, passed, note, limit))
     return report
 
 
@@ -444,6 +496,7 @@ def verify_artifact(
     reference_name: str = "the torch program",
     raise_on_failure: bool = True,
     adapter: str | Path | None = None,
+    rtol: float = 0.0,
 ) -> VerificationReport:
     """Run an exported file with its format's runtime and compare with the torch program on held-out inputs.
 
@@ -464,12 +517,14 @@ def verify_artifact(
         raise_on_failure: raise instead of returning a failed report.
         adapter: an adapter file activated for every run (swappable exports). Without it, a
             program with adapter inputs runs as the base model ("no adapter").
+        rtol: tolerance relative to each output's largest reference magnitude, added to ``atol``
+            (0 for fp32; half precision's rounding grows with the values).
 
     Returns:
         The per-case figures; the report names the candidate ``"<runtime> (<file>)"``.
 
     Raises:
-        ExportVerificationError: a case differs by more than ``atol`` (``err.report`` has the figures).
+        ExportVerificationError: a case differs by more than its tolerance (``err.report`` has the figures).
     """
     from .registry import get_exporter
 
@@ -490,5 +545,6 @@ def verify_artifact(
         atol=atol,
         candidate=f"{exporter.runtime} ({name})",
         reference=reference_name,
+        rtol=rtol,
     )
     return report.raise_if_failed() if raise_on_failure else report

@@ -371,6 +371,12 @@ class _FormatOption(click.Option):
     "--atol", type=float, help="Verification tolerance (max abs diff of logits); default 1e-4, or 2e-2 with float16."
 )
 @click.option(
+    "--rtol",
+    type=float,
+    help="Verification tolerance relative to each output's largest magnitude, added to --atol; default 0, "
+    "or 1e-2 with float16.",
+)
+@click.option(
     "--dtype",
     default="float32",
     show_default=True,
@@ -418,6 +424,7 @@ def export(
     force: bool,
     opset: int,
     atol: float | None,
+    rtol: float | None,
     dtype: str,
     quantize: str | None,
     quantize_block_size: int | None,
@@ -429,6 +436,7 @@ def export(
     With --adapters-as-inputs or --mixed-batch, several SRCs made for the same base share one model.onnx.
     """
     from peftc.errors import ConfigError
+    from peftc.exporters.verify import describe_tolerance
     from peftc.exporting import export as run_export
 
     if merge and adapters_as_inputs:
@@ -453,6 +461,7 @@ def export(
         task=task,
         opset=opset,
         atol=atol,
+        rtol=rtol,
         adapters_as_inputs=adapters_as_inputs,
         with_past=with_past,
         dtype=dtype,
@@ -466,7 +475,8 @@ def export(
     if os.path.isfile(report_path):
         with open(report_path) as f:
             report = json.load(f)
-        click.echo(f"verified: max abs diff {_fmt(report.get('max_abs_diff'))} (atol {_fmt(report.get('atol', atol))})")
+        bound = describe_tolerance(report.get("atol", atol), report.get("rtol", 0.0))
+        click.echo(f"verified: max abs diff {_fmt(report.get('max_abs_diff'))} ({bound})")
         q = report.get("quantization")
         if q:
             click.echo(

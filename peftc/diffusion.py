@@ -486,7 +486,7 @@ class VaeDecoderModule(nn.Module):
 
 
 def write_pipeline_files(
-    directory: Path, loaded: Any, exporter: Any = None, options: Any = None, atol: float = 1e-4
+    directory: Path, loaded: Any, exporter: Any = None, options: Any = None, tolerance: Any = None
 ) -> dict[str, Any]:
     """The artifact's files beside ``unet/model.onnx``: the UNet's ``config.json`` (optimum's ``ORTUnet`` reads it);
     from a pipeline directory exported to ONNX, the rest of the pipeline in optimum's layout.
@@ -501,7 +501,8 @@ def write_pipeline_files(
         ``report.json`` entries: ``components``, each part's verification report (empty for a UNet directory).
 
     Raises:
-        ExportVerificationError: a part's ONNX outputs differ from torch's by more than ``atol``.
+        ExportVerificationError: a part's ONNX outputs differ from torch's by more than ``tolerance``
+            (a :class:`~peftc.exporters.verify.Tolerance`; float32's default when None).
     """
     import shutil
 
@@ -511,9 +512,10 @@ def write_pipeline_files(
         return {}
     import transformers
 
-    from peftc.exporters.verify import make_cases, run_torch, verify_artifact
+    from peftc.exporters.verify import Tolerance, make_cases, run_torch, verify_artifact
     from peftc.program import capture
 
+    tolerance = tolerance or Tolerance()
     diffusers = require_diffusers()
     text_encoder = transformers.CLIPTextModel.from_pretrained(str(source / "text_encoder"), use_safetensors=True)
     vae = diffusers.AutoencoderKL.from_pretrained(str(source / "vae"), use_safetensors=True)
@@ -530,7 +532,10 @@ def write_pipeline_files(
         exporter.write(program, path, {"peftc.task": TASK, "peftc.graph": role}, options)
         cases = make_cases(program)
         reference = run_torch(program, cases, program.input_names)
-        report = verify_artifact(exporter, path, program, cases, reference, atol=atol, reference_name=f"torch {role}")
+        report = verify_artifact(
+            exporter, path, program, cases, reference, atol=tolerance.atol, rtol=tolerance.rtol,
+            reference_name=f"torch {role}",
+        )  # fmt: skip
         report.raise_if_failed(hint="nothing was written")
         reports[role] = report.to_dict()
         save_config = module.save_config if hasattr(module, "save_config") else module.config.save_pretrained

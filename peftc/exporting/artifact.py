@@ -14,6 +14,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from peftc.exporters.verify import Tolerance
+
 from .graphs import Graph, GraphPlan
 from .modes import Mode, per_graph
 from .sources import Adapters
@@ -31,7 +33,7 @@ def write_artifact(
     names: list[str],
     loaded: Any,
     checks: tuple[list[Any], list[Any], list[Any]],
-    atol: float,
+    tolerance: Tolerance,
     dtype: str | None,
     timings: dict[str, float],
     quantization: dict[str, Any] | None = None,
@@ -45,12 +47,12 @@ def write_artifact(
             ``quantize`` holds the scheme and the headline figures).
     """
     comparisons, reports, merged = checks
-    components = write_model_files(directory, loaded, plan.with_past, exporter, options, atol, task=plan.task)
+    components = write_model_files(directory, loaded, plan.with_past, exporter, options, tolerance, task=plan.task)
     runtime = write_runtime_config(directory, exporter, plan, graphs)
     mode.copy_adapters(directory, adapters, names)
     write_report(
         directory,
-        atol=atol,
+        tolerance=tolerance,
         graphs=graphs,
         reports=reports,
         entries={
@@ -117,7 +119,7 @@ def write_model_files(
     with_past: bool = False,
     exporter: Any = None,
     options: Any = None,
-    atol: float = 1e-4,
+    tolerance: Tolerance | None = None,
     *,
     task: str | None = None,
 ) -> dict[str, Any]:
@@ -133,7 +135,7 @@ def write_model_files(
     if task == TEXT_TO_IMAGE:
         from peftc.diffusion import write_pipeline_files
 
-        return write_pipeline_files(directory, loaded, exporter, options, atol)
+        return write_pipeline_files(directory, loaded, exporter, options, tolerance)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if hasattr(config, "use_cache"):
@@ -184,7 +186,7 @@ def base_info(spec: str, loaded: Any) -> dict[str, Any]:
 def write_report(
     directory: Path,
     *,
-    atol: float,
+    tolerance: Tolerance,
     graphs: list[Graph],
     reports: list[Any],
     entries: dict[str, Any],
@@ -201,7 +203,7 @@ def write_report(
         directory / REPORT_FILE,
         {
             "verified": True,
-            "atol": float(atol),
+            **tolerance.to_dict(),
             "max_abs_diff": max(r.max_abs_diff for r in reports),  # the artifact vs its torch reference, worst case
             "cases": per_graph(graphs, cases),
             **entries,

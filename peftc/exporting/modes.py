@@ -36,6 +36,7 @@ from .sources import Adapters, adapted_modules, adapter_name, adapter_names, ref
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftc.exporters.registry import AdapterFiles, Exporter
+    from peftc.exporters.verify import Tolerance
 
 __all__ = [
     "ADAPTERS_SUBDIR",
@@ -110,7 +111,7 @@ class Mode(Protocol):
         """Reference stage: what the verification step compares, with the torch outputs to compare with."""
         ...
 
-    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+    def apply(self, graphs: list[Graph], tolerance: Tolerance) -> list[Any]:
         """Mode passes on the exported graphs; returns the reports of any torch-level check (merge)."""
         ...
 
@@ -177,7 +178,7 @@ class OneAdapter:
     ) -> list[Comparison]:
         return [Comparison(g, g.reference, _role(g, REFERENCE)) for g in bound[0]]
 
-    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+    def apply(self, graphs: list[Graph], tolerance: Tolerance) -> list[Any]:
         """Merge: fold every graph's sites and check the merged torch program against the reference."""
         from peftc.exporters.verify import compare_outputs, run_torch
 
@@ -192,7 +193,8 @@ class OneAdapter:
                     g.reference,
                     g.cases,
                     g.program.task.name,
-                    atol=atol,
+                    atol=tolerance.atol,
+                    rtol=tolerance.rtol,
                     candidate="the merged torch program" if g.role is None else f"the merged torch {g.role}",
                     reference=REFERENCE,
                 ).raise_if_failed(hint="the merge pass changed the model's outputs; nothing was written")
@@ -324,7 +326,7 @@ class SwappableAdapters:
         out.append(Comparison(graph, run_torch(plan.base_module(model), graph.cases, inputs), "the base model"))
         return out
 
-    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+    def apply(self, graphs: list[Graph], tolerance: Tolerance) -> list[Any]:
         from peftc.passes.lift import LiftAdaptersToInputsPass
 
         LiftAdaptersToInputsPass()(graphs[0].program)
@@ -467,7 +469,7 @@ class MixedAdapters(SwappableAdapters):
         graph.reference = reference
         return [Comparison(graph, reference, f"{REFERENCE} of each row's adapter (the base model for -1)")]
 
-    def apply(self, graphs: list[Graph], atol: float) -> list[Any]:
+    def apply(self, graphs: list[Graph], tolerance: Tolerance) -> list[Any]:
         """The mixed-batch pass, then its torch program checked row by row against each adapter's own."""
         from peftc.exporters.verify import compare_outputs, run_torch
         from peftc.passes.mixed_batch import MixedBatchPass
@@ -479,7 +481,8 @@ class MixedAdapters(SwappableAdapters):
             g.reference,
             g.cases,
             g.program.task.name,
-            atol=atol,
+            atol=tolerance.atol,
+            rtol=tolerance.rtol,
             candidate="the mixed-batch torch program",
             reference=f"{REFERENCE} of each row's adapter",
         ).raise_if_failed(hint="the mixed-batch pass changed a row's outputs; nothing was written")

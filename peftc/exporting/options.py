@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from peftc.errors import ConfigError
+from peftc.exporters.verify import Tolerance
 
 __all__ = ["DTYPES", "check_options", "default_out", "requested_with_past", "source_list"]
 
-#: Weight/activation dtypes an artifact can have, and the default verification tolerance of each.
-#: fp16 is compared with the fp16 torch program (the base is loaded in fp16): an 11-bit mantissa rounds
-#: every weight and activation by up to 2^-11 relative, and the two runtimes round differently, so
-#: logits differ by ~1e-3 on small models and more on deep ones (measured in the README); 2e-2
-#: still catches a wrong mask or a lost adapter (≥ 1e-1).
-DTYPES = {"float32": 1e-4, "float16": 2e-2}
+#: Weight/activation dtypes an artifact can have, and the default verification tolerance of each
+#: (``max |artifact − torch| <= atol + rtol × max |torch|`` per output). fp16 is compared with the fp16
+#: torch program (the base is loaded in fp16): an 11-bit mantissa rounds every weight and activation by
+#: up to 2^-11 relative, and the two runtimes round differently, so outputs differ by ~1e-3 on small
+#: models and more on deep ones — in proportion to the values rounded (measured in the README): hence
+#: a relative part, 1 % of each output's largest magnitude, over an absolute 2e-2. Both still catch a
+#: wrong mask or a lost adapter (≥ 1e-1, and of the order of the outputs themselves).
+DTYPES = {"float32": Tolerance(1e-4), "float16": Tolerance(2e-2, 1e-2)}
 
 
 def default_out(src: str | Path, format: str = "onnx") -> Path:
@@ -23,11 +26,12 @@ def default_out(src: str | Path, format: str = "onnx") -> Path:
     return Path(src) / f"export-{format}"
 
 
-def check_options(format: str, opset: Any, atol: Any, dtype: str = "float32") -> float:
-    """Refuse unusable options; returns the tolerance (the dtype's default when ``atol`` is None).
+def check_options(format: str, opset: Any, atol: Any, dtype: str = "float32", rtol: Any = None) -> Tolerance:
+    """Refuse unusable options; returns the tolerance (the dtype's default for an ``atol`` or ``rtol`` of None).
 
     Raises:
-        ConfigError: a format no exporter is registered for, an opset below 18, an unknown dtype, a bad atol.
+        ConfigError: a format no exporter is registered for, an opset below 18, an unknown dtype, a bad
+            atol or rtol.
     """
     from peftc.exporters import get_exporter
 
@@ -36,11 +40,13 @@ def check_options(format: str, opset: Any, atol: Any, dtype: str = "float32") ->
         raise ConfigError(f"opset={opset!r} is not supported; use an ONNX opset >= 18")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
-    if atol is None:
-        return DTYPES[dtype]
-    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol >= 0:
-        raise ConfigError(f"atol={atol!r} must be a non-negative number (default 1e-4 for fp32 logits)")
-    return float(atol)
+    default = DTYPES[dtype]
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0):
+            raise ConfigError(
+                f"{name}={value!r} must be a non-negative number (default for {dtype}: {getattr(default, name):g})"
+            )
+    return Tolerance(default.atol if atol is None else float(atol), default.rtol if rtol is None else float(rtol))
 
 
 def source_list(src: str | Path | Sequence[str | Path], adapters_as_inputs: bool) -> list[str | Path]:

@@ -64,6 +64,7 @@ def export(
     task: str | None = None,
     opset: int = 18,
     atol: float | None = None,
+    rtol: float | None = None,
     external_data: bool | None = None,
     adapters_as_inputs: bool = False,
     with_past: bool | None = None,
@@ -101,6 +102,9 @@ def export(
         opset: ONNX opset (18 or later).
         atol: absolute tolerance on outputs for every verification; ``None``: 1e-4 for float32,
             2e-2 for float16 (:data:`~peftc.exporting.DTYPES`).
+        rtol: tolerance relative to each output's largest reference magnitude, added to ``atol``
+            (``max |artifact − torch| <= atol + rtol × max |torch|``); ``None``: 0 for float32, 1e-2
+            for float16 (whose rounding grows with the values rounded).
         external_data: weights in ``model.onnx.data`` (``True``), inline (``False``), or by size
             (``None``: external above 256 MiB, where an
             inline file would cost several copies of the weights in memory).
@@ -120,7 +124,7 @@ def export(
             ``None`` (default): on for causal-lm and seq2seq with ONNX, as in optimum.
         dtype: ``float32`` or ``float16`` (weights, activations and float inputs/outputs in half
             precision; the base is loaded in float16 and the artifact verified against the float16
-            torch program with the float16 ``atol``).
+            torch program with the float16 ``atol`` and ``rtol``).
             float16 is for one-graph exports without ``adapters_as_inputs``.
         quantize: ``int4`` or ``int8`` weights (ONNX only, float32 only; :mod:`peftc.exporting.quantize`):
             the float file is verified at ``atol`` first, then quantized with ONNX Runtime's tools
@@ -154,13 +158,13 @@ def export(
         AdapterFormatError, ModelLoadError, AdapterMismatchError: a SRC or the base cannot be used
             (swappable: sources with different methods, bases, tasks or target modules).
         ExportVerificationError: the merged program or the exported file does not reproduce the
-            unmerged adapted program within ``atol`` (exit code 3); nothing is written.
+            unmerged adapted program within the tolerance (exit code 3); nothing is written.
     """
     from peftc.exporters import ExportRequest, WriteOptions, get_exporter
     from peftc.runs import resolve_source
 
     # -- options: everything that can be refused before a file is read
-    atol = check_options(format, opset, atol, dtype)
+    tolerance = check_options(format, opset, atol, dtype, rtol)
     exporter = get_exporter(format)
     if mixed_batch:  # refuse --mixed-batch with another mode or format before any source is read
         select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
@@ -210,7 +214,7 @@ def export(
     timings["reference_s"] = time.perf_counter() - tick
     _memory("reference")
     tick = time.perf_counter()
-    merged = mode.apply(graphs, atol)
+    merged = mode.apply(graphs, tolerance)
     timings["mode_s"] = time.perf_counter() - tick
     _memory("mode passes")
 
@@ -233,11 +237,12 @@ def export(
         _memory("release")
 
         # -- verify: one step for every comparison, failures raised once all are known
-        reports = _verify(exporter, tmp, graphs, comparisons, atol, timings)
+        reports = _verify(exporter, tmp, graphs, comparisons, tolerance, timings)
         _memory("verify")
         for report in reports:
             report.raise_if_failed(
-                hint=f"nothing was written to {out}; if every figure is close to atol, a larger --atol may be justified"
+                hint=f"nothing was written to {out}; if every figure is close to its bound, a larger --atol or "
+                "--rtol may be justified"
             )
         quantization = None
         if quant is not None:  # the verified float files to quantized weights, measured against the same references
@@ -256,7 +261,7 @@ def export(
             names=names,
             loaded=loaded,
             checks=(comparisons, reports, merged),
-            atol=atol,
+            tolerance=tolerance,
             dtype=recorded_dtype,
             timings=timings,
             quantization=quantization,
@@ -346,7 +351,7 @@ def _timing(stage: str, graph: Graph) -> str:
     return f"{stage}_s" if graph.role is None else f"{stage}_{graph.role}_s"
 
 
-def _verify(exporter, directory: Path, graphs: list[Graph], comparisons, atol: float, timings: dict[str, float]):
+def _verify(exporter, directory: Path, graphs: list[Graph], comparisons, tolerance, timings: dict[str, float]):
     """The verification step: each comparison's file run vs its torch reference (reports in comparison order)."""
     from peftc.exporters.verify import verify_artifact
 
@@ -361,7 +366,8 @@ def _verify(exporter, directory: Path, graphs: list[Graph], comparisons, atol: f
                     g.program,
                     g.cases,
                     c.reference,
-                    atol=atol,
+                    atol=tolerance.atol,
+                    rtol=tolerance.rtol,
                     reference_name=c.reference_name,
                     raise_on_failure=False,
                     adapter=directory / c.adapter if c.adapter is not None else None,

@@ -266,7 +266,9 @@ def render(info: dict[str, Any]) -> str:
     if info.get("report"):
         rep = info["report"]
         lines.append(
-            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}), "
+            f"verification: max abs diff {rep.get('max_abs_diff')} (atol {rep.get('atol')}"
+            + (f" + rtol {rep['rtol']} × max |reference|" if rep.get("rtol") else "")
+            + "), "
             f"verified={rep.get('verified')}"
         )
         if rep.get("quantization"):  # --quantize: the quantized file against the float program

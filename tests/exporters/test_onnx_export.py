@@ -208,6 +208,7 @@ def test_failed_forced_export_keeps_the_previous_artifact(export_cases, monkeypa
         ({"format": "tflite"}, "supported: onnx, torchscript, aoti"),
         ({"opset": 17}, "opset"),
         ({"atol": -1.0}, "atol"),
+        ({"rtol": -0.5}, r"rtol=-0.5 must be a non-negative number \(default for float32: 0\)"),
     ],
 )
 def test_bad_options_are_config_errors(kwargs, match, tmp_path):

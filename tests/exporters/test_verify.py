@@ -94,6 +94,25 @@ def test_seq_cls_compares_every_row():
     assert compare_outputs([out], [ref], [case], "seq-cls", atol=3e-4).passed
 
 
+def test_rtol_scales_each_outputs_bound_with_its_own_reference():
+    """``atol + rtol × max |reference|`` per output: logits of magnitude 8 and presents of magnitude 100."""
+    case = _case([[1, 1]])
+    logits = np.full((1, 2, 3), 8.0, dtype=np.float32)
+    present = np.full((1, 2, 2, 4), 100.0, dtype=np.float32)  # [batch, heads, positions, head_dim]
+    off = [logits + 0.05, present + 0.5]  # 0.05 <= 0.02 + 0.01 * 8, 0.5 <= 0.02 + 0.01 * 100
+    report = compare_outputs([off], [[logits, present]], [case], "causal-lm", atol=2e-2, rtol=1e-2)
+    assert report.passed and report.max_abs_diff == pytest.approx(0.5)
+    assert report.cases[0].limit == pytest.approx(0.1)  # the logits came closest to their bound (0.05 of 0.1)
+    assert report.to_dict()["rtol"] == 1e-2 and report.tolerance == "atol 0.02 + rtol 0.01 × max |reference|"
+    assert not compare_outputs([off], [[logits, present]], [case], "causal-lm", atol=2e-2).passed  # rtol 0
+
+    off = [logits + 0.11, present]  # the presents' scale does not stretch the logits' bound
+    report = compare_outputs([off], [[logits, present]], [case], "causal-lm", atol=2e-2, rtol=1e-2)
+    assert not report.passed
+    with pytest.raises(ExportVerificationError, match=r"max abs diff 1\.100e-01 > 1\.000e-01 \(atol 0\.02 \+ rtol"):
+        report.raise_if_failed()
+
+
 def test_nan_and_shape_mismatch_fail():
     case = _case([[1, 1]])
     ref = np.zeros((1, 2, 3), dtype=np.float32)
