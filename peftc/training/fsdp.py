@@ -23,6 +23,11 @@ evaluation, each weight is sharded once, and evaluation (all ranks take part in 
 reports) runs through :meth:`Sharded.evaluating`. Once sharded, the full tensors are released (their
 storage emptied): what still referenced them (the unsplit captures, the eager model) must not be run.
 
+Memory: the base stays in host memory (memory-mapped from its safetensors) until ``fully_shard`` moves each
+block's tensors to the device and keeps this rank's shard; the full copy is freed right after each block's
+``fully_shard``, so a device holds its shards plus one block at a time, never the whole base (on CUDA; on
+the CPU the host copy is the base's memory map).
+
 ``--compile`` is refused with ``--fsdp`` (FSDP2's hooks are not traced into the captured graph's
 ``fullgraph`` compile here); ``--gradient-checkpointing`` composes: the checkpointed call runs the FSDP
 unit, whose hooks gather the block again for the recompute.
@@ -201,7 +206,10 @@ def shard_programs(
         block = _Block(train_split.get_submodule(target), eval_split.get_submodule(eval_target), mode)
         setattr(train_split, target, block)  # both roots call the same unit
         setattr(eval_split, eval_target, block)
+        owned = [p for p in block.parameters() if not p.requires_grad]
         fully_shard(block, ignored_params=set(trainable.values()))
+        if release:  # fully_shard moved the full tensors to the device first: free them block by block
+            _release(owned)
     if gradient_checkpointing:
         checkpoint_calls(train_split, train_blocks)
     fully_shard(sharded, ignored_params=set(trainable.values()))
@@ -218,7 +226,12 @@ def shard_programs(
         "adapter_tensors": len(trainable),
     }
     if release:
-        for p in frozen.values():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        _release(frozen.values())
     logger.info("fsdp: %s", sharded.summary)
     return sharded
+
+
+def _release(params) -> None:
+    """Empty the storage of full (unsharded) tensors: their shards live on in the FSDP units."""
+    for p in params:
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)

@@ -257,7 +257,9 @@ def _build(
     else:
         base_source = loaded.source
     config.base_model_name_or_path = base_source
-    loaded.model.to(device=device, dtype=dtype)
+    # --fsdp: the base stays in host memory (memory-mapped) and fully_shard moves each block's shard to the
+    # device as it shards it, so a base larger than one device loads; only the adapter is moved here
+    loaded.model.to(dtype=dtype) if cfg.fsdp else loaded.model.to(device=device, dtype=dtype)
     transform = None
     if task == "text-to-image":  # training draws one timestep per row
         from peftc.diffusion import per_sample_timesteps as transform
@@ -274,10 +276,10 @@ def _build(
         _seed_everything(cfg.seed)  # the fresh adapter's init depends on the seed only
         insertion_pipeline(config)(train_prog)
         state = train_prog.adapter
-    train_prog.graph_module.to(device)  # the adapter's tensors (same Parameter objects, new storage)
+    _to_device(train_prog.graph_module, device, cfg.fsdp)  # the adapter's tensors (same Parameters, new storage)
     adapter_to_float32(p for p in train_prog.graph_module.parameters() if p.requires_grad)
     insertion_pipeline(config, state)(eval_prog)
-    eval_prog.graph_module.to(device)
+    _to_device(eval_prog.graph_module, device, cfg.fsdp)
     params = [(n, p) for n, p in train_prog.graph_module.named_parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"method {config.peft_type} left nothing to train in {cfg.model}")
@@ -378,6 +380,16 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device | None) -> dict[str
     if device is None or device.type == "cpu":
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _to_device(gm: torch.nn.Module, device: torch.device, trainable_only: bool) -> None:
+    """Move a captured program to ``device``: all of it, or (``--fsdp``, which moves the base) its trainable tensors."""
+    if not trainable_only:
+        gm.to(device)
+        return
+    for p in gm.parameters():
+        if p.requires_grad and p.device != device:
+            p.data = p.data.to(device)
 
 
 def _step_module(cfg: TrainConfig, s: _Setup, dist: Distributed) -> tuple[Any, Any, dict[str, int] | None]:

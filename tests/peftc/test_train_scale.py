@@ -488,6 +488,19 @@ def test_sharded_programs_give_the_unsharded_outputs_and_gradients(gloo_world_of
     assert torch.equal(want_eval, got_eval)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU has one memory)")
+def test_fsdp_moves_only_the_adapter_and_leaves_the_base_to_fully_shard():
+    """Under ``--fsdp`` the base is not moved whole to the device (fully_shard moves each rank's shards)."""
+    from peftc.training.loop import _to_device
+
+    module = torch.nn.Linear(4, 3)
+    module.weight.requires_grad_(False)  # the frozen base; the bias plays the adapter
+    _to_device(module, torch.device("cuda"), trainable_only=True)
+    assert module.weight.device.type == "cpu" and module.bias.device.type == "cuda"
+    _to_device(module, torch.device("cuda"), trainable_only=False)
+    assert module.weight.device.type == "cuda"
+
+
 def test_fsdp_without_a_launcher_is_refused_in_one_line(tmp_path, gpt2_dir, lm_data):
     env = {k: "" for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     done = _run("-m", "peftc", "train", "--model", gpt2_dir, "--data", lm_data, "--fsdp", "--out", str(tmp_path / "r"),
