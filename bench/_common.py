@@ -17,7 +17,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["geomean", "greedy_medians", "load_line", "lora_program", "merged_lora_gpt2", "ort_session", "token_inputs"]
+__all__ = [
+    "geomean",
+    "greedy_medians",
+    "load_line",
+    "lora_program",
+    "merged_lora_gpt2",
+    "ort_session",
+    "perturb_lora_b",
+    "token_inputs",
+]
+
+
+def perturb_lora_b(peft_model: torch.nn.Module, scale: float = 0.02, seed: int = 1) -> None:
+    """Draw every HF PEFT ``lora_B`` (zero at init) from N(0, scale²), seeded: the adapter is not the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_((torch.randn(param.shape, generator=gen) * scale).to(param.dtype))
 
 
 def merged_lora_gpt2(cfg: Any, rank: int, b_scale: float) -> tuple[Any, torch.nn.Module]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import perturb_lora_b  # bench/ is on sys.path (the script's folder)
 from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
 
 
@@ -56,10 +57,7 @@ def main() -> None:
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(gpt2(), config).eval()
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    perturb_lora_b(peft_model, scale=0.1)
     out = Path(tempfile.mkdtemp(prefix="peftc-cpp-bench-"))
     peft_model.save_pretrained(out / "adapter")
     eager = peft_model.merge_and_unload().eval()

@@ -110,6 +110,7 @@ def build(name: str, dtype: str, root: Path) -> tuple[Path, Path]:
 def _build(name: str, size: Size, dtype: str, root: Path) -> None:
     import peft
     import torch
+    from _common import perturb_lora_b  # bench/ is on sys.path (the script's folder)
     from transformers import AutoModelForCausalLM
 
     base, adapter = root / f"{name}-{dtype}" / "base", root / f"{name}-{dtype}" / "adapter"
@@ -118,11 +119,7 @@ def _build(name: str, size: Size, dtype: str, root: Path) -> None:
     model.save_pretrained(base, safe_serialization=True)
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=size.targets, task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, param in peft_model.named_parameters():
-            if "lora_B" in key:  # non-identity: the merge must change the weights
-                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
+    perturb_lora_b(peft_model)  # non-identity: the merge must change the weights
     peft_model.save_pretrained(adapter, safe_serialization=True)
     (adapter / "adapter_config.json").write_text(
         json.dumps({**json.loads((adapter / "adapter_config.json").read_text()), "base_model_name_or_path": str(base)})

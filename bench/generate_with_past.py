@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import greedy_medians  # bench/ is on sys.path (the script's folder)
+from _common import greedy_medians, perturb_lora_b  # bench/ is on sys.path (the script's folder)
 
 
 def main() -> None:
@@ -58,11 +58,7 @@ def main() -> None:
     base = GPT2LMHeadModel.from_pretrained(root / "base").eval()
     lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(base, lora).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    perturb_lora_b(peft_model)
     peft_model.save_pretrained(root / "adapter")
 
     tick = time.perf_counter()
@@ -77,6 +73,7 @@ def main() -> None:
         .eval()
     )
 
+    gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 50257, (args.batch, args.seq), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     generators = {"ort": ort_model, "torch_merged": merged, "torch_peft": peft_model}

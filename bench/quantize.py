@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import perturb_lora_b  # bench/ is on sys.path (the script's folder)
 from timing import interleaved_medians  # bench/timing.py (the script's folder is on sys.path)
 
 SCHEMES = ("fp32", "int8", "int4")
@@ -47,11 +48,7 @@ def _gpt2(root: Path, layers: int) -> tuple[Path, Path]:
         GPT2LMHeadModel.from_pretrained(root / "base"),
         LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"),
     )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    perturb_lora_b(model)
     model.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import greedy_medians  # bench/ is on sys.path (the script's folder)
+from _common import greedy_medians, perturb_lora_b  # bench/ is on sys.path (the script's folder)
 
 SHAPES = {
     "tiny": {"vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
@@ -58,11 +58,7 @@ def main() -> None:
     T5ForConditionalGeneration(config).save_pretrained(root / "base")
     lora = peft.LoraConfig(r=8, lora_alpha=16, task_type="SEQ_2_SEQ_LM")
     peft_model = peft.get_peft_model(T5ForConditionalGeneration.from_pretrained(root / "base"), lora).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    perturb_lora_b(peft_model)
     peft_model.save_pretrained(root / "adapter")
 
     tick = time.perf_counter()
@@ -76,6 +72,7 @@ def main() -> None:
         ),
         "use_cache=False": ORTModelForSeq2SeqLM.from_pretrained(artifact, use_cache=False, session_options=options),
     }
+    gen = torch.Generator().manual_seed(2)
     ids = torch.randint(2, config.vocab_size, (args.batch, args.seq), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     median = greedy_medians(

@@ -52,7 +52,6 @@ __all__ = [
     "Tolerance",
     "VerifyCase",
     "compare_outputs",
-    "describe_tolerance",
     "make_cases",
     "numpy_outputs",
     "run_torch",
@@ -83,6 +82,22 @@ class VerifyCase:
 
     def ordered(self, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
         return tuple(self.inputs[n] for n in names)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A verification's bound: ``max |artifact − reference| <= atol + rtol × max |reference|`` per output."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = 0.0
+
+    def __str__(self) -> str:
+        """``atol 0.0001``, or ``atol 0.02 + rtol 0.01 × max |reference|``."""
+        return f"atol {self.atol:g}" + (f" + rtol {self.rtol:g} × max |reference|" if self.rtol else "")
+
+    def to_dict(self) -> dict[str, float]:
+        """``report.json``'s fields: ``atol``, and ``rtol`` when it is not 0."""
+        return {"atol": float(self.atol), **({"rtol": float(self.rtol)} if self.rtol else {})}
 
 
 @dataclass
@@ -132,8 +147,7 @@ class VerificationReport:
         return {
             "candidate": self.candidate,
             "reference": self.reference,
-            "atol": self.atol,
-            **({"rtol": self.rtol} if self.rtol else {}),
+            **self.tolerance.to_dict(),
             "compared_at": self.compared_at,
             "max_abs_diff": _json_float(self.max_abs_diff),
             "passed": self.passed,
@@ -145,9 +159,8 @@ class VerificationReport:
         return f"{self.candidate} vs {self.reference}: {figures} ({self.tolerance})"
 
     @property
-    def tolerance(self) -> str:
-        """``atol 0.0001``, or ``atol 0.02 + rtol 0.01 × max |reference|``."""
-        return describe_tolerance(self.atol, self.rtol)
+    def tolerance(self) -> Tolerance:
+        return Tolerance(self.atol, self.rtol)
 
     def raise_if_failed(self, hint: str = "") -> VerificationReport:
         """Raise :class:`ExportVerificationError` (with ``.report``) when a case is off; ``hint`` ends the message."""
@@ -166,30 +179,10 @@ class VerificationReport:
         raise err
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """A verification's bound: ``max |artifact − reference| <= atol + rtol × max |reference|`` per output."""
-
-    atol: float = DEFAULT_ATOL
-    rtol: float = 0.0
-
-    def __str__(self) -> str:
-        return describe_tolerance(self.atol, self.rtol)
-
-    def to_dict(self) -> dict[str, float]:
-        """``report.json``'s fields: ``atol``, and ``rtol`` when it is not 0."""
-        return {"atol": float(self.atol), **({"rtol": float(self.rtol)} if self.rtol else {})}
-
-
 def _share_of_bound(figure: tuple[float, float]) -> float:
     """``diff / bound`` of a ``(max abs diff, bound)`` pair: how close an output came to failing."""
     diff, bound = figure
     return diff / bound if bound > 0 else (math.inf if diff > 0 else 0.0)
-
-
-def describe_tolerance(atol: float, rtol: float = 0.0) -> str:
-    """How a tolerance reads in messages: ``atol 0.0001``, or ``atol 0.02 + rtol 0.01 × max |reference|``."""
-    return f"atol {atol:g}" + (f" + rtol {rtol:g} × max |reference|" if rtol else "")
 
 
 def _json_float(x: float) -> float | str:

@@ -436,7 +436,7 @@ def export(
     With --adapters-as-inputs or --mixed-batch, several SRCs made for the same base share one model.onnx.
     """
     from peftc.errors import ConfigError
-    from peftc.exporters.verify import describe_tolerance
+    from peftc.exporters.verify import Tolerance
     from peftc.exporting import export as run_export
 
     if merge and adapters_as_inputs:
@@ -475,7 +475,7 @@ def export(
     if os.path.isfile(report_path):
         with open(report_path) as f:
             report = json.load(f)
-        bound = describe_tolerance(report.get("atol", atol), report.get("rtol", 0.0))
+        bound = Tolerance(report.get("atol", atol), report.get("rtol", 0.0))
         click.echo(f"verified: max abs diff {_fmt(report.get('max_abs_diff'))} ({bound})")
         q = report.get("quantization")
         if q:

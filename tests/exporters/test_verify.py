@@ -103,7 +103,7 @@ def test_rtol_scales_each_outputs_bound_with_its_own_reference():
     report = compare_outputs([off], [[logits, present]], [case], "causal-lm", atol=2e-2, rtol=1e-2)
     assert report.passed and report.max_abs_diff == pytest.approx(0.5)
     assert report.cases[0].limit == pytest.approx(0.1)  # the logits came closest to their bound (0.05 of 0.1)
-    assert report.to_dict()["rtol"] == 1e-2 and report.tolerance == "atol 0.02 + rtol 0.01 × max |reference|"
+    assert report.to_dict()["rtol"] == 1e-2 and str(report.tolerance) == "atol 0.02 + rtol 0.01 × max |reference|"
     assert not compare_outputs([off], [[logits, present]], [case], "causal-lm", atol=2e-2).passed  # rtol 0
 
     off = [logits + 0.11, present]  # the presents' scale does not stretch the logits' bound
