@@ -43,6 +43,11 @@ def run_records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_losses(run_dir) -> list[float]:
+    """The training loss of each logged step of a run, in order."""
+    return [r["loss"] for r in run_records(run_dir) if r["type"] == "train"]
+
+
 def save_tiny_bert(root: Path, tokenizer, dropout: float) -> str:
     """A 2-layer BERT sequence classifier (hidden 32) with ``tokenizer``'s vocabulary, saved at ``root``."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_cases import SENTENCES, adapter_tensors, run_records, write_jsonl
+from train_cases import SENTENCES, adapter_tensors, train_losses, write_jsonl
 
 from peftc.errors import ConfigError, DataError, OutputExistsError, TargetNotFoundError
 from peftc.training import TrainConfig, train
@@ -120,7 +120,7 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path, request, model, lm_dat
     big = train(TrainConfig(**common, batch_size=6, out=str(tmp_path / "big")))
     acc = train(TrainConfig(**common, batch_size=2, grad_accum=3, out=str(tmp_path / "acc")))
     # each step's loss is the mean over the same six examples: a wrongly weighted micro-batch shows here first
-    losses = [[r["loss"] for r in run_records(run.run_dir) if r["type"] == "train"] for run in (big, acc)]
+    losses = [train_losses(run.run_dir) for run in (big, acc)]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-6)
     a, b = adapter_tensors(big.run_dir), adapter_tensors(acc.run_dir)
     assert a.keys() == b.keys()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_cases import SENTENCES, adapter_tensors, run_records, write_jsonl
+from train_cases import SENTENCES, adapter_tensors, run_records, train_losses, write_jsonl
 
 import peftc
 from peftc.errors import ConfigError
@@ -34,10 +34,6 @@ def test_python_dash_m_peftc_is_the_cli(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0], done.stderr
     assert not (tmp_path / "run").exists()
-
-
-def _losses(run_dir):
-    return [r["loss"] for r in run_records(run_dir) if r["type"] == "train"]
 
 
 #: Twelve texts: a global batch of 12 splits evenly over 1, 2, 3, 4 or 6 processes.
@@ -125,10 +121,10 @@ def test_bf16_trains_saves_float32_and_hf_peft_loads_it(tmp_path, bert0_dir, cls
                   lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
     res = train(TrainConfig(**common, out=str(tmp_path / "run"), precision="bf16", base_dtype="bfloat16"))
     ref32 = train(TrainConfig(**common, out=str(tmp_path / "fp32")))
-    losses = _losses(res.run_dir)
+    losses = train_losses(res.run_dir)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.05, losses
-    assert losses == pytest.approx(_losses(ref32.run_dir), abs=0.05)
-    assert losses != _losses(ref32.run_dir)  # bf16 did round something
+    assert losses == pytest.approx(train_losses(ref32.run_dir), abs=0.05)
+    assert losses != train_losses(ref32.run_dir)  # bf16 did round something
     tensors = adapter_tensors(res.run_dir)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert max(t.abs().max().item() for k, t in tensors.items() if "lora_B" in k) > 1e-3
@@ -220,7 +216,7 @@ def test_gradient_checkpointing_run_gives_the_sameadapter_tensors(tmp_path, gpt2
     assert a.keys() == b.keys()
     for k in a:  # lora_dropout 0.05: the recompute replays the masks
         assert torch.allclose(a[k], b[k], atol=1e-6), (k, (a[k] - b[k]).abs().max())
-    assert _losses(plain.run_dir) == pytest.approx(_losses(ckpt.run_dir), abs=1e-6)
+    assert train_losses(plain.run_dir) == pytest.approx(train_losses(ckpt.run_dir), abs=1e-6)
 
 
 # -- torch.compile --------------------------------------------------------------------------------
@@ -240,7 +236,7 @@ def test_compile_follows_the_eager_loss_curve(tmp_path, bert0_dir, cls_data):
                   lora_dropout=0.0, log_every=1, progress=False)  # fmt: skip
     eager = train(TrainConfig(**common, out=str(tmp_path / "eager")))
     compiled = train(TrainConfig(**common, compile=True, out=str(tmp_path / "compiled")))
-    assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), abs=1e-5)
+    assert train_losses(compiled.run_dir) == pytest.approx(train_losses(eager.run_dir), abs=1e-5)
     a, b = adapter_tensors(eager.run_dir), adapter_tensors(compiled.run_dir)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
