@@ -41,6 +41,7 @@ from typing import Any
 from peftc.adapters import AdapterState
 from peftc.errors import ConfigError
 from peftc.files import atomic_dir, check_output_dir
+from peftc.heap import frozen_heap
 
 from .artifact import write_artifact
 from .graphs import Graph, GraphPlan, bind, graph_plan, plan_kind
@@ -54,6 +55,7 @@ __all__ = ["export"]
 logger = logging.getLogger(__name__)
 
 
+@frozen_heap()  # the imports' objects stay out of the capture's collections
 def export(
     src: str | Path | Sequence[str | Path] = "peftc-run",
     format: str = "onnx",
