@@ -198,7 +198,7 @@ def make_cases(program: Program, seed: int = 1234) -> list[VerifyCase]:
     cfg = program.model_config
     if program.input_names == ["pixel_values"]:
         return _image_cases(program, seed)
-    if not {"input_ids", "inputs_embeds"} & set(program.input_names):
+    if not {"input_ids", "inputs_embeds"} & set(program.input_names) and not is_llm_runner(program):
         return _tensor_cases(program, seed)
     vocab = int(getattr(cfg, "vocab_size", 128) or 128)
     pad_id = getattr(cfg, "pad_token_id", None)

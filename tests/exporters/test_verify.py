@@ -66,6 +66,25 @@ def test_cases_stay_within_the_model_positions():
     assert all((c.inputs["attention_mask"].sum(-1) > 0).all() for c in make_cases(program))
 
 
+def test_llm_runner_cases_are_one_generation_in_order():
+    """The in-program-cache layout (``tokens``, ``input_pos``) gets a generation's calls, not random tensors.
+
+    Its cache is program state: cases with random positions would read what earlier runs left, and
+    the merged and unmerged programs (run one after the other) would disagree where neither is wrong.
+    """
+    from peftc.exporting.llm import llm_runner
+
+    model = tiny_gpt2()
+    program = capture(model, "causal-lm", mode="eval", transform=llm_runner(16))
+    cases = make_cases(program)
+    assert [c.name for c in cases] == ["prefill", "decode0", "decode1", "decode2", "reprefill", "redecode"]
+    positions = [c.inputs["input_pos"].tolist() for c in cases]
+    assert positions == [[0, 1, 2, 3, 4], [5], [6], [7], [0, 1], [2]]
+    first, again = run_torch(program, cases, program.input_names), run_torch(program, cases, program.input_names)
+    for a, b in zip(first, again, strict=True):  # each call reads only what the calls before it wrote
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def _case(mask_rows: list[list[int]]) -> VerifyCase:
     mask = torch.tensor(mask_rows)
     return VerifyCase("c", {"input_ids": torch.ones_like(mask), "attention_mask": mask})
