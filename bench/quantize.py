@@ -10,13 +10,19 @@ are the export's own (``report.json``: top-1 agreement and mean KL of next-token
 the float torch program on the held-out cases) — on a *random* model, whose distributions are near
 uniform, so read them as an upper bound of the damage, not as a language model's.
 
+ExecuTorch part (``--executorch``, needs the ``edge`` extra): the same adapter exported with
+``--format executorch --with-past`` (the LLM-runner layout: the KV cache in the program) in float32,
+int8 and int4 (torchao's PT2E flow with ExecuTorch's XNNPACKQuantizer, per-channel weights, dynamic
+int8 activations); sizes, the export's quality figures, and a prefill of ``--seq`` tokens and a
+decode step in ExecuTorch's runtime (XNNPACK), medians of ``--runs`` interleaved runs.
+
 MiniLM part (``--minilm RUN_DIR``, a ``peftc train`` run of the default preset): the same three
 exports of the trained classifier, and their accuracy on ``examples/data/sentiment_eval.jsonl``
 under ONNX Runtime, with label agreement vs float32.
 
 The last line printed is ``int4_decode_latency_ratio_vs_fp32=<x>`` (below 1: int4 is faster).
 
-    python bench/quantize.py --layers 4 --runs 10 [--minilm peftc-run]
+    python bench/quantize.py --layers 4 --runs 10 [--minilm peftc-run] [--executorch]
 """
 
 from __future__ import annotations
@@ -53,20 +59,33 @@ def _gpt2(root: Path, layers: int) -> tuple[Path, Path]:
     return root / "base", root / "adapter"
 
 
-def _exports(src: Path, model: Path | None, root: Path) -> dict[str, Path]:
+def _exports(src: Path, model: Path | None, root: Path, **options) -> dict[str, Path]:
     from peftc.exporting import export
 
     gate = {"quantize_min_top1": 0.0, "quantize_max_kl": float("inf")}  # measure, do not gate
     return {
         s: export(
-            src, model=model, merge=True, out=root / s, force=True, **({"quantize": s, **gate} if s != "fp32" else {})
-        )
+            src,
+            model=model,
+            merge=True,
+            out=root / s,
+            force=True,
+            **options,
+            **({"quantize": s, **gate} if s != "fp32" else {}),
+        )  # fmt: skip
         for s in SCHEMES
     }
 
 
 def _size(artifact: Path) -> int:
-    return sum(f.stat().st_size for f in artifact.glob("model.onnx*"))
+    return sum(f.stat().st_size for f in artifact.glob("model.onnx*")) + sum(
+        f.stat().st_size for f in artifact.glob("model.pt[ed]")
+    )
+
+
+def _quality(artifact: Path) -> str:
+    q = json.loads((artifact / "report.json").read_text()).get("quantization")
+    return "" if q is None else f"; top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}"
 
 
 def _session(path: Path, threads: int):
@@ -100,9 +119,7 @@ def gpt2_part(args, root: Path) -> float:
     sizes = {s: _size(a) for s, a in arts.items()}
     print(f"GPT-2-small shape, {args.layers} layers, LoRA r=8 merged, KV-cache graph")
     for s in SCHEMES:
-        q = json.loads((arts[s] / "report.json").read_text()).get("quantization")
-        quality = "" if q is None else f"; top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}"
-        print(f"  {s}: {sizes[s] / 1e6:.1f} MB ({sizes[s] / sizes['fp32']:.3f}x fp32){quality}")
+        print(f"  {s}: {sizes[s] / 1e6:.1f} MB ({sizes[s] / sizes['fp32']:.3f}x fp32){_quality(arts[s])}")
     sessions = {s: _session(arts[s] / "model.onnx", args.threads) for s in SCHEMES}
     ratios = {}
     for phase, seq, past in (("prefill", args.seq, 0), ("decode", 1, args.seq)):
@@ -121,6 +138,31 @@ def gpt2_part(args, root: Path) -> float:
     print(f"int8_size_ratio_vs_fp32={sizes['int8'] / sizes['fp32']:.3f}")
     print(f"int4_prefill_latency_ratio_vs_fp32={ratios['prefill']['int4']:.3f}")
     return ratios["decode"]["int4"]
+
+
+def executorch_part(args, root: Path) -> None:
+    from executorch.runtime import Runtime
+
+    base, adapter = _gpt2(root, args.layers)
+    arts = _exports(adapter, base, root / "executorch", format="executorch", with_past=True)
+    sizes = {s: _size(a) for s, a in arts.items()}
+    print(f"ExecuTorch (XNNPACK), LLM-runner layout, GPT-2-small shape, {args.layers} layers, LoRA r=8 merged")
+    for s in SCHEMES:
+        print(f"  {s}: {sizes[s] / 1e6:.1f} MB ({sizes[s] / sizes['fp32']:.3f}x fp32){_quality(arts[s])}")
+    methods = {s: Runtime.get().load_program(a / "model.pte").load_method("forward") for s, a in arts.items()}
+    tokens = torch.randint(0, 50257, (1, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    prefill = [tokens[:, : args.seq], torch.arange(args.seq)]
+    decode = [tokens[:, args.seq :], torch.tensor([args.seq])]
+    for phase, inputs in (("prefill", prefill), ("decode", decode)):
+        medians = interleaved_medians(
+            {s: (lambda m=methods[s], x=inputs: m.execute(x)) for s in SCHEMES}, args.warmup, args.runs
+        )
+        line = ", ".join(f"{s} {medians[s]:.1f} ms" for s in SCHEMES)
+        ratio = {s: medians[s] / medians["fp32"] for s in SCHEMES[1:]}
+        print(
+            f"  {phase} ({inputs[0].shape[1]} tokens): {line}; ratio int8 {ratio['int8']:.3f}, int4 {ratio['int4']:.3f}"
+        )
+    print(f"executorch_int4_size_ratio_vs_fp32={sizes['int4'] / sizes['fp32']:.3f}")
 
 
 def minilm_part(run: Path, root: Path) -> None:
@@ -155,12 +197,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--minilm", type=Path, help="a peftc train run of the MiniLM default: eval accuracy too")
+    parser.add_argument("--executorch", action="store_true", help="ExecuTorch int8/int4 too (the edge extra)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         if args.minilm is not None:
             minilm_part(args.minilm, Path(tmp))
+        if args.executorch:
+            executorch_part(args, Path(tmp))
         decode = gpt2_part(args, Path(tmp))
     print(f"int4_decode_latency_ratio_vs_fp32={decode:.3f}")
 

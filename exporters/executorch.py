@@ -70,6 +70,7 @@ from peftc.errors import CaptureError, ConfigError
 from peftc.program import Program, dynamic_shapes, is_llm_runner
 
 from .executorch_data import ExecuTorchAdapterFiles
+from .executorch_quantize import ExecuTorchQuantizer
 from .manifest import program_io
 from .registry import ExportRequest, GraphlessFileExporter, WriteOptions, register_exporter
 from .torchscript import check_one_float32_graph
@@ -128,6 +129,7 @@ def export_program_executorch(
     metadata: dict[str, Any] | None = None,
     max_batch: int = MAX_BATCH,
     adapter_rank: int | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Re-export ``program`` with bounded dims, lower it to XNNPACK and write an ExecuTorch ``.pte``.
 
@@ -140,6 +142,9 @@ def export_program_executorch(
         metadata: extra string entries for the embedded ``peftc_json`` (``peftc.*`` keys).
         max_batch: upper bound of the ``batch`` dim (see the module docstring).
         adapter_rank: a lifted program's rank, every adapter padded to it (default: the program's example).
+        quantize: also lower the program with ``int8`` or ``int4`` linear weights
+            (:mod:`.executorch_quantize`) to :func:`~.executorch_quantize.staged_path`, which the quantize
+            stage puts at ``path`` once the float file has verified.
 
     Returns:
         ``path``.
@@ -183,7 +188,35 @@ def export_program_executorch(
     logger.info(
         "wrote %s (ExecuTorch/%s, %.1f s, bounds %s)", path, info["backend"], time.perf_counter() - tick, bounds
     )
+    if quantize is not None:
+        _write_quantized(program, path, info, bounds, adapter_rank, quantize)
     return path
+
+
+def _write_quantized(
+    program: Program, path: Path, info: dict[str, Any], bounds: dict[str, dict[str, int]], rank: int | None, scheme: str
+) -> None:
+    """Lower ``program`` with quantized linears (same bounds, same backend) to the staged path beside ``path``."""
+    from .executorch_quantize import QUANTIZED_WEIGHTS, quantize_module, staged_path
+
+    tick = time.perf_counter()
+    target = _Target.of(program, rank)
+    if target.layout:  # pragma: no cover - refused with the options (ExecuTorchQuantizer.lifted_adapters)
+        raise ConfigError("--quantize with --adapters-as-inputs is not supported by --format executorch")
+    exported, _ = _reexport(program, bounds, target)
+    module, linears = quantize_module(exported, target.inputs, scheme)
+    quantized = replace(target, module=module)
+    info = {**info, "peftc.quantize": scheme, QUANTIZED_WEIGHTS: linears}
+    staged = staged_path(path, scheme)
+    _write(staged, _lower(_reexport(program, bounds, quantized)[0], program, info, quantized), quantized)
+    problem = _crash_of(staged, program, quantized)
+    if problem:
+        staged.unlink()
+        raise CaptureError(
+            f"the {scheme} ExecuTorch program ({info['backend']}) crashes the runtime ({problem}); "
+            "export without --quantize"
+        )
+    logger.info("wrote %s (%s, %d linear weights, %.1f s)", staged.name, scheme, linears, time.perf_counter() - tick)
 
 
 @dataclass
@@ -587,8 +620,12 @@ class ExecuTorchExporter(GraphlessFileExporter):
                 "layout keeps its adapter inside); export the adapters without --with-past, or one adapter with it"
             )
 
+    quantizer = ExecuTorchQuantizer()  # --quantize int8|int4: torchao's PT2E flow before lowering
+
     def write(self, program: Program, path: Path, metadata: dict[str, str], options: WriteOptions) -> None:
-        export_program_executorch(program, path, metadata=metadata, adapter_rank=options.adapter_rank)
+        export_program_executorch(
+            program, path, metadata=metadata, adapter_rank=options.adapter_rank, quantize=options.quantize
+        )
 
     def run(
         self,

@@ -155,6 +155,8 @@ class OnnxQuantizer:
     """The ONNX exporter's quantizer (``ONNX.quantizer``): rewrites a written ``.onnx`` with quantized weights."""
 
     schemes = SCHEMES
+    #: Weights that are graph inputs (a swappable export's adapter tensors) stay float.
+    lifted_adapters = True
 
     def quantize(
         self,

@@ -87,11 +87,14 @@ class WriteOptions:
         external_data: ONNX weights in ``<file>.data`` (``True``), inline (``False``) or by size (``None``).
         adapter_rank: swappable export: the largest rank of the sources, for formats whose adapter
             tensors have one fixed shape (ExecuTorch's ``.ptd`` files: every adapter zero-padded to it).
+        quantize: the ``--quantize`` scheme, for formats that quantize the graph before writing
+            (ExecuTorch lowers a quantized program beside the float one); ONNX quantizes the written file.
     """
 
     opset: int = 18
     external_data: bool | None = None
     adapter_rank: int | None = None
+    quantize: str | None = None
 
 
 @runtime_checkable

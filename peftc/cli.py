@@ -399,7 +399,8 @@ class _FormatOption(click.Option):
     help="ONNX: quantize the verified float32 weights with ONNX Runtime's tools — int4: MatMulNBits "
     "(block-wise, asymmetric), int8: dynamic (per-channel weights, int8 activations); measured against the "
     "float program (top-1 agreement, KL) in report.json. The base and a merged or kept adapter are quantized; "
-    "with --adapters-as-inputs the adapters stay float.",
+    "with --adapters-as-inputs the adapters stay float. ExecuTorch: torchao's PT2E flow with XNNPACKQuantizer "
+    "before lowering (per-channel int8 or int4 weights, dynamic int8 activations; no --adapters-as-inputs).",
 )
 @click.option("--quantize-block-size", type=int, help="int4 block length (power of two >= 16; default 32).")
 @click.option(

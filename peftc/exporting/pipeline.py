@@ -128,12 +128,15 @@ def export(
             precision; the base is loaded in float16 and the artifact verified against the float16
             torch program with the float16 ``atol`` and ``rtol``).
             float16 is for one-graph exports without ``adapters_as_inputs``.
-        quantize: ``int4`` or ``int8`` weights (ONNX only, float32 only; :mod:`peftc.exporting.quantize`):
-            the float file is verified at ``atol`` first, then quantized with ONNX Runtime's tools
-            (int4: ``MatMulNBits``, block-wise asymmetric; int8: dynamic, per-channel weights) and
-            measured against the float torch program: ``report.json``'s ``quantization`` section.
-            Merged adapters and adapters kept as ops are quantized with the base; with
-            ``adapters_as_inputs`` only the base is, the adapter tensors and files stay float.
+        quantize: ``int4`` or ``int8`` weights (ONNX and ExecuTorch, float32 only;
+            :mod:`peftc.exporting.quantize`): the float file is verified at ``atol`` first, then
+            replaced by the quantized one — ONNX Runtime's tools on the ONNX file (int4: ``MatMulNBits``,
+            block-wise asymmetric; int8: dynamic, per-channel weights), torchao's PT2E flow with
+            ExecuTorch's ``XNNPACKQuantizer`` before lowering (:mod:`peftc.exporters.executorch_quantize`:
+            per-channel int8 or int4 weights, dynamic int8 activations) — and measured against the float
+            torch program: ``report.json``'s ``quantization`` section. Merged adapters and adapters kept
+            as ops are quantized with the base; with ``adapters_as_inputs`` (ONNX) only the base is, the
+            adapter tensors and files stay float.
         quantize_block_size: int4 block length (power of two >= 16; default 32).
         quantize_min_top1: the gate: minimum top-1 agreement with the float program (default 0.9).
         quantize_max_kl: the gate: maximum mean KL(float ‖ quantized) in nats (default 0.05).
@@ -170,7 +173,9 @@ def export(
     exporter = get_exporter(format)
     if mixed_batch:  # refuse --mixed-batch with another mode or format before any source is read
         select_mode(merge, adapters_as_inputs, exporter, mixed_batch)
-    quant = check_quantize(quantize, exporter, dtype, quantize_block_size, quantize_min_top1, quantize_max_kl)
+    quant = check_quantize(
+        quantize, exporter, dtype, quantize_block_size, quantize_min_top1, quantize_max_kl, adapters_as_inputs
+    )
     several = adapters_as_inputs or mixed_batch  # the modes that take several sources
     srcs = source_list(src, several)
     plan_task = task or resolve_source(srcs[0], str(model) if model is not None else None, None).task
@@ -223,7 +228,7 @@ def export(
     recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
     # the largest rank of the sources: formats whose adapter files have one fixed shape pad every adapter to it
     rank = max((s.rank or 0 for gs in bound for g in gs for s in g.program.sites.values()), default=0)
-    options = WriteOptions(opset=opset, external_data=external_data, adapter_rank=rank or None)
+    options = WriteOptions(opset, external_data, rank or None, quant.scheme if quant is not None else None)
     with atomic_dir(out, force) as tmp:
         # -- exporter
         for g in graphs:

@@ -89,11 +89,13 @@ def check_quantize(
     block_size: int | None = None,
     min_top1: float | None = None,
     max_kl: float | None = None,
+    adapters_as_inputs: bool = False,
 ) -> Quantize | None:
     """Refuse a quantization the format or the options cannot take (the options stage); ``None``: no quantization.
 
     Raises:
-        ConfigError: a format without a quantizer, an unknown scheme, float16, a bad block size or gate.
+        ConfigError: a format without a quantizer, an unknown scheme, float16, a bad block size or gate,
+            adapters as inputs where the format's quantizer cannot keep them float.
     """
     if quantize is None:
         if block_size is not None or min_top1 is not None or max_kl is not None:
@@ -113,13 +115,22 @@ def check_quantize(
         raise ConfigError(
             f"--quantize {quantize} quantizes float32 weights; drop --dtype {dtype} (activations stay float32)"
         )
+    if adapters_as_inputs and not quantizer.lifted_adapters:
+        raise ConfigError(
+            f"--quantize with --adapters-as-inputs is not supported for --format {exporter.name} (its quantizer "
+            "would fold the adapter into the program); use --merge, or --format onnx for a quantized base with "
+            "float adapters"
+        )
     scheme = quantizer.schemes[quantize]
     if scheme.blockwise:
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
             raise ConfigError(f"--quantize-block-size {block_size!r} must be a power of two >= 16 (default 32)")
     elif block_size is not None:
-        raise ConfigError(f"--quantize-block-size is for block-wise schemes (int4), not {quantize}")
+        blockwise = (
+            ", ".join(n for n, s in quantizer.schemes.items() if s.blockwise) or f"none in --format {exporter.name}"
+        )
+        raise ConfigError(f"--quantize-block-size is for block-wise schemes ({blockwise}), not {quantize}")
     top1, kl = DEFAULT_GATES[quantize]
     top1 = top1 if min_top1 is None else min_top1
     kl = kl if max_kl is None else max_kl

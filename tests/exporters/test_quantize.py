@@ -326,6 +326,11 @@ def test_keep_mode_classifier_int8_quantizes_base_and_adapter_alike(export_cases
         ({"quantize": "int8", "quantize_block_size": 32}, r"block-wise schemes \(int4\), not int8"),
         ({"quantize": "int4", "quantize_min_top1": 1.5}, r"between 0 and 1"),
         ({"quantize_max_kl": 0.1}, r"need --quantize"),
+        (
+            {"format": "executorch", "quantize": "int8", "adapters_as_inputs": True},
+            r"--quantize with --adapters-as-inputs is not supported for --format executorch",
+        ),
+        ({"format": "executorch", "quantize": "int4", "quantize_block_size": 32}, r"none in --format executorch"),
     ],
 )
 def test_refused_options(tmp_path, kwargs, match):
@@ -345,6 +350,56 @@ def test_cli_refuses_quantize_for_torchscript_in_one_line(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert exc.value.code != 0 and len(lines) == 1 and "Traceback" not in err
     assert "--quantize is not supported for --format torchscript" in lines[0]
+
+
+# -- ExecuTorch: torchao's PT2E flow before lowering (the edge extra; skipped without it) -----------------
+
+
+@pytest.fixture(scope="module")
+def executorch_merged(trained, tmp_path_factory) -> dict[str, Path]:
+    """The +2 adapter merged, exported with --format executorch in int8 and int4."""
+    pytest.importorskip("executorch", reason="--format executorch needs the edge extra: pip install 'peftc[edge]'")
+    from peftc.exporting import export
+
+    root = tmp_path_factory.mktemp("executorch")
+    return {
+        q: export(trained["plus2"], model=trained["base"], merge=True, format="executorch", out=root / q, quantize=q)
+        for q in ("int8", "int4")
+    }
+
+
+@pytest.mark.slow  # two ExecuTorch lowerings per scheme (float, quantized): ~30 s each on 2 cores
+@pytest.mark.parametrize(("scheme", "max_ratio"), [("int8", 0.55), ("int4", 0.45)])
+def test_executorch_quantized_matches_hf_peft_float(trained, executorch_merged, scheme, max_ratio):
+    from peftc.exporters import executorch as et
+
+    out = executorch_merged[scheme]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] is True and report["max_abs_diff"] <= 1e-4  # the float .pte verified first, tightly
+    q = report["quantization"]
+    assert q["scheme"] == scheme and q["bits"] == int(scheme[3:]) and q["block_size"] is None
+    assert q["quantized_weights"] == 9  # 2 layers × (c_attn, c_proj, c_fc, mlp c_proj) + the tied LM head
+    assert q["size_bytes"] == (out / "model.pte").stat().st_size and q["size_ratio"] < max_ratio
+    assert q["top1_agreement"] >= 0.95 and q["mean_kl"] < 0.01 and q["max_abs_diff"] > 1e-4  # not the float file
+    assert sorted(p.name for p in out.glob(".*")) == []  # the staged file was moved into place
+    assert et.read_info(out / "model.pte")["peftc.quantize"] == scheme
+    from peftc.exporters.manifest import check_manifest
+
+    assert check_manifest(out) == []
+
+    # independent check: ExecuTorch's runtime on the quantized .pte vs HF PEFT in float32, on other text
+    method = et.load_executorch(out / "model.pte")
+    tokens = _tokens(seed=5)
+    b, s = tokens["input_ids"].shape
+    feeds = {**tokens, "position_ids": np.tile(np.arange(s), (b, 1))}
+    names = et.read_info(out / "model.pte")["input_names"]
+    got = method.execute([torch.from_numpy(feeds[n]) for n in names])[0]
+    with torch.no_grad():
+        want = _hf_peft(trained, "plus2")(**{k: torch.from_numpy(v) for k, v in tokens.items()}).logits.numpy()
+    agreement, kl = _agreement_and_kl(got.numpy(), want)
+    assert agreement >= 0.95 and kl < 0.02, (agreement, kl)
+    assert np.abs(got.numpy() - want).max() > 1e-4  # quantized, not float
+    assert (want.argmax(-1) == (tokens["input_ids"] + 1) % (VOCAB - 1) + 1).mean() > 0.9  # the +2 model is peaked
 
 
 # -- the Gemm rewrite, on a hand-made graph --------------------------------------------------------
