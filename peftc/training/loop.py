@@ -259,7 +259,7 @@ def _build(
     config.base_model_name_or_path = base_source
     # --fsdp: the base stays in host memory (memory-mapped) and fully_shard moves each block's shard to the
     # device as it shards it, so a base larger than one device loads; only the adapter is moved here
-    loaded.model.to(dtype=dtype) if cfg.fsdp else loaded.model.to(device=device, dtype=dtype)
+    loaded.model.to(device=None if cfg.fsdp else device, dtype=dtype)
     transform = None
     if task == "text-to-image":  # training draws one timestep per row
         from peftc.diffusion import per_sample_timesteps as transform
