@@ -25,6 +25,7 @@ it has the program (:func:`staged_path`: the quantized file waits beside the flo
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from torch import fx
 
 from .onnx_quantize import QuantizedFile, Scheme
 
-__all__ = ["SCHEMES", "ExecuTorchQuantizer", "quantize_module", "staged_path"]
+__all__ = ["SCHEMES", "ExecuTorchQuantizer", "addmm_to_linear", "quantize_module", "staged_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def quantize_module(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     module = exported.module()
-    _addmm_to_linear(module)
+    addmm_to_linear(module)
     low, high = _WEIGHT_RANGE[scheme]
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True, weight_qmin=low, weight_qmax=high)
     quantizer = XNNPACKQuantizer().set_global(config)
@@ -93,7 +94,7 @@ def _quantized_linear(node: fx.Node) -> bool:
     return isinstance(weight, fx.Node) and "dequantize" in str(weight.target)
 
 
-def _addmm_to_linear(module: fx.GraphModule) -> int:
+def addmm_to_linear(module: fx.GraphModule) -> int:
     """Rewrite ``addmm(b, x, W)`` with a constant ``W [in, out]`` as ``linear(x, Wᵀ, b)``; how many were rewritten.
 
     transformers' ``Conv1D`` (GPT-2's projections) computes ``addmm``, which the XNNPACK quantizer does
@@ -107,7 +108,7 @@ def _addmm_to_linear(module: fx.GraphModule) -> int:
         bias, x, weight = node.args[:3]
         if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or len(node.args) > 3:
             continue
-        value = _attr(module, weight.target)
+        value = operator.attrgetter(weight.target)(module)
         name = f"{weight.target.replace('.', '_')}_t"
         module.register_buffer(name, value.detach().t().contiguous())
         with module.graph.inserting_before(node):
@@ -122,12 +123,6 @@ def _addmm_to_linear(module: fx.GraphModule) -> int:
         module.graph.lint()
         module.recompile()
     return count
-
-
-def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module  # type: ignore[return-value]
 
 
 class ExecuTorchQuantizer:

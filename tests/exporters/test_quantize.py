@@ -402,6 +402,26 @@ def test_executorch_quantized_matches_hf_peft_float(trained, executorch_merged, 
     assert (want.argmax(-1) == (tokens["input_ids"] + 1) % (VOCAB - 1) + 1).mean() > 0.9  # the +2 model is peaked
 
 
+def test_addmm_to_linear_keeps_gpt2_arithmetic_and_leaves_no_addmm():
+    """GPT-2's Conv1D ``addmm`` becomes ``linear`` over the transposed weight (what XNNPACKQuantizer annotates)."""
+    from conftest import captured
+    from peftc.exporters.executorch_quantize import addmm_to_linear
+
+    program, _ = captured("gpt2", "causal-lm")
+    inputs = tuple(program.example_inputs)
+    module = torch.export.export(program.graph_module, inputs, strict=False).module()  # what the exporter quantizes
+    count = lambda op: sum(n.target is op for n in module.graph.nodes)  # noqa: E731
+    addmms = count(torch.ops.aten.addmm.default)
+    linears = count(torch.ops.aten.linear.default)
+    with torch.no_grad():
+        before = module(*inputs)[0]
+        assert addmm_to_linear(module) == addmms == 8  # 2 layers × c_attn, c_proj, c_fc, mlp.c_proj
+        after = module(*inputs)[0]
+    assert count(torch.ops.aten.addmm.default) == 0 and count(torch.ops.aten.linear.default) == linears + addmms
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert addmm_to_linear(module) == 0  # nothing left to rewrite
+
+
 # -- the Gemm rewrite, on a hand-made graph --------------------------------------------------------
 def test_gemm_to_matmul_keeps_the_arithmetic_and_leaves_input_weights_alone():
     """Gemm(x, W, b, transB=1) → MatMul(x, Wᵀ) + b; a weight read twice is transposed once; an input weight stays."""
