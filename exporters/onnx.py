@@ -47,6 +47,7 @@ from peftc.errors import CaptureError, ConfigError, ExportVerificationError
 from peftc.program import Program, is_with_past
 
 from .genai import GenaiConfig
+from .onnx_optimize import optimize
 from .onnx_quantize import OnnxQuantizer
 from .registry import ExportRequest, WriteOptions, register_exporter, role_file
 from .swappable import OnnxAdapterFiles
@@ -113,6 +114,7 @@ def export_program_onnx(
         raise ConfigError(f"opset={opset!r} is not supported; use an ONNX opset >= {_MIN_OPSET}")
 
     onnx_program = _run_exporter(program, opset)
+    optimize(onnx_program)  # onnxscript's optimizer less its quadratic rule (onnx_optimize)
     model = onnx_program.model
     _name_dims(model, program)
     model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -160,6 +162,7 @@ def _run_exporter(program: Program, opset: int):
                     output_names=list(program.output_names),
                     opset_version=opset,
                     verbose=False,
+                    optimize=False,  # onnx_optimize.optimize below
                 )
         except Exception as e:  # the graph module's own trace below is the reference path
             logger.debug("ONNX export of the captured program failed, tracing its graph module: %s", e)
@@ -180,6 +183,7 @@ def _run_exporter(program: Program, opset: int):
                     output_names=list(program.output_names),
                     opset_version=opset,
                     verbose=False,
+                    optimize=False,  # onnx_optimize.optimize below
                 )
         except Exception as e:  # the exporter raises torch, onnxscript and plain errors alike
             errors.append(e)
