@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .onnx_quantize import QuantizedFile, Scheme
+from .registry import QuantizedFile, Scheme
 
 __all__ = ["SCHEMES", "ExecuTorchQuantizer", "addmm_to_linear", "quantize_module", "staged_path"]
 
@@ -42,11 +42,11 @@ logger = logging.getLogger(__name__)
 SCHEMES = {
     "int8": Scheme(
         "int8", 8, "torchao PT2E + ExecuTorch XNNPACKQuantizer (int8 per-channel weights, dynamic int8 activations)",
-        ("XNNPACK",), False,
+        (), False,
     ),
     "int4": Scheme(
         "int4", 4, "torchao PT2E + ExecuTorch XNNPACKQuantizer (int4 per-channel weights, dynamic int8 activations)",
-        ("XNNPACK",), False,
+        (), False,
     ),
 }  # fmt: skip
 _WEIGHT_RANGE = {"int8": (-127, 127), "int4": (-8, 7)}

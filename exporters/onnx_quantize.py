@@ -28,26 +28,16 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from onnx import helper, numpy_helper
 
+from .registry import QuantizedFile, Scheme
+
 __all__ = ["SCHEMES", "OnnxQuantizer", "QuantizedFile", "Scheme", "gemm_to_matmul", "quantized_ops"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One quantization scheme: its name, weight bits, what ONNX Runtime op it makes."""
-
-    name: str
-    bits: int
-    method: str
-    ops: tuple[str, ...]  # the op types a quantized weight shows up in
-    blockwise: bool
 
 
 #: ``--quantize`` values.
@@ -58,16 +48,6 @@ SCHEMES = {
         ("MatMulInteger", "DynamicQuantizeLinear"), False,
     ),
 }  # fmt: skip
-
-
-@dataclass
-class QuantizedFile:
-    """What quantizing one file did: sizes before and after, how many weights it quantized."""
-
-    float_size_bytes: int
-    size_bytes: int
-    quantized_weights: int
-    float_weights: int  # initializers left float because they are graph inputs (swappable adapter tensors)
 
 
 def file_bytes(path: Path) -> int:

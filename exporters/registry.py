@@ -34,7 +34,10 @@ __all__ = [
     "ExportRequest",
     "Exporter",
     "GraphlessFileExporter",
+    "QuantizedFile",
+    "Quantizer",
     "RuntimeConfig",
+    "Scheme",
     "WriteOptions",
     "exporters",
     "formats",
@@ -97,6 +100,45 @@ class WriteOptions:
     quantize: str | None = None
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """One ``--quantize`` scheme of a format: its name, weight bits, the tool, how it shows in the file."""
+
+    name: str
+    bits: int
+    method: str
+    ops: tuple[str, ...]  # the op types a quantized weight shows up in (ONNX); () where the file has no ops
+    blockwise: bool  # takes --quantize-block-size
+
+
+@dataclass
+class QuantizedFile:
+    """What quantizing one file did: sizes before and after, how many weights it quantized."""
+
+    float_size_bytes: int
+    size_bytes: int
+    quantized_weights: int
+    float_weights: int  # weights left float because they are graph inputs (swappable adapter tensors)
+
+
+class Quantizer(Protocol):
+    """A format's ``--quantize`` (``Exporter.quantizer``): puts quantized weights in a verified model file.
+
+    ``quantize`` runs after the float file verified, on the file the exporter wrote (ONNX rewrites
+    it; ExecuTorch, which quantizes before lowering, puts the quantized program it lowered beside it
+    in its place).
+    """
+
+    #: ``--quantize`` value -> scheme.
+    schemes: dict[str, Scheme]
+    #: Whether adapter tensors lifted to inputs (``--adapters-as-inputs``) stay float.
+    lifted_adapters: bool
+
+    def quantize(
+        self, path: Path, scheme: str, block_size: int | None = None, metadata: dict[str, str] | None = None
+    ) -> QuantizedFile: ...
+
+
 @runtime_checkable
 class AdapterFiles(Protocol):
     """Swappable adapters of a format: files holding one adapter's tensors under the graph's input names."""
@@ -144,6 +186,9 @@ class Exporter(Protocol):
             (ONNX: onnxruntime-genai's ``genai_config.json``), or ``None`` when the format has none.
         cache_in_program: whether a KV-cache export keeps the cache inside the program (ExecuTorch's
             LLM-runner layout, :mod:`peftc.exporting.llm`) instead of taking and returning it.
+
+    Optional: ``quantizer``, the format's ``--quantize`` (:class:`Quantizer`); a format without it refuses
+    ``--quantize``.
     """
 
     name: str
@@ -206,6 +251,7 @@ class GraphlessFileExporter:
     adapter_files: AdapterFiles | None = None
     runtime_config: RuntimeConfig | None = None
     cache_in_program = False
+    quantizer: Quantizer | None = None
     #: The model file's name (``model.pt``); other graphs' files are named from it by :func:`role_file`.
     model_file_name = ""
 

@@ -228,7 +228,12 @@ def export(
     recorded_dtype = dtype if one_adapter_graph else None  # the others are float32 only and do not say so
     # the largest rank of the sources: formats whose adapter files have one fixed shape pad every adapter to it
     rank = max((s.rank or 0 for gs in bound for g in gs for s in g.program.sites.values()), default=0)
-    options = WriteOptions(opset, external_data, rank or None, quant.scheme if quant is not None else None)
+    options = WriteOptions(
+        opset=opset,
+        external_data=external_data,
+        adapter_rank=rank or None,
+        quantize=quant.scheme if quant is not None else None,
+    )
     with atomic_dir(out, force) as tmp:
         # -- exporter
         for g in graphs:
